@@ -1,0 +1,126 @@
+"""Checkpoint files: one `checkpoint.pt` per directory, loadable with `weights_only=True`.
+
+A checkpoint holds the model's state dict and the flat config that built it (so the
+architecture, class count and data can be rebuilt from the file alone), plus the optimiser
+and scheduler state when it is a training checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from afm_ray.config import ExperimentConfig
+    from afm_ray.data import ImageDataset
+
+FILENAME = "checkpoint.pt"
+
+
+def save_training_state(
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    config: Mapping[str, Any],
+    epoch: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    metrics: Mapping[str, float] | None = None,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "config": dict(config),
+        "epoch": epoch,
+        "metrics": dict(metrics or {}),
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    path = directory / FILENAME
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+    return path
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """Accept the checkpoint directory or the file itself."""
+    path = Path(path)
+    file = path / FILENAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {str(path)!r}: expected a directory containing {FILENAME} or the file itself"
+        )
+    return file
+
+
+def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    file = checkpoint_file(path)
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a pickle of arbitrary objects, a truncated file, not torch at all
+        raise ValueError(f"{file}: not a loadable afm-ray checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{file}: not an afm-ray checkpoint (expected keys 'model' and 'config')")
+    return state
+
+
+def load_model(
+    path: str | Path, data: "ImageDataset", *, device: torch.device | str = "cpu", fallback: Any = None
+) -> tuple[nn.Module, "ExperimentConfig | None"]:
+    """Rebuild the model a checkpoint holds, checked against `data`; returns it and its config.
+
+    An afm-ray checkpoint names its architecture in its stored config (`student.*`); a bare
+    state dict (from elsewhere) is built as `fallback` (an object with arch/width/depth) says.
+    Loading always uses `weights_only=True`: a checkpoint can never run code.
+    """
+    from afm_ray.config import from_flat
+    from afm_ray.models import build_model
+
+    file = checkpoint_file(path)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {file}: cannot be loaded with weights_only=True "
+                         f"({type(exc).__name__}); save a state dict, not a pickled module") from None
+    stored = None
+    if isinstance(state, dict) and "model" in state and "config" in state:
+        stored = from_flat(state["config"])
+        spec, weights = stored.student, state["model"]
+    elif isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        if fallback is None:
+            raise ValueError(f"checkpoint {file} is a bare state dict: say which architecture it is (teacher.arch)")
+        spec, weights = fallback, state
+    else:
+        raise ValueError(f"checkpoint {file}: expected an afm-ray checkpoint or a state dict of tensors")
+    kwargs: dict[str, Any] = dict(num_classes=data.num_classes, in_channels=data.image_shape[0], mean=data.mean, std=data.std)
+    if spec.width:
+        kwargs["width"] = spec.width
+    if spec.depth:
+        kwargs["depth"] = spec.depth
+    model = build_model(spec.arch, **kwargs)
+    _check_state_dict(model.state_dict(), weights, file, spec.arch, data)
+    model.load_state_dict(weights)
+    return model.to(device), stored
+
+
+def _check_state_dict(expected: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], file: Path,
+                      arch: str, data: "ImageDataset") -> None:
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {file} does not match architecture {arch!r}: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, tensor in expected.items():
+        if weights[key].shape != tensor.shape:
+            hint = ""
+            if tensor.ndim >= 1 and tensor.shape[0] == data.num_classes != weights[key].shape[0]:
+                hint = f" (the checkpoint has {weights[key].shape[0]} classes, dataset {data.name} has {data.num_classes})"
+            raise ValueError(f"checkpoint {file}: {key} has shape {tuple(weights[key].shape)}, "
+                             f"{arch!r} expects {tuple(tensor.shape)}{hint}")

@@ -1,0 +1,357 @@
+"""Typed, frozen run configuration: YAML (or dotted overrides) in, flat dotted dict out.
+
+The same dotted keys (``attack.eps``, ``method.tau``, ...) travel unchanged from a YAML
+search space through Optuna and Tune into the worker config and into MLflow params, so
+a run recorded in MLflow can be re-run from its params alone (``from_flat`` accepts the
+strings MLflow gives back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key and what is valid."""
+
+
+# Default l_inf budgets of the evaluation protocol (DESIGN.md). MNIST-like data uses 0.1,
+# the "small demo" budget: our embedded MNIST subset is a demo, and 0.3 needs far longer
+# training than a laptop demo allows.
+DEFAULT_EPS = {"mnist5k": 0.1, "digits": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255, "parquet": 8 / 255}
+DEFAULT_L2_EPS = 0.5
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist5k"  # mnist5k (embedded default) | digits | cifar10 | cifar100 | parquet
+    root: str = ""  # folder or pyarrow URI for cifar10/cifar100/parquet; unused for embedded data
+    test_fraction: float = 0.2  # held-out share for datasets that ship without a test split
+    image_size: int = 0  # 0 keeps the native size; 32 pads 28x28 digits for 32x32 architectures
+    seed: int = 0  # fixes the train/test split, so every trial sees the same test images
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "small_cnn"  # a name from afm_ray.models.MODELS
+    width: int = 16  # small_cnn channels / WRN widen factor; 0 = the architecture's default
+    depth: int = 0  # WRN depth; 0 = the architecture's default
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    arch: str = "small_cnn"
+    width: int = 64
+    depth: int = 0
+    checkpoint: str = ""  # a teacher checkpoint to load; "" = train one (cached by config hash)
+    method: str = "pgd_at"  # how a missing teacher is trained: pgd_at | trades
+    epochs: int = 8  # epochs for training a missing teacher
+    cache_dir: str = ""  # where trained teachers are cached; "" = ~/.cache/afm_ray/teachers
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "advfunmatch"  # a name from afm_ray.methods.METHODS
+    # None = the method's own default (from its official code; see methods.py).
+    tau: float | None = None  # softmax temperature
+    alpha: float | None = None  # AdaAD/ARD mixing weight of the adversarial term
+    beta: float | None = None  # TRADES robustness weight
+    lam: float | None = None  # AKD weight of the one-hot label in the target
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The inner maximisation used during training (evaluation has its own fixed protocol)."""
+
+    eps: float | None = None  # radius in pixel units; None = the dataset's default budget
+    step_size: float | None = None  # None = eps / 4 (2/255 at 8/255, the usual PGD-10 setting)
+    steps: int = 10
+    norm: str = "linf"  # linf | l2
+    random_start: str = "default"  # default (the method's own) | uniform | normal | none
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    policy: str = "crop_flip"  # e.g. none, crop_flip, autoaugment+cutmix (afm_ray.augment.POLICIES)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 10
+    batch_size: int = 128  # per worker
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | step (x0.1 at 50% and 75%) | constant
+    warmup_epochs: int = 0  # linear warm-up before the schedule
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eps: float | None = None  # None = the dataset's default budget (fixed across a sweep)
+    samples: int = 500  # test images for the final evaluation; 0 = the whole test split
+    attacks: str = "clean,pgd20,cw,aa"  # final evaluation; comma-separated
+    val_samples: int = 256  # fixed held-out subset for the cheap per-epoch PGD-10
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (inside Ray Train the worker's device wins)
+    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always checkpoints
+    output_dir: str = "afm_ray_runs"  # where a plain-process run writes checkpoints
+    resume_from: str = ""  # a checkpoint directory to resume from
+    amp: str = "off"  # off | bf16: autocast for training forwards/backwards (evaluation stays fp32)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the student
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # Values that depend on other values; resolved here so every consumer agrees.
+    @property
+    def train_eps(self) -> float:
+        return self.attack.eps if self.attack.eps is not None else default_eps(self.data.name, self.attack.norm)
+
+    @property
+    def train_step_size(self) -> float:
+        return self.attack.step_size if self.attack.step_size is not None else self.train_eps / 4
+
+    @property
+    def eval_eps(self) -> float:
+        return self.eval.eps if self.eval.eps is not None else default_eps(self.data.name, self.attack.norm)
+
+    @property
+    def eval_attacks(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.eval.attacks.split(",") if a.strip())
+
+
+def default_eps(dataset: str, norm: str = "linf") -> float:
+    return DEFAULT_L2_EPS if norm == "l2" else DEFAULT_EPS.get(dataset, 8 / 255)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(ExperimentConfig)[f.name] for f in dataclasses.fields(ExperimentConfig)}
+
+
+def _section_types(section: type) -> dict[str, Any]:
+    return typing.get_type_hints(section)
+
+
+def valid_keys() -> list[str]:
+    return [f"{s}.{k}" for s, t in SECTIONS.items() for k in _section_types(t)]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert YAML/CLI/MLflow values (often strings) to the field's declared type."""
+    optional = typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", ()))
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if optional else [annotation]
+    base = args[0]
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if optional:
+            return None
+        if base is str and value is None:
+            return ""
+        raise ConfigError(f"{key}: got {value!r}, expected a {base.__name__}")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.strip().lower() in ("true", "1", "yes", "on")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(str(value).strip())
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value) if not isinstance(value, str) else _parse_float(value)
+            if math.isnan(out):
+                raise ValueError
+            return out
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
+        raise ConfigError(f"{key}: got {value!r}, expected {want}{' or null' if optional else ''}") from None
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _parse_float(text: str) -> float:
+    # Accept "8/255", the way budgets are written in this field.
+    text = text.strip()
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+def _unknown_key_error(key: str, known: Iterable[str]) -> ConfigError:
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"attack": {"eps": 0.1}} -> {"attack.eps": 0.1}; already-dotted keys pass through."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def from_flat(values: Mapping[str, Any], *, ignore_unknown: bool = False) -> ExperimentConfig:
+    """Build and validate a config from dotted (or nested) keys; missing keys keep defaults."""
+    flat = flatten(values)
+    grouped: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    keys = valid_keys()
+    for key, value in flat.items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or name not in _section_types(SECTIONS[section]):
+            if ignore_unknown:
+                continue
+            raise _unknown_key_error(key, keys)
+        grouped[section][name] = _coerce(key, value, _section_types(SECTIONS[section])[name])
+    cfg = ExperimentConfig(**{s: SECTIONS[s](**kw) for s, kw in grouped.items()})
+    validate(cfg)
+    return cfg
+
+
+def to_flat(cfg: ExperimentConfig) -> dict[str, Any]:
+    return flatten(dataclasses.asdict(cfg))
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """["attack.eps=0.1", "method.name=rslad"] -> dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. attack.eps=0.1")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(loaded).__name__}")
+    return flatten(loaded)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    values = load_yaml(path) if path else {}
+    values.update(parse_overrides(overrides))
+    return from_flat(values)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
+    choices = list(choices)
+    _check(value in choices, f"{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range and name checks, so a bad value fails before any data, model or Ray resource."""
+    # Imported here: the registries live next to their implementations.
+    from afm_ray.augment import parse_policy
+    from afm_ray.data import DATASETS
+    from afm_ray.methods import METHODS, build_method
+    from afm_ray.models import MODELS
+
+    _check_choice("data.name", cfg.data.name, DATASETS)
+    _check(0 < cfg.data.test_fraction < 1, f"data.test_fraction: got {cfg.data.test_fraction}, expected 0 < value < 1")
+    _check(cfg.data.image_size >= 0, f"data.image_size: got {cfg.data.image_size}, expected 0 (native) or a size in pixels")
+    for section in ("student", "teacher"):
+        model = getattr(cfg, section)
+        _check_choice(f"{section}.arch", model.arch, MODELS)
+        _check(model.width >= 0, f"{section}.width: got {model.width}, expected >= 0 (0 = architecture default)")
+        _check(model.depth >= 0, f"{section}.depth: got {model.depth}, expected >= 0 (0 = architecture default)")
+    _check_choice("teacher.method", cfg.teacher.method, ("pgd_at", "trades"))
+    _check(cfg.teacher.epochs >= 1, f"teacher.epochs: got {cfg.teacher.epochs}, expected >= 1")
+    _check_choice("method.name", cfg.method.name, METHODS)
+    m = cfg.method
+    _check(m.tau is None or m.tau > 0, f"method.tau: got {m.tau}, expected tau > 0")
+    _check(m.alpha is None or 0 <= m.alpha <= 1, f"method.alpha: got {m.alpha}, expected 0 <= alpha <= 1")
+    _check(m.beta is None or m.beta >= 0, f"method.beta: got {m.beta}, expected beta >= 0")
+    _check(m.lam is None or 0 <= m.lam <= 1, f"method.lam: got {m.lam}, expected 0 <= lam <= 1")
+    given = {k: getattr(m, k) for k in ("tau", "alpha", "beta", "lam") if getattr(m, k) is not None}
+    try:  # a hyperparameter the method does not take is an error, not silently ignored
+        build_method(m.name, **given)
+    except ValueError as exc:
+        raise ConfigError(f"method: {exc}") from None
+    a = cfg.attack
+    _check_choice("attack.norm", a.norm, ("linf", "l2"))
+    _check(a.eps is None or a.eps >= 0, f"attack.eps: got {a.eps}, expected eps >= 0")
+    _check(a.norm != "linf" or a.eps is None or a.eps <= 1, f"attack.eps: got {a.eps}, expected <= 1 for linf (pixels are in [0,1])")
+    _check(a.step_size is None or a.step_size > 0, f"attack.step_size: got {a.step_size}, expected > 0 (or null for eps/4)")
+    _check(a.steps >= 0, f"attack.steps: got {a.steps}, expected steps >= 0")
+    _check_choice("attack.random_start", a.random_start, ("default", "uniform", "normal", "none"))
+    try:
+        parse_policy(cfg.augment.policy)
+    except ValueError as exc:
+        raise ConfigError(f"augment.policy: {exc}") from None
+    o = cfg.optim
+    _check(o.epochs >= 1, f"optim.epochs: got {o.epochs}, expected >= 1")
+    _check(o.batch_size >= 1, f"optim.batch_size: got {o.batch_size}, expected >= 1")
+    _check(o.lr > 0, f"optim.lr: got {o.lr}, expected lr > 0")
+    _check(0 <= o.momentum < 1, f"optim.momentum: got {o.momentum}, expected 0 <= momentum < 1")
+    _check(o.weight_decay >= 0, f"optim.weight_decay: got {o.weight_decay}, expected >= 0")
+    _check_choice("optim.schedule", o.schedule, ("cosine", "step", "constant"))
+    _check(0 <= o.warmup_epochs < o.epochs, f"optim.warmup_epochs: got {o.warmup_epochs}, expected 0 <= value < optim.epochs ({o.epochs})")
+    e = cfg.eval
+    _check(e.eps is None or e.eps >= 0, f"eval.eps: got {e.eps}, expected eps >= 0")
+    _check(e.samples >= 0, f"eval.samples: got {e.samples}, expected >= 0 (0 = whole test split)")
+    _check(e.val_samples >= 1, f"eval.val_samples: got {e.val_samples}, expected >= 1")
+    _check(e.batch_size >= 1, f"eval.batch_size: got {e.batch_size}, expected >= 1")
+    for attack in cfg.eval_attacks:
+        _check_choice("eval.attacks", attack, ("clean", "pgd20", "pgd10", "cw", "aa"))
+    r = cfg.run
+    _check(r.checkpoint_every >= 0, f"run.checkpoint_every: got {r.checkpoint_every}, expected >= 0")
+    _check_choice("run.amp", r.amp, ("off", "bf16"))
+    _check(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
+           f"run.device: got {r.device!r}, expected auto, cpu, cuda or cuda:N")

@@ -1,0 +1,330 @@
+"""Search spaces: a YAML file -> a validated `SearchSpace` -> an Optuna define-by-run function.
+
+Schema (every top-level key is optional except `search`; see search_spaces/default.yaml):
+
+    name: embedded-default             # names the sweep, the MLflow experiment and the Optuna study
+    description: what it is for and the result it expects
+    experiment: afm-ray-default        # MLflow experiment (default: afm-ray-<name>)
+    fixed:                             # dotted config keys held constant in every trial
+      data.name: mnist5k
+    search:                            # dotted config keys -> one distribution each
+      attack.eps: {uniform: [0.05, 0.15]}
+      optim.lr: {loguniform: [0.01, 0.2]}
+      attack.steps: {int: [2, 10], step: 2}
+      augment.policy: {choice: [crop_flip, randaugment]}
+      method.tau: {loguniform: [1, 10], when: {method.name: [advfunmatch, ard]}}
+    objectives:                        # 1 = single objective (ASHA allowed), 2+ = NSGA-II
+      - {metric: clean_acc, mode: max}
+      - {metric: aa_acc, mode: max}
+    num_samples: 6                     # trials
+    scheduler: {name: fifo}            # or {name: asha, metric: val/pgd_acc, grace_period: 2}
+    resources: {num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+    max_concurrent_trials: 0           # 0 = from the cluster's resources
+    max_failures: 2                    # worker failures a trial survives (from its checkpoint)
+    seed: 0                            # sampler seed
+
+The keys in `fixed` and `search` are exactly the config keys of afm_ray.config; they reach
+the worker config and the MLflow params unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from afm_ray.config import ConfigError, from_flat, valid_keys
+
+TOP_LEVEL_KEYS = ("name", "description", "experiment", "fixed", "search", "objectives", "num_samples",
+                  "scheduler", "resources", "max_concurrent_trials", "max_failures", "seed")
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+OBJECTIVE_METRICS = ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc", "params", "latency_ms")
+PER_EPOCH_METRICS = ("val/clean_acc", "val/pgd_acc")
+RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    key: str
+    kind: str  # uniform | loguniform | int | choice
+    low: float = 0.0
+    high: float = 0.0
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (key, allowed values) that must all hold
+
+    def applies(self, params: Mapping[str, Any]) -> bool:
+        return all(params.get(k) in allowed for k, allowed in self.when)
+
+    def suggest(self, trial: Any) -> Any:
+        """Ask an Optuna trial for a value; the parameter's name is the dotted config key."""
+        if self.kind == "uniform":
+            return trial.suggest_float(self.key, self.low, self.high, step=self.step)
+        if self.kind == "loguniform":
+            return trial.suggest_float(self.key, self.low, self.high, log=True)
+        if self.kind == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1))
+        return trial.suggest_categorical(self.key, list(self.choices))
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    mode: str  # max | min
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    description: str
+    experiment: str
+    fixed: dict[str, Any]
+    search: tuple[Distribution, ...]
+    objectives: tuple[Objective, ...]
+    num_samples: int
+    scheduler: dict[str, Any]
+    resources: dict[str, float]
+    max_concurrent_trials: int
+    max_failures: int
+    seed: int
+    source: str = ""  # the YAML text, logged to the sweep's parent run
+    path: str = ""
+
+    def define_by_run(self) -> Callable[[Any], dict[str, Any]]:
+        """Optuna define-by-run function: conditional keys are only asked when they apply."""
+        fixed = dict(self.fixed)
+        search = self.search
+
+        def space(trial: Any) -> dict[str, Any]:
+            params: dict[str, Any] = dict(fixed)
+            for dist in search:  # conditions refer to keys earlier in the file (or fixed)
+                if dist.applies(params):
+                    params[dist.key] = dist.suggest(trial)
+            # Ray's OptunaSearch merges these constants with the values the trial suggested.
+            return dict(fixed)
+
+        return space
+
+    def trial_config(self, suggested: Mapping[str, Any]) -> dict[str, Any]:
+        """The flat worker config of a trial: fixed keys, then what the sampler suggested."""
+        return {**self.fixed, **suggested}
+
+
+def load_search_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space {str(path)!r} does not exist; see search_spaces/ for examples")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    return parse_search_space(raw, source=text, path=str(path.resolve()), overrides=overrides,
+                              default_name=path.stem)
+
+
+def parse_search_space(raw: Mapping[str, Any], *, source: str = "", path: str = "", default_name: str = "sweep",
+                       overrides: Mapping[str, Any] | None = None) -> SearchSpace:
+    """Validate everything before any resource is reserved: one clear error per problem."""
+    where = path or "search space"
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise _unknown(f"{where}: unknown top-level key", key, TOP_LEVEL_KEYS)
+    name = str(raw.get("name") or default_name)
+    fixed = _mapping(raw.get("fixed", {}), f"{where}: fixed")
+    search_raw = _mapping(raw.get("search", {}), f"{where}: search")
+    known = valid_keys()
+    for key in list(fixed) + list(search_raw):
+        if key not in known:
+            raise _unknown(f"{where}: unknown config key", key, known)
+    both = sorted(set(fixed) & set(search_raw))
+    if both:
+        raise ConfigError(f"{where}: {both[0]!r} is both fixed and searched; keep it in one of the two")
+    fixed = {**fixed, **dict(overrides or {})}
+    for key in overrides or {}:
+        if key not in known:
+            raise _unknown(f"--set: unknown config key", key, known)
+        search_raw.pop(key, None)  # an override pins a searched key
+
+    search = tuple(_parse_distribution(key, spec, where, fixed, list(search_raw)) for key, spec in search_raw.items())
+    objectives = _parse_objectives(raw.get("objectives"), where)
+    scheduler = _parse_scheduler(raw.get("scheduler"), objectives, where)
+    resources = _parse_resources(raw.get("resources"), where)
+    num_samples = _positive_int(raw.get("num_samples", 6), f"{where}: num_samples")
+    max_concurrent = _non_negative_int(raw.get("max_concurrent_trials", 0), f"{where}: max_concurrent_trials")
+    max_failures = _non_negative_int(raw.get("max_failures", 2), f"{where}: max_failures")
+    seed = _non_negative_int(raw.get("seed", 0), f"{where}: seed")
+
+    space = SearchSpace(
+        name=name, description=str(raw.get("description", "")), experiment=str(raw.get("experiment") or f"afm-ray-{name}"),
+        fixed=fixed, search=search, objectives=objectives, num_samples=num_samples, scheduler=scheduler,
+        resources=resources, max_concurrent_trials=max_concurrent, max_failures=max_failures, seed=seed,
+        source=source, path=path,
+    )
+    _check_extremes(space, where)
+    return space
+
+
+def _parse_distribution(key: str, spec: Any, where: str, fixed: Mapping[str, Any], order: list[str]) -> Distribution:
+    label = f"{where}: search.{key}"
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{label}: expected a distribution such as {{uniform: [low, high]}} or "
+                          f"{{choice: [a, b]}}, got {spec!r}")
+    kinds = [k for k in spec if k in DISTRIBUTIONS]
+    extra = [k for k in spec if k not in DISTRIBUTIONS and k not in ("step", "when")]
+    if extra:
+        raise _unknown(f"{label}: unknown field", extra[0], DISTRIBUTIONS + ("step", "when"))
+    if len(kinds) != 1:
+        raise ConfigError(f"{label}: give exactly one of {', '.join(DISTRIBUTIONS)}, got {list(spec) or 'none'}")
+    kind = kinds[0]
+    when = _parse_when(spec.get("when"), label, fixed, order[: order.index(key)])
+    step = spec.get("step")
+    if kind == "choice":
+        choices = spec["choice"]
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{label}: choice needs a non-empty list of values, got {choices!r}")
+        if step is not None:
+            raise ConfigError(f"{label}: step applies to uniform/int, not choice")
+        return Distribution(key, kind, choices=tuple(choices), when=when)
+    bounds = spec[kind]
+    if not (isinstance(bounds, list) and len(bounds) == 2 and all(_is_number(b) for b in bounds)):
+        raise ConfigError(f"{label}: {kind} needs [low, high] numbers, got {bounds!r}")
+    low, high = float(bounds[0]), float(bounds[1])
+    if not low < high:
+        raise ConfigError(f"{label}: {kind} needs low < high, got [{bounds[0]}, {bounds[1]}]")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{label}: loguniform needs low > 0, got {bounds[0]}")
+    if kind == "int" and not (low.is_integer() and high.is_integer()):
+        raise ConfigError(f"{label}: int needs integer bounds, got {bounds!r}")
+    if step is not None and (not _is_number(step) or step <= 0 or kind == "loguniform"):
+        raise ConfigError(f"{label}: step must be a positive number on uniform or int, got {step!r}")
+    return Distribution(key, kind, low=low, high=high, step=float(step) if step is not None else None, when=when)
+
+
+def _parse_when(when: Any, label: str, fixed: Mapping[str, Any], earlier: list[str]) -> tuple:
+    if when is None:
+        return ()
+    if not isinstance(when, Mapping) or not when:
+        raise ConfigError(f"{label}: when must map a config key to allowed values, e.g. {{method.name: [ard]}}")
+    out = []
+    for key, allowed in when.items():
+        if key not in fixed and key not in earlier:
+            raise ConfigError(f"{label}: when refers to {key!r}, which is neither fixed nor searched above it")
+        values = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        out.append((key, values))
+    return tuple(out)
+
+
+def _parse_objectives(raw: Any, where: str) -> tuple[Objective, ...]:
+    if raw is None:
+        return (Objective("clean_acc", "max"), Objective("aa_acc", "max"))
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: objectives must be a non-empty list of {{metric: NAME, mode: max|min}}")
+    out = []
+    for item in raw:
+        if not isinstance(item, Mapping) or set(item) - {"metric", "mode"} or "metric" not in item:
+            raise ConfigError(f"{where}: objective {item!r} must be {{metric: NAME, mode: max|min}}")
+        metric, mode = str(item["metric"]), str(item.get("mode", "max"))
+        if metric not in OBJECTIVE_METRICS + PER_EPOCH_METRICS:
+            raise _unknown(f"{where}: unknown objective metric", metric, OBJECTIVE_METRICS)
+        if mode not in ("max", "min"):
+            raise ConfigError(f"{where}: objective {metric} has mode {mode!r}; expected max or min")
+        out.append(Objective(metric, mode))
+    if len({o.metric for o in out}) != len(out):
+        raise ConfigError(f"{where}: objectives repeat a metric: {[o.metric for o in out]}")
+    return tuple(out)
+
+
+def _parse_scheduler(raw: Any, objectives: tuple[Objective, ...], where: str) -> dict[str, Any]:
+    spec = dict(_mapping(raw or {"name": "fifo"}, f"{where}: scheduler"))
+    name = spec.get("name", "fifo")
+    if name not in ("fifo", "asha"):
+        raise ConfigError(f"{where}: scheduler.name {name!r} is unknown; use fifo or asha")
+    allowed = {"fifo": {"name"}, "asha": {"name", "metric", "mode", "grace_period", "reduction_factor"}}[name]
+    for key in spec:
+        if key not in allowed:
+            raise _unknown(f"{where}: unknown scheduler field", key, sorted(allowed))
+    if name == "asha":
+        if len(objectives) != 1:
+            raise ConfigError(f"{where}: scheduler asha needs a single objective (ASHA ranks trials on one metric); "
+                              f"got {len(objectives)} objectives")
+        spec.setdefault("metric", "val/pgd_acc")
+        spec.setdefault("mode", "max")
+        spec.setdefault("grace_period", 1)
+        spec.setdefault("reduction_factor", 2)
+        if spec["metric"] not in PER_EPOCH_METRICS:
+            raise _unknown(f"{where}: scheduler.metric must be reported every epoch; unknown", spec["metric"],
+                           PER_EPOCH_METRICS)
+        _positive_int(spec["grace_period"], f"{where}: scheduler.grace_period")
+        if not (_is_number(spec["reduction_factor"]) and spec["reduction_factor"] > 1):
+            raise ConfigError(f"{where}: scheduler.reduction_factor must be > 1, got {spec['reduction_factor']!r}")
+    spec["name"] = name
+    return spec
+
+
+def _parse_resources(raw: Any, where: str) -> dict[str, float]:
+    spec = dict(_mapping(raw or {}, f"{where}: resources"))
+    for key in spec:
+        if key not in RESOURCE_KEYS:
+            raise _unknown(f"{where}: unknown resources field", key, RESOURCE_KEYS)
+    out = {"num_workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0, **spec}
+    _positive_int(out["num_workers"], f"{where}: resources.num_workers")
+    for key in ("cpus_per_worker", "gpus_per_worker"):
+        if not _is_number(out[key]) or out[key] < 0:
+            raise ConfigError(f"{where}: resources.{key} must be a number >= 0, got {out[key]!r}")
+    return out
+
+
+def _check_extremes(space: SearchSpace, where: str) -> None:
+    """Build the worker config at the corners of every distribution: a value the engine
+    rejects (eps < 0, steps < 0, tau <= 0, an unknown policy) fails now, not in trial 17."""
+    base = dict(space.fixed)
+    try:
+        from_flat(base)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: fixed: {exc}") from None
+    for dist in space.search:
+        values = dist.choices if dist.kind == "choice" else (dist.low, dist.high)
+        for value in values:
+            if dist.kind == "int":
+                value = int(value)
+            conditions = {k: allowed[0] for k, allowed in dist.when}
+            try:
+                from_flat({**base, **conditions, dist.key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: search.{dist.key} = {value!r}: {exc}") from None
+
+
+def _mapping(value: Any, label: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{label}: expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value: Any, label: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{label}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _non_negative_int(value: Any, label: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{label}: expected an integer >= 0, got {value!r}")
+    return value
+
+
+def _unknown(prefix: str, value: Any, known: Any) -> ConfigError:
+    known = [str(k) for k in known]
+    close = difflib.get_close_matches(str(value), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(known)}"
+    return ConfigError(f"{prefix} {value!r}{hint}")

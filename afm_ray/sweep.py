@@ -1,0 +1,320 @@
+"""`python -m afm_ray.sweep`: search space -> Optuna (via Ray Tune) -> Ray Train -> MLflow.
+
+    python -m afm_ray.sweep [--space FILE] [--experiment NAME] [--tracking-uri URI]
+        [--storage PATH_OR_URI] [--num-samples N] [--resume] [--set key=value ...]
+
+With no arguments it runs the embedded default (search_spaces/default.yaml) on a local Ray:
+a robust teacher is trained (or reused from cache), then each trial distils it into a
+student, reporting per-epoch curves and the final clean / PGD-20 / AutoAttack accuracy to
+MLflow. The same command runs unchanged under `ray job submit` on a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+from afm_ray.config import ConfigError, ExperimentConfig, from_flat, parse_overrides, to_flat
+from afm_ray.search_space import SearchSpace, load_search_space
+from afm_ray.tracking import (
+    check_tracking_uri, default_tracking_uri, start_or_resume_sweep_run, TrialTracker,
+)
+
+DEFAULT_SPACE = "search_spaces/default.yaml"
+
+
+def find_default_space() -> Path:
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (base / DEFAULT_SPACE).is_file():
+            return base / DEFAULT_SPACE
+    raise ConfigError(f"no --space given and {DEFAULT_SPACE} not found in {Path.cwd()}; pass --space FILE")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m afm_ray.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--space", help=f"search space YAML (default: {DEFAULT_SPACE})")
+    parser.add_argument("--experiment", help="MLflow experiment (default: the space's `experiment`)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    parser.add_argument("--storage", help="where Ray keeps trial results and checkpoints: a path or s3://, gs:// URI "
+                                          "(default: ./ray_results)")
+    parser.add_argument("--optuna-storage", help="Optuna study storage, any SQLAlchemy URL (default: sqlite:///<cwd>/optuna.db)")
+    parser.add_argument("--name", help="sweep name (default: <space name>-<timestamp>; with --resume: the newest sweep of the space)")
+    parser.add_argument("--num-samples", type=int, help="number of trials (default: the space's num_samples)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (same --storage and --name)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="pin a config key in every trial, e.g. --set optim.epochs=2 (repeatable)")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                        help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    return parser.parse_args(argv)
+
+
+def _storage_root(storage: str | None) -> str:
+    if storage and "://" in storage:
+        return storage.rstrip("/")
+    return str(Path(storage or "ray_results").expanduser().resolve())
+
+
+def _newest_sweep(storage_root: str, space_name: str) -> str | None:
+    if "://" in storage_root:
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(storage_root)
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        names = [Path(i.path).name for i in infos if i.type == pafs.FileType.Directory]
+    else:
+        names = [p.name for p in Path(storage_root).glob("*") if p.is_dir()] if Path(storage_root).is_dir() else []
+    names = sorted(n for n in names if re.fullmatch(re.escape(space_name) + r"-\d{8}-\d{6}", n))
+    return names[-1] if names else None
+
+
+def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """Train (or reuse) the teacher every trial distils, as a Ray task on a worker's resources.
+
+    Returns the fixed keys to add (teacher.checkpoint) and the teacher's evaluation.
+    """
+    import ray
+
+    from afm_ray.methods import build_method
+
+    methods = {space.fixed.get("method.name", ExperimentConfig().method.name)}
+    for dist in space.search:
+        if dist.key == "method.name":
+            methods |= set(dist.choices)
+    if not any(build_method(m).needs_teacher for m in methods):
+        return {}, {}
+    base = from_flat(space.fixed)
+    if base.teacher.checkpoint:
+        return {}, {}
+
+    @ray.remote(num_cpus=runtime["cpus_per_worker"], num_gpus=runtime["gpus_per_worker"])
+    def train_teacher(flat: dict[str, Any]) -> tuple[bytes, dict[str, float]]:
+        from afm_ray.evaluate import evaluate_checkpoint
+        from afm_ray.teacher import ensure_teacher
+
+        cfg = from_flat(flat)
+        path = ensure_teacher(cfg, log=lambda line: print(line, flush=True))
+        scores = evaluate_checkpoint(path, cfg, attack_names=("clean", "pgd20"), log=lambda line: None)
+        return Path(path).read_bytes(), {k: v for k, v in scores.items() if "/" not in k}
+
+    from afm_ray.teacher import teacher_cache_dir
+
+    cache = teacher_cache_dir(base) / "checkpoint.pt"
+    if cache.is_file():
+        log(f"teacher: reusing {cache}")
+        payload, scores = cache.read_bytes(), {}
+    else:
+        log(f"teacher: training {base.teacher.arch} ({base.teacher.method}, {base.teacher.epochs} epochs) as a Ray task")
+        payload, scores = ray.get(train_teacher.remote(to_flat(base)))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_bytes(payload)
+        tmp.replace(cache)
+    # Trials may run on other nodes: they read the teacher from the sweep's storage.
+    target = f"{runtime['storage_path']}/{runtime['name']}/teacher/checkpoint.pt"
+    _write_bytes(target, payload)
+    log(f"teacher: {target}" + (f" (clean {scores['clean_acc']:.3f}, pgd20 {scores['pgd20_acc']:.3f})" if scores else ""))
+    return {"teacher.checkpoint": target}, scores
+
+
+def _write_bytes(target: str, payload: bytes) -> None:
+    if "://" in target:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(target)
+        fs.create_dir(str(Path(path).parent), recursive=True)
+        with fs.open_output_stream(path) as out:
+            out.write(payload)
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_bytes(payload)
+
+
+def max_concurrent_trials(space: SearchSpace, cluster: dict[str, float]) -> int:
+    """As many trials as the cluster fits at once (an autoscaler may add nodes: then 0 = no cap)."""
+    if space.max_concurrent_trials:
+        return space.max_concurrent_trials
+    r = space.resources
+    fits = [cluster.get("CPU", 1) / max(r["num_workers"] * r["cpus_per_worker"], 1e-9)]
+    if r["gpus_per_worker"] > 0:
+        fits.append(cluster.get("GPU", 0) / (r["num_workers"] * r["gpus_per_worker"]))
+    return max(1, math.floor(min(fits) + 1e-9))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        space_path = Path(args.space) if args.space else find_default_space()
+        space = load_search_space(space_path, overrides=parse_overrides(args.overrides))
+        if args.num_samples is not None:
+            if args.num_samples < 1:
+                raise ConfigError(f"--num-samples: got {args.num_samples}, expected >= 1")
+            space = _replace(space, num_samples=args.num_samples)
+        tracking_uri = args.tracking_uri or default_tracking_uri()
+        check_tracking_uri(tracking_uri)
+        storage_root = _storage_root(args.storage)
+        name = args.name
+        if args.resume and not name:
+            name = _newest_sweep(storage_root, space.name)
+            if name is None:
+                raise ConfigError(f"--resume: no sweep of space {space.name!r} under {storage_root}; pass --name")
+        name = name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        optuna_url = args.optuna_storage or f"sqlite:///{Path('optuna.db').resolve()}"
+        experiment = args.experiment or space.experiment
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_sweep(space, name=name, experiment=experiment, tracking_uri=tracking_uri, storage_root=storage_root,
+                     optuna_url=optuna_url, resume=args.resume, address=args.address)
+
+
+def _replace(space: SearchSpace, **changes: Any) -> SearchSpace:
+    import dataclasses
+
+    return dataclasses.replace(space, **changes)
+
+
+def run_sweep(space: SearchSpace, *, name: str, experiment: str, tracking_uri: str, storage_root: str,
+              optuna_url: str, resume: bool = False, address: str | None = None) -> int:
+    import optuna
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from afm_ray.distributed import train_driver_fn
+    from afm_ray.progress import TrialProgress
+
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    started = time.monotonic()
+    sweep_dir = f"{storage_root}/{name}"
+    if resume and not tune.Tuner.can_restore(sweep_dir):
+        print(f"error: --resume: nothing to resume at {sweep_dir}", file=sys.stderr)
+        return 2
+    if not resume and "://" not in storage_root and Path(sweep_dir).exists():
+        print(f"error: sweep {sweep_dir} already exists; pass --resume to continue it or --name for a new one", file=sys.stderr)
+        return 2
+
+    # Worker output stays in Ray's logs; the terminal gets one line per trial event.
+    ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    runtime = {**space.resources, "storage_path": storage_root, "name": name, "max_failures": space.max_failures}
+    log(f"sweep {name}: {space.num_samples} trials of {space.path or 'space'}; Ray {ray.cluster_resources()}")
+
+    teacher_keys, teacher_scores = prepare_teacher(space, runtime, log)
+    space = _replace(space, fixed={**space.fixed, **teacher_keys})
+
+    client = MlflowClient(tracking_uri)
+    parent_params = {
+        "sweep.space": space.path, "sweep.name": name, "sweep.storage": sweep_dir,
+        "sweep.optuna_storage": optuna_url, "sweep.study_name": name,
+        "sweep.objectives": ",".join(f"{o.metric}:{o.mode}" for o in space.objectives),
+        "teacher.checkpoint": space.fixed.get("teacher.checkpoint", ""),
+    }
+    parent_id = start_or_resume_sweep_run(client, experiment, name, parent_params, space.source, resume)
+    for key, value in teacher_scores.items():
+        client.log_metric(parent_id, f"teacher/{key}", value)
+
+    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, runtime=runtime), {"CPU": 0})
+    if resume:
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        multi = len(space.objectives) > 1
+        sampler = (optuna.samplers.NSGAIISampler(seed=space.seed) if multi
+                   else optuna.samplers.TPESampler(seed=space.seed))
+        searcher = CompletedOnlyOptunaSearch(
+            space=space.define_by_run(),
+            metric=[o.metric for o in space.objectives] if multi else space.objectives[0].metric,
+            mode=[o.mode for o in space.objectives] if multi else space.objectives[0].mode,
+            sampler=sampler, study_name=name,
+            storage=optuna.storages.RDBStorage(optuna_url),
+        )
+        scheduler = None
+        if space.scheduler["name"] == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            s = space.scheduler
+            scheduler = ASHAScheduler(metric=s["metric"], mode=s["mode"], time_attr="training_iteration",
+                                      max_t=int(from_flat(space.fixed).optim.epochs) + 1,
+                                      grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
+                max_concurrent_trials=max_concurrent_trials(space, ray.cluster_resources()),
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_root, verbose=0,
+                callbacks=[
+                    TrialTracker(tracking_uri, experiment_name=experiment, parent_run_id=parent_id, sweep_name=name),
+                    TrialProgress(space.objectives),
+                ],
+                failure_config=tune.FailureConfig(max_failures=1),
+            ),
+        )
+    results = tuner.fit()
+    client.set_terminated(parent_id, status="FINISHED")
+    elapsed = time.monotonic() - started
+    client.log_metric(parent_id, "sweep/wall_s", elapsed)
+    print_summary(results, space, name=name, experiment=experiment, tracking_uri=tracking_uri,
+                  optuna_url=optuna_url, elapsed=elapsed)
+    return 0
+
+
+class CompletedOnlyOptunaSearch(OptunaSearch):
+    """OptunaSearch that never tells Optuna a truncated result as complete.
+
+    A trial a scheduler stopped early ends with its last per-epoch result, which lacks the
+    final metrics: Optuna records it as pruned, so it can never enter the Pareto front.
+    Each Optuna trial also records its Tune trial id, which MLflow runs carry as a tag.
+    """
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        return params
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result is not None and not result.get("done"):
+            result = None
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def print_summary(results: Any, space: SearchSpace, *, name: str, experiment: str, tracking_uri: str,
+                  optuna_url: str, elapsed: float) -> None:
+    from afm_ray.pareto import non_dominated
+
+    rows = []
+    for result in results:
+        m = dict(result.metrics or {})
+        if m.get("done"):
+            m["config"] = result.config or {}
+            rows.append(m)
+    print()
+    print(f"sweep {name}: {len(rows)}/{len(results)} trials completed in {elapsed / 60:.1f} min")
+    if rows:
+        objectives = [(o.metric, o.mode) for o in space.objectives]
+        front = non_dominated([[r[m] for m, _ in objectives] for r in rows], [mode for _, mode in objectives])
+        best = sorted((rows[i] for i in front), key=lambda r: -r[objectives[-1][0]] if objectives[-1][1] == "max" else r[objectives[-1][0]])
+        print("Pareto-optimal trials:")
+        keys = ["method.name", "attack.eps", "attack.steps", "method.tau", "augment.policy"]
+        for r in best:
+            cfg = r.get("config", {})
+            desc = "  ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
+            objs = "  ".join(f"{m}={r[m]:.3f}" for m, _ in objectives)
+            print(f"  {r.get('trial_id', '?')}: {objs}  {desc}")
+    print()
+    print(f"MLflow:  mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r})")
+    print(f"Pareto:  python -m afm_ray.pareto --experiment {experiment!r} --tracking-uri {tracking_uri}")
+    print(f"Optuna:  optuna-dashboard {optuna_url}   (study {name!r})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""One distillation run: `train_fn_per_worker`, a plain training loop.
+
+The same function runs in a plain process (`python -m afm_ray.train`) and, unchanged, as
+a Ray Train worker: everything Ray-specific is behind the small `Reporter` hook (metrics +
+checkpoints out, a checkpoint to resume from in). Under DDP only the student is wrapped;
+the frozen teacher is a plain module on every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from afm_ray import attacks, checkpoints
+from afm_ray.augment import BatchAugment
+from afm_ray.config import ConfigError, ExperimentConfig, from_flat, load_config, to_flat
+from afm_ray.data import DeviceBatchLoader, ImageDataset, load_dataset
+from afm_ray.methods import AttackSpec, build_method
+from afm_ray.models import build_model, count_parameters, measure_latency_ms, unwrap_model
+
+
+class Reporter(Protocol):
+    """Where a run's metrics and checkpoints go, and where a resumed run starts from.
+
+    A reporter may also carry `device`: the accelerator its framework assigned this worker.
+    """
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
+
+    def resume_checkpoint_dir(self) -> str | None: ...
+
+
+class LocalReporter:
+    """Plain-process reporting: one line per epoch, checkpoints kept under `output_dir`."""
+
+    def __init__(self, output_dir: str | Path, resume_from: str = "", log: Callable[[str], None] = print):
+        self.output_dir = Path(output_dir)
+        self.resume_from = resume_from
+        self.log = log
+        self.latest_checkpoint: Path | None = None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        self.log(format_metrics(metrics))
+        if checkpoint_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        target = self.output_dir / f"checkpoint_epoch{int(metrics.get('epoch', 0)):04d}"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(checkpoint_dir, target)
+        # Keep the newest checkpoint only: each holds the full training state.
+        if self.latest_checkpoint is not None and self.latest_checkpoint != target and self.latest_checkpoint.exists():
+            shutil.rmtree(self.latest_checkpoint)
+        self.latest_checkpoint = target
+
+    def resume_checkpoint_dir(self) -> str | None:
+        return self.resume_from or None
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        parts.append(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}")
+    return "  ".join(parts)
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def worker_context(device_setting: str, device: torch.device | None = None) -> WorkerContext:
+    """Rank and world size from torch.distributed; `device` (the Ray worker's) wins if given."""
+    initialized = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
+    return WorkerContext(rank, world, device if device is not None else resolve_device(device_setting))
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {setting!r} requested but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def lr_lambda(cfg: ExperimentConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Per-iteration multiplier: linear warm-up, then cosine, step (x0.1 at 50%/75%) or constant."""
+    total = cfg.optim.epochs * steps_per_epoch
+    warmup = cfg.optim.warmup_epochs * steps_per_epoch
+
+    def factor(it: int) -> float:
+        if it < warmup:
+            return (it + 1) / warmup
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        progress = (it - warmup) / max(1, total - warmup)
+        if cfg.optim.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 0.01 if progress >= 0.75 else 0.1 if progress >= 0.5 else 1.0
+
+    return factor
+
+
+def split_validation(data: ImageDataset, n_val: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Hold out a fixed subset of the training split for per-epoch validation.
+
+    Validation never touches the test split, so early stopping and scheduling cannot leak
+    the numbers that the sweep finally reports.
+    """
+    n_val = min(n_val, len(data.y_train) // 5)
+    perm = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))
+    val, train = perm[:n_val], perm[n_val:]
+    return data.x_train[train], data.y_train[train], data.x_train[val], data.y_train[val]
+
+
+def to_unit(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device).float().div_(255.0) if x.dtype == torch.uint8 else x.to(device).float()
+
+
+def build_student(cfg: ExperimentConfig, data: ImageDataset) -> nn.Module:
+    return build_model(cfg.student.arch, **model_kwargs(cfg.student, data))
+
+
+def model_kwargs(section: Any, data: ImageDataset) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        num_classes=data.num_classes, in_channels=data.image_shape[0], mean=data.mean, std=data.std
+    )
+    if section.width:
+        kwargs["width"] = section.width
+    if section.depth:
+        kwargs["depth"] = section.depth
+    return kwargs
+
+
+def load_run_data(cfg: ExperimentConfig) -> ImageDataset:
+    return load_dataset(
+        cfg.data.name,
+        cfg.data.root or None,
+        test_fraction=cfg.data.test_fraction,
+        seed=cfg.data.seed,
+        image_size=cfg.data.image_size or None,
+    )
+
+
+def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def evaluate_sharded(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str,
+    attack_names: tuple[str, ...],
+    batch_size: int,
+    ctx: WorkerContext,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Accuracy under each attack, each worker attacking its own shard of the same images."""
+    shard = slice(ctx.rank, None, ctx.world_size)
+    xs, ys = to_unit(x[shard], ctx.device), y[shard].to(ctx.device)
+    counts = []
+    for name in attack_names:
+        correct = attacks.robust_predictions(model, xs, ys, attack=name, eps=eps, norm=norm, batch_size=batch_size)
+        counts.append(correct.sum())
+        if progress:
+            progress(f"{name}: {int(correct.sum())}/{len(ys)} robust on this worker")
+    if not counts:
+        return {}
+    total = _all_reduce_sum(torch.stack(counts + [torch.tensor(len(ys), device=ctx.device)]).float(), ctx.world_size)
+    n = total[-1].item()
+    return {f"{name}_acc": (total[i] / n).item() for i, name in enumerate(attack_names)}
+
+
+def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
+    """Train one student with the configured method; returns the final metrics.
+
+    `config` is the flat dotted dict (see afm_ray.config). Per epoch it reports
+    `train/<loss part>`, `val/clean_acc`, `val/pgd_acc` (PGD-10 on a fixed held-out subset)
+    and a checkpoint; at the end, `clean_acc`, `pgd20_acc`, `cw_acc`, `aa_acc` on the test
+    split (as configured in `eval.*`), the student's parameter count and latency.
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else from_flat(config)
+    ctx = worker_context(cfg.run.device, getattr(reporter, "device", None))
+    reporter = reporter or LocalReporter(cfg.run.output_dir, cfg.run.resume_from)
+    log = (lambda msg: print(msg, flush=True)) if ctx.rank == 0 else (lambda msg: None)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial student on every rank
+    data = load_run_data(cfg)
+    x_train, y_train, x_val, y_val = split_validation(data, cfg.eval.val_samples, cfg.data.seed)
+    loader = DeviceBatchLoader(
+        x_train, y_train, cfg.optim.batch_size, device=ctx.device, shuffle=True, drop_last=True,
+        rank=ctx.rank, world_size=ctx.world_size, seed=cfg.run.seed,
+    )
+    if len(loader) == 0:
+        raise ConfigError(
+            f"optim.batch_size: {cfg.optim.batch_size} x {ctx.world_size} workers exceeds the "
+            f"{len(y_train)} training images; use a smaller batch"
+        )
+
+    method = build_method(cfg.method.name, **method_hparams(cfg))
+    teacher = None
+    if method.needs_teacher:
+        from afm_ray.teacher import load_teacher
+
+        if not cfg.teacher.checkpoint:
+            raise ConfigError(
+                f"method {cfg.method.name!r} needs a teacher but teacher.checkpoint is empty; "
+                "train one with `python -m afm_ray.teacher` or run through afm_ray.train/afm_ray.sweep"
+            )
+        teacher = load_teacher(cfg.teacher.checkpoint, data, device=ctx.device, cfg=cfg)
+
+    student = build_student(cfg, data).to(ctx.device)
+    if cfg.run.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        student.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loader)))
+
+    start_epoch = 0
+    resume_dir = reporter.resume_checkpoint_dir()
+    if resume_dir:
+        state = checkpoints.load_training_state(resume_dir)
+        unwrap_model(student).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        log(f"resumed from {resume_dir} at epoch {start_epoch}")
+
+    model = student
+    if ctx.world_size > 1:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+    if cfg.run.compile:
+        model = torch.compile(model)
+
+    augment = BatchAugment(cfg.augment.policy, image_shape=data.image_shape, num_classes=data.num_classes)
+    attack = AttackSpec(
+        eps=cfg.train_eps, step_size=cfg.train_step_size, steps=cfg.attack.steps,
+        norm=cfg.attack.norm, random_start=cfg.attack.random_start,
+    )
+    autocast = (
+        torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.run.amp == "bf16" else _NullContext()
+    )
+    x_val_dev, y_val_dev = to_unit(x_val, ctx.device), y_val.to(ctx.device)
+
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        torch.manual_seed(cfg.run.seed * 1000 + epoch * 10 + ctx.rank)  # augmentation/attack noise per rank
+        loader.set_epoch(epoch)
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        started = time.perf_counter()
+        for x, y in loader:
+            if cfg.run.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            targets = F.one_hot(y, data.num_classes).float() if method.uses_labels else None
+            x_aug, y_aug = augment(x, targets)
+            with autocast:
+                parts = method(model, teacher, x_aug, y_aug, attack)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            optimizer.step()
+            scheduler.step()
+            for key, value in parts.items():  # accumulate on device: no host sync per step
+                sums[key] = sums.get(key, 0) + value.detach().float()
+        n_batches = len(loader)
+        epoch_time = time.perf_counter() - started
+        metrics: dict[str, float] = {"epoch": epoch + 1}
+        for key, value in sums.items():
+            metrics[f"train/{key}"] = (_all_reduce_sum(value.clone(), ctx.world_size) / (n_batches * ctx.world_size)).item()
+        metrics["train/images_per_s"] = n_batches * cfg.optim.batch_size * ctx.world_size / epoch_time
+        metrics["train/lr"] = scheduler.get_last_lr()[0]
+        # Every worker validates the same small subset: cheaper than gathering.
+        val_model = unwrap_model(student)
+        for name, key in (("clean", "val/clean_acc"), ("pgd10", "val/pgd_acc")):
+            correct = attacks.robust_predictions(
+                val_model, x_val_dev, y_val_dev, attack=name, eps=cfg.eval_eps, norm=cfg.attack.norm,
+                batch_size=cfg.eval.batch_size,
+            )
+            metrics[key] = correct.float().mean().item()
+        last = epoch + 1 == cfg.optim.epochs
+        save = last or (cfg.run.checkpoint_every and (epoch + 1) % cfg.run.checkpoint_every == 0)
+        _report_with_checkpoint(reporter, metrics, cfg, student, optimizer, scheduler, epoch + 1, ctx, save)
+
+    final = final_evaluation(cfg, unwrap_model(student), data, ctx, log)
+    reporter.report(final, None)
+    return final
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def method_hparams(cfg: ExperimentConfig) -> dict[str, float]:
+    """Only the hyperparameters the user set; the method supplies its own defaults."""
+    return {k: getattr(cfg.method, k) for k in ("tau", "alpha", "beta", "lam") if getattr(cfg.method, k) is not None}
+
+
+def _report_with_checkpoint(
+    reporter: Reporter,
+    metrics: dict[str, float],
+    cfg: ExperimentConfig,
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epoch: int,
+    ctx: WorkerContext,
+    save: bool,
+) -> None:
+    if not save or ctx.rank != 0:  # every rank reports; rank 0 alone writes the checkpoint
+        reporter.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="afm_ray_ckpt_") as tmp:
+        checkpoints.save_training_state(
+            tmp, model=unwrap_model(student), optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+            config=to_flat(cfg), metrics=metrics,
+        )
+        reporter.report(metrics, tmp)
+
+
+def final_evaluation(
+    cfg: ExperimentConfig, student: nn.Module, data: ImageDataset, ctx: WorkerContext, log: Callable[[str], None]
+) -> dict[str, float]:
+    """The fixed protocol of DESIGN.md on `eval.samples` test images, sharded across workers."""
+    x_test, y_test = fixed_test_subset(data, cfg.eval.samples, cfg.data.seed)
+    log(f"final evaluation on {len(y_test)} test images at eps={cfg.eval_eps:.4g}: {', '.join(cfg.eval_attacks)}")
+    final = evaluate_sharded(
+        student, x_test, y_test, eps=cfg.eval_eps, norm=cfg.attack.norm, attack_names=cfg.eval_attacks,
+        batch_size=cfg.eval.batch_size, ctx=ctx, progress=None,
+    )
+    final["params"] = float(count_parameters(student))
+    final["latency_ms"] = measure_latency_ms(student, data.image_shape, device=ctx.device)
+    final["eval/n_samples"] = float(len(y_test))
+    final["eval/eps"] = cfg.eval_eps
+    final["done"] = 1.0
+    return final
+
+
+def fixed_test_subset(data: ImageDataset, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same `samples` test images for every trial and every model (0 = all)."""
+    n = len(data.y_test)
+    if not samples or samples >= n:
+        return data.x_test, data.y_test
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+    return data.x_test[idx], data.y_test[idx]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m afm_ray.train",
+        description="Train one student (and, if needed, its robust teacher) and evaluate both.",
+    )
+    parser.add_argument("--config", help="YAML file with config sections (default: the embedded default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one dotted key, e.g. --set attack.eps=0.1 (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        parser.exit(2, f"error: {exc}\n")
+
+    from afm_ray.evaluate import evaluate_checkpoint
+    from afm_ray.teacher import ensure_teacher
+
+    results = {}
+    if build_method(cfg.method.name, **method_hparams(cfg)).needs_teacher:
+        teacher_path = ensure_teacher(cfg, log=print)
+        cfg = from_flat({**to_flat(cfg), "teacher.checkpoint": str(teacher_path)})
+        results["teacher"] = evaluate_checkpoint(teacher_path, cfg, log=print)
+    print(f"training student {cfg.student.arch} with {cfg.method.name} for {cfg.optim.epochs} epochs")
+    results["student"] = train_fn_per_worker(to_flat(cfg))
+    print()
+    print(results_table(results))
+    return 0
+
+
+def results_table(results: Mapping[str, Mapping[str, float]]) -> str:
+    columns = [c for c in ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc") if any(c in r for r in results.values())]
+    lines = [f"{'model':<10}" + "".join(f"{c:>12}" for c in columns) + f"{'params':>12}"]
+    for name, r in results.items():
+        cells = "".join(f"{100 * r[c]:>11.2f}%" if c in r else f"{'-':>12}" for c in columns)
+        lines.append(f"{name:<10}{cells}{int(r.get('params', 0)):>12,}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

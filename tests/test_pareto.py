@@ -1,0 +1,443 @@
+"""afm_ray.pareto: the front on hand-computed examples, read from real MLflow (SQLite) runs.
+
+The sweep experiment below is built by hand in the layout of INTERFACES.md ("MLflow layout"):
+a parent run tagged afm_ray.role=sweep and child runs tagged afm_ray.role=trial with a
+trial status. Every expected front in this file was worked out by hand in the comments.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from afm_ray import pareto
+from afm_ray.pareto import (
+    Objective,
+    dominance_matrix,
+    load_trials,
+    main,
+    nondominated_layers,
+    pareto_mask,
+    parse_objectives,
+    rank_trials,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+# SQLAlchemy 2 deprecation inside MLflow's own store; nothing this module can act on.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+NAN = float("nan")
+
+# --------------------------------------------------------------------------- pure front
+
+
+def test_front_two_objectives_with_ties():
+    values = [
+        [0.5, 0.8],  # 0 front
+        [0.6, 0.7],  # 1 front
+        [0.4, 0.9],  # 2 front
+        [0.5, 0.7],  # 3 dominated by 0 and 1
+        [0.6, 0.7],  # 4 identical to 1: ties share the front
+        [0.3, 0.3],  # 5 dominated by everything, including 3
+    ]
+    assert pareto_mask(values, ["max", "max"]).tolist() == [True, True, True, False, True, False]
+    assert nondominated_layers(values, ["max", "max"]).tolist() == [1, 1, 1, 2, 1, 3]
+
+
+def test_front_max_min_mix_and_flipped_goal():
+    # accuracy (max) against parameter count (min)
+    values = [[0.9, 10], [0.8, 5], [0.9, 12], [0.7, 5], [0.95, 20]]
+    # (0.9,10) beats (0.9,12) on params; (0.8,5) beats (0.7,5) on accuracy
+    assert pareto_mask(values, ["max", "min"]).tolist() == [True, True, False, False, True]
+    assert nondominated_layers(values, ["max", "min"]).tolist() == [1, 1, 2, 2, 1]
+    # maximising both, (0.95,20) dominates all; the rest form a chain 2 > 0 > 1 > 3
+    assert pareto_mask(values, ["max", "max"]).tolist() == [False, False, False, False, True]
+    assert nondominated_layers(values, ["max", "max"]).tolist() == [3, 4, 2, 5, 1]
+
+
+def test_front_three_objectives():
+    # maximise a and b, minimise c
+    values = [
+        [0.9, 0.5, 3],  # 0 front
+        [0.8, 0.6, 3],  # 1 front (best b among c=3)
+        [0.8, 0.5, 1],  # 2 front: dominated in (a, b) but the smallest c
+        [0.8, 0.5, 3],  # 3 dominated by 0, 1 and 2
+        [0.9, 0.5, 3],  # 4 identical to 0
+        [0.7, 0.7, 5],  # 5 front: best b
+    ]
+    goals = ["max", "max", "min"]
+    assert pareto_mask(values, goals).tolist() == [True, True, True, False, True, True]
+    assert nondominated_layers(values, goals).tolist() == [1, 1, 1, 2, 1, 1]
+    d = dominance_matrix(values, goals)
+    assert d[[0, 1, 2, 4], 3].all() and not d[5, 3]
+    assert not d[0, 4] and not d[4, 0]  # ties do not dominate each other
+
+
+def test_front_single_objective_and_brute_force_agreement():
+    assert pareto_mask([[1.0], [2.0], [2.0]], ["max"]).tolist() == [False, True, True]
+    assert pareto_mask([[1.0], [2.0], [2.0]], ["min"]).tolist() == [True, False, False]
+    rng = np.random.default_rng(0)
+    for m in (2, 3, 4):
+        v = rng.integers(0, 4, size=(40, m)).astype(float)  # small ints: many ties
+        goals = ["max", "min", "max", "min"][:m]
+        s = v * np.where(np.array(goals) == "max", 1, -1)
+        brute = [
+            not any(all(s[j] >= s[i]) and any(s[j] > s[i]) for j in range(len(s))) for i in range(len(s))
+        ]
+        assert pareto_mask(v, goals).tolist() == brute
+        layers = nondominated_layers(v, goals)
+        for k in range(1, layers.max() + 1):  # layer k = front of what layers >= k leave
+            rest = layers >= k
+            assert (layers[rest] == k).tolist() == pareto_mask(v[rest], goals).tolist()
+
+
+def test_front_rejects_nan_and_bad_goals():
+    with pytest.raises(ValueError, match="NaN"):
+        pareto_mask([[0.5, NAN]], ["max", "max"])
+    with pytest.raises(ValueError, match="'max' or 'min'"):
+        pareto_mask([[0.5, 0.2]], ["max", "up"])
+    with pytest.raises(ValueError, match="2 goals for 3"):
+        pareto_mask([[0.5, 0.2, 0.1]], ["max", "max"])
+
+
+def test_parse_objectives():
+    assert parse_objectives(["aa_acc:max", "params:min"]) == (
+        Objective("aa_acc", "max"), Objective("params", "min"))
+    for bad in ("aa_acc", "aa_acc:up", ":max"):
+        with pytest.raises(ValueError, match="expected NAME:max or NAME:min"):
+            parse_objectives([bad])
+    with pytest.raises(ValueError, match="more than once: aa_acc"):
+        parse_objectives(["aa_acc:max", "aa_acc:min"])
+
+
+def test_filters():
+    assert pareto.translate_filter("params.method = 'rslad'") == "params.`method.name` = 'rslad'"
+    for unchanged in ("params.`method.name` = 'x'", "params.method.name = 'x'",
+                      "tags.note = 'params.method'", "params.method_x = '1'"):
+        assert pareto.translate_filter(unchanged) == unchanged
+    assert pareto.trial_filter("params.method = 'ard'", "abc") == (
+        "tags.`afm_ray.role` = 'trial' and tags.`mlflow.parentRunId` = 'abc' "
+        "and params.`method.name` = 'ard'"
+    )
+
+
+# --------------------------------------------------------------------------- MLflow fixtures
+
+T0 = 1_700_000_000_000  # start times (ms) fix the order of exact ties
+
+
+def _add_trial(client, exp_id, parent, name, metrics, *, status="FINISHED", trial_status="completed",
+               method="advfunmatch", step=0):
+    tags = {"mlflow.parentRunId": parent, "afm_ray.role": "trial", "afm_ray.trial_id": name}
+    if trial_status is not None:
+        tags["afm_ray.trial_status"] = trial_status
+    run = client.create_run(exp_id, start_time=T0 + 1000 * step, tags=tags, run_name=name)
+    rid = run.info.run_id
+    params = {"method.name": method, "attack.eps": "0.3", "attack.steps": "10", "method.tau": "1.0",
+              "augment.policy": "autoaugment", "data.name": "digits"}
+    client.log_batch(
+        rid,
+        metrics=[Metric(k, v, T0, 0) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in params.items()],
+    )
+    client.log_metric(rid, "val/clean_acc", 0.5, step=1)  # a per-epoch curve, never an objective
+    if status != "RUNNING":
+        client.set_terminated(rid, status)
+    return rid
+
+
+@pytest.fixture(scope="module")
+def sweep_db(tmp_path_factory):
+    """Experiment 'sweep-a': sweep 1 with 11 trials of every kind, sweep 2 with one trial."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    exp = client.create_experiment("sweep-a", artifact_location=str(root / "artifacts"))
+    client.create_experiment("empty-exp", artifact_location=str(root / "artifacts2"))
+    p1 = client.create_run(exp, run_name="sweep-one", tags={"afm_ray.role": "sweep"}).info.run_id
+    p2 = client.create_run(exp, run_name="sweep-two", tags={"afm_ray.role": "sweep"}).info.run_id
+    M = 1e6
+    spec = {  # name: (aa_acc, clean_acc, params, kwargs)
+        "t1": (0.45, 0.80, 1.0 * M, {}),
+        "t2": (0.50, 0.75, 2.0 * M, {}),
+        "t3": (0.40, 0.85, 0.5 * M, {}),
+        "t4": (0.45, 0.80, 1.0 * M, {}),  # identical to t1 on every objective
+        "t5": (0.42, 0.78, 3.0 * M, {}),  # dominated by t1/t4 in 2-D and 3-D
+        "t6": (0.60, 0.90, 1.0 * M, {"status": "FAILED", "trial_status": "failed"}),
+        "t7": (0.55, 0.88, 1.0 * M, {"trial_status": "early_stopped"}),
+        "t8": (NAN, 0.95, 1.0 * M, {}),  # aa_acc logged as NaN
+        "t9": (None, 0.99, 1.0 * M, {}),  # aa_acc never logged
+        "t10": (0.70, 0.70, 1.0 * M, {"status": "RUNNING", "trial_status": "running"}),
+        "t11": (0.30, 0.70, 0.2 * M, {"method": "rslad"}),  # front only with params:min
+    }
+    ids = {}
+    for step, (name, (aa, clean, params, kw)) in enumerate(spec.items()):
+        metrics = {"clean_acc": clean, "params": params, "latency_ms": 1.5}
+        if aa is not None:
+            metrics["aa_acc"] = aa
+        ids[name] = _add_trial(client, exp, p1, name, metrics, step=step, **kw)
+    ids["t12"] = _add_trial(client, exp, p2, "t12", {"aa_acc": 0.9, "clean_acc": 0.9, "params": 5 * M,
+                                                     "latency_ms": 3.0}, method="ard", step=20)
+    client.create_run(exp, run_name="stray")  # a run without role: never a trial
+    return {"uri": uri, "client": client, "p1": p1, "p2": p2, "ids": ids, "root": root}
+
+
+def _names(sweep_db, run_ids):
+    by_id = {v: k for k, v in sweep_db["ids"].items()}
+    return [by_id[r] for r in run_ids]
+
+
+# --------------------------------------------------------------------------- fronts from MLflow
+
+
+def test_front_from_mlflow_two_objectives(sweep_db):
+    trials = load_trials("sweep-a", tracking_uri=sweep_db["uri"], sweep=sweep_db["p1"])
+    assert len(trials) == 11  # sweep 2's trial, the parents and the stray run are not trials
+    ranked = rank_trials(trials, ["aa_acc:max", "clean_acc:max"])
+    names = _names(sweep_db, [r.run_id for r in ranked])
+    # eligible: t1 t2 t3 t4 t5 t11. t6 (failed), t7 (early-stopped), t10 (running) would dominate
+    # them all but never enter; t8/t9 lack aa_acc. Front: t2 (aa .50), t1 = t4 (.45, .80; tie,
+    # by start), t3 (.40, .85). Layer 2: t5 (dominated by t1). Layer 3: t11 (dominated by t5).
+    front = [n for n, r in zip(names, ranked) if r.pareto]
+    assert front == ["t2", "t1", "t4", "t3"]
+    assert [r.rank for r in ranked[:4]] == [1, 2, 3, 4]
+    layers = {n: r.front for n, r in zip(names, ranked)}
+    assert layers["t5"] == 2 and layers["t11"] == 3
+    reasons = {n: r.excluded for n, r in zip(names, ranked) if r.excluded}
+    assert reasons == {"t6": "failed", "t7": "early-stopped", "t8": "missing aa_acc",
+                       "t9": "missing aa_acc", "t10": "running"}
+    assert names[:6] == ["t2", "t1", "t4", "t3", "t5", "t11"]  # front, layer 2, layer 3, excluded
+
+
+def test_front_from_mlflow_three_objectives(sweep_db):
+    trials = load_trials("sweep-a", tracking_uri=sweep_db["uri"], sweep="sweep-one")  # by run name
+    ranked = rank_trials(trials, ["aa_acc:max", "clean_acc:max", "params:min"])
+    # t11 has the fewest parameters, so it joins the front; t5 is worse than t1 on all three.
+    names = _names(sweep_db, [r.run_id for r in ranked if r.pareto])
+    assert names == ["t2", "t1", "t4", "t3", "t11"]
+    t5 = next(r for r in ranked if r.run_id == sweep_db["ids"]["t5"])
+    assert t5.front == 2 and t5.rank is None
+
+
+def test_whole_experiment_filter_and_sweep_prefix(sweep_db):
+    uri = sweep_db["uri"]
+    ranked = rank_trials(load_trials("sweep-a", tracking_uri=uri), ["aa_acc:max", "clean_acc:max"])
+    assert _names(sweep_db, [r.run_id for r in ranked if r.pareto]) == ["t12"]  # sweep 2 wins all
+    # the user filter is ANDed with the trial selection; params.method means params.`method.name`
+    rslad = load_trials("sweep-a", tracking_uri=uri, filter_string="params.method = 'rslad'")
+    assert _names(sweep_db, [t.run_id for t in rslad]) == ["t11"]
+    in_sweep2 = load_trials("sweep-a", tracking_uri=uri, sweep=sweep_db["p2"][:8],
+                            filter_string="params.`method.name` = 'ard'")
+    assert _names(sweep_db, [t.run_id for t in in_sweep2]) == ["t12"]
+
+
+def test_arrow_table_and_csv(sweep_db, tmp_path):
+    trials = load_trials("sweep-a", tracking_uri=sweep_db["uri"], sweep=sweep_db["p1"])
+    objectives = ["aa_acc:max", "clean_acc:max"]
+    ranked = rank_trials(trials, objectives)
+    path = pareto.write_table(ranked, objectives, tmp_path / "front.csv")
+    table = pacsv.read_csv(path).to_pydict()
+    assert len(table["run_id"]) == 11
+    on_front = {r for r, p in zip(table["run_id"], table["pareto"]) if p}
+    assert _names(sweep_db, sorted(on_front, key=table["run_id"].index)) == ["t2", "t1", "t4", "t3"]
+    assert table["excluded"][table["run_id"].index(sweep_db["ids"]["t6"])] == "failed"
+    assert {"attack.eps", "method.name", "params", "latency_ms"} <= set(table)
+    text = pareto.format_table(ranked, objectives)
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["rank", "front", "run", "method"]
+    assert lines[2].split()[:3] == ["1", "1", sweep_db["ids"]["t2"][:8]]
+    assert "early-stopped" in text and "missing aa_acc" in text
+    with pytest.raises(ValueError, match=r"\.parquet or \.csv"):
+        pareto.write_table(ranked, objectives, tmp_path / "front.xlsx")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--experiment", "nope"], "experiment 'nope' not found .* experiments there: .*sweep-a"),
+        (["--experiment", "empty-exp"], "has no trial runs .* no runs at all"),
+        (["--experiment", "sweep-a", "--objectives", "foo:max"], "unknown objective 'foo'.*aa_acc, clean_acc"),
+        (["--experiment", "sweep-a", "--objectives", "cw_acc:max"], "'cw_acc' was logged by none .*latency_ms"),
+        (["--experiment", "sweep-a", "--objectives", "aa_acc"], "expected NAME:max or NAME:min"),
+        (["--experiment", "sweep-a", "--sweep", "zzz"], "sweep 'zzz' not found .*sweep-one"),
+        (["--experiment", "sweep-a", "--filter", "params.method = 'nope'"],
+         "no trial run .* matches --filter .*method.name values: advfunmatch, ard, rslad"),
+        (["--experiment", "sweep-a", "--filter", "params.x ~ 3"], "invalid --filter"),
+        (["--experiment", "sweep-a", "--out", "t.xlsx"], r"\.parquet or \.csv"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(sweep_db, capsys, args, expected):
+    assert main([*args, "--tracking-uri", sweep_db["uri"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("afm_ray.pareto: error: ")
+    assert re.search(expected, err), err
+
+
+def test_missing_database_is_not_created(tmp_path, capsys):
+    db = tmp_path / "typo.db"
+    assert main(["--experiment", "x", "--tracking-uri", f"sqlite:///{db}"]) == 2
+    assert "no MLflow database at" in capsys.readouterr().err
+    assert not db.exists()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "afm_ray.pareto", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_table_plot_and_parquet(sweep_db, tmp_path):
+    png, out = tmp_path / "front.png", tmp_path / "front.parquet"
+    proc = _run_cli("--experiment", "sweep-a", "--tracking-uri", sweep_db["uri"],
+                    "--sweep", sweep_db["p1"][:8], "--objectives", "aa_acc:max", "clean_acc:max",
+                    "params:min", "--plot", str(png), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["rank", "front", "run", "method", "attack.eps", "attack.steps",
+                                "method.tau", "augment.policy", "aa_acc", "%", "clean_acc", "%",
+                                "params", "excluded"]
+    ids = sweep_db["ids"]
+    assert [ln.split()[2] for ln in lines[2:7]] == [ids[n][:8] for n in ("t2", "t1", "t4", "t3", "t11")]
+    assert "5 Pareto-optimal of 6 eligible trials" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    table = pq.read_table(out)
+    assert table.schema.metadata[b"afm_ray.objectives"] == b"aa_acc:max,clean_acc:max,params:min"
+    rows = table.to_pylist()
+    assert {r["run_id"] for r in rows if r["pareto"]} == {ids[n] for n in ("t1", "t2", "t3", "t4", "t11")}
+    assert {r["run_id"]: r["rank"] for r in rows if r["pareto"]}[ids["t11"]] == 5
+    assert not (tmp_path / "mlflow.db").exists()  # reading never creates a default database
+
+
+def test_cli_error_exit_status(tmp_path):
+    proc = _run_cli("--experiment", "x", cwd=tmp_path)  # default URI: <cwd>/mlflow.db
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"afm_ray.pareto: error: no MLflow database at {tmp_path / 'mlflow.db'} (tracking URI "
+        f"sqlite:///{tmp_path / 'mlflow.db'}); pass --tracking-uri or set MLFLOW_TRACKING_URI"
+    )
+
+
+def test_plot_two_objectives(sweep_db, tmp_path):
+    trials = load_trials("sweep-a", tracking_uri=sweep_db["uri"], sweep=sweep_db["p1"])
+    ranked = rank_trials(trials, ["aa_acc:max", "clean_acc:max"])
+    path = pareto.plot_front(ranked, ["aa_acc:max", "clean_acc:max"], tmp_path / "sub" / "two.png")
+    assert path.stat().st_size > 20_000
+    assert pareto.axis_label(Objective("params", "min")) == "student parameters (millions, lower is better)"
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@pytest.fixture
+def global_uri(sweep_db, monkeypatch, tmp_path):
+    """The module's SQLite store (its tables already made), as the global MLflow URI too:
+    mlflow.start_run and log_model in the test need it."""
+    import mlflow
+
+    uri = sweep_db["uri"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def _digits():
+    import torch
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)  # [0, 1]
+    y = torch.tensor(y)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[perm[:1400]], y[perm[:1400]], x[perm[1400:]], y[perm[1400:]]
+
+
+def _train(x, y, steps):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_register_front_and_load_by_alias(global_uri, tmp_path):
+    import mlflow
+    import torch
+
+    x_train, y_train, x_test, y_test = _digits()
+    client = MlflowClient(global_uri, global_uri)
+    exp = client.create_experiment("digits-sweep", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp, tags={"afm_ray.role": "sweep"}).info.run_id
+    logged = {}
+    # "good" is more accurate, "robust" has the better (made-up) aa_acc: both are on the front,
+    # and the rank follows aa_acc: robust is pareto-1, good is pareto-2.
+    for step, (name, steps, aa) in enumerate([("good", 40, 0.20), ("robust", 4, 0.30)]):
+        model = _train(x_train, y_train, steps)
+        with torch.no_grad():
+            clean = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
+        rid = _add_trial(client, exp, parent, name, {"clean_acc": clean, "aa_acc": aa}, step=step,
+                         status="RUNNING")
+        with mlflow.start_run(run_id=rid):
+            # MLflow 3.17's default 'pt2' format needs an input example (batch > 1: dynamic batch dim)
+            mlflow.pytorch.log_model(model, name="student", input_example=x_test[:2].numpy(),
+                                     pip_requirements=["torch"])
+        logged[name] = (rid, clean)
+    assert logged["good"][1] > logged["robust"][1] > 0.3  # a real trade-off
+
+    ranked = rank_trials(load_trials("digits-sweep"), ["aa_acc:max", "clean_acc:max"])
+    versions = pareto.register_front(ranked, ["aa_acc:max", "clean_acc:max"], "afm-students")
+    assert [v.run_id for v in versions] == [logged["robust"][0], logged["good"][0]]
+
+    for alias, name in (("pareto-1", "robust"), ("pareto-2", "good")):
+        mv = client.get_model_version_by_alias("afm-students", alias)
+        assert mv.run_id == logged[name][0]
+        assert float(mv.tags["clean_acc"]) == logged[name][1]
+        assert mv.tags["afm_ray.pareto_rank"] == alias[-1]
+        model = mlflow.pytorch.load_model(f"models:/afm-students@{alias}")
+        with torch.no_grad():
+            again = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
+        assert again == logged[name][1]
+    assert pareto.verify_registered("afm-students", "pareto-2", data=(x_test, y_test)) == (
+        logged["good"][1], logged["good"][1])
+
+    # again with one objective: the front is "good" alone; its version is reused, the stale
+    # pareto-2 alias goes, and nothing new is registered
+    ranked = rank_trials(load_trials("digits-sweep"), ["clean_acc:max"])
+    again = pareto.register_front(ranked, ["clean_acc:max"], "afm-students")
+    assert [v.version for v in again] == [versions[1].version]
+    aliases = client.get_registered_model("afm-students").aliases
+    assert aliases == {"pareto-1": versions[1].version}
+    assert len(client.search_model_versions("name = 'afm-students'")) == 2
+    robust = client.get_model_version("afm-students", versions[0].version)
+    assert "afm_ray.pareto_rank" not in robust.tags  # no longer on the front
+    assert mlflow.get_tracking_uri() == global_uri  # the caller's global URI is restored
+
+
+def test_register_needs_a_student(sweep_db, capsys):
+    code = main(["--experiment", "sweep-a", "--tracking-uri", sweep_db["uri"], "--sweep", "sweep-one",
+                 "--register", "nothing-logged"])
+    assert code == 2
+    assert "has no logged model named 'student'" in capsys.readouterr().err
