@@ -50,7 +50,9 @@ def save_training_state(
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """Accept the checkpoint directory or the file itself."""
+    """Accept the checkpoint directory or the file itself, local or at a URI (s3://, gs://)."""
+    if "://" in str(path):
+        return _fetch(str(path))
     path = Path(path)
     file = path / FILENAME if path.is_dir() else path
     if not file.is_file():
@@ -124,3 +126,29 @@ def _check_state_dict(expected: Mapping[str, torch.Tensor], weights: Mapping[str
                 hint = f" (the checkpoint has {weights[key].shape[0]} classes, dataset {data.name} has {data.num_classes})"
             raise ValueError(f"checkpoint {file}: {key} has shape {tuple(weights[key].shape)}, "
                              f"{arch!r} expects {tuple(tensor.shape)}{hint}")
+
+
+def _fetch(uri: str) -> Path:
+    """A local copy of a checkpoint file at a pyarrow-filesystem URI, cached per URI."""
+    import hashlib
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    try:
+        fs, remote = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(remote)
+    except Exception as exc:
+        raise FileNotFoundError(f"no checkpoint at {uri!r}: {str(exc).splitlines()[0]}") from None
+    if info.type == pafs.FileType.Directory:
+        remote, info = f"{remote.rstrip('/')}/{FILENAME}", fs.get_file_info(f"{remote.rstrip('/')}/{FILENAME}")
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no checkpoint at {uri!r}: expected a directory containing {FILENAME} or the file itself")
+    local = Path(tempfile.gettempdir()) / "afm_ray_fetched" / hashlib.sha256(f"{uri}:{info.mtime_ns}:{info.size}".encode()).hexdigest()[:16] / FILENAME
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_suffix(".part")
+        with fs.open_input_stream(remote) as src, open(tmp, "wb") as dst:
+            dst.write(src.read())
+        tmp.replace(local)
+    return local

@@ -49,11 +49,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TeacherConfig:
     arch: str = "small_cnn"
-    width: int = 64
+    width: int = 32
     depth: int = 0
     checkpoint: str = ""  # a teacher checkpoint to load; "" = train one (cached by config hash)
     method: str = "pgd_at"  # how a missing teacher is trained: pgd_at | trades
-    epochs: int = 8  # epochs for training a missing teacher
+    epochs: int = 5  # epochs for training a missing teacher
     cache_dir: str = ""  # where trained teachers are cached; "" = ~/.cache/afm_ray/teachers
 
 

@@ -136,6 +136,20 @@ def pareto_mask(values: Any, goals: Sequence[str]) -> np.ndarray:
     return ~dominance_matrix(values, goals).any(axis=0)
 
 
+def non_dominated(values: Sequence[Sequence[float]], goals: Sequence[str]) -> list[int]:
+    """Indices of the Pareto-optimal rows of ``values``; a row with a NaN is never on it.
+
+    For callers holding plain result rows (the sweep's end-of-run summary); `rank_trials` is
+    the MLflow-side entry point.
+    """
+    if len(values) == 0:
+        return []
+    v = np.asarray(values, dtype=np.float64)
+    _maximised(np.nan_to_num(v), goals)  # the shape and goal checks, NaN aside
+    rows = np.flatnonzero(~np.isnan(v).any(axis=1))
+    return rows[pareto_mask(v[rows], goals)].tolist()
+
+
 def nondominated_layers(values: Any, goals: Sequence[str]) -> np.ndarray:
     """Front index per row: 1 for the Pareto front, 2 for the front once 1 is removed, ...
 
@@ -800,9 +814,12 @@ def _student_source(
         [run.info.experiment_id], filter_string=f"source_run_id = {_quote(run_id)}"
     )
     names = ", ".join(sorted({lm.name for lm in others})) or "none"
+    # afm_ray.tracking records why logging the student failed instead of failing the trial.
+    why = run.data.tags.get("afm_ray.model_error")
     raise ValueError(
-        f"run {run_id} has no logged model named {model_name!r} (its logged models: {names}); "
-        f"the sweep logs it with mlflow.pytorch.log_model(student, name={model_name!r})"
+        f"run {run_id} has no logged model named {model_name!r} (its logged models: {names}"
+        + (f"; afm_ray.model_error: {why}" if why else "")
+        + f"); the sweep logs it with mlflow.pytorch.log_model(student, name={model_name!r})"
     )
 
 
@@ -939,7 +956,7 @@ def verify_registered(
             None if p.get("data.root") in (None, "", "None") else p["data.root"],
             test_fraction=float(p.get("data.test_fraction", 0.2)),
             seed=int(p.get("data.seed", 0)),
-            image_size=None if size in (None, "", "None") else int(size),
+            image_size=None if size in (None, "", "None", "0") else int(size),
         )
         data = (ds.x_test.float() / 255, ds.y_test)
     x, y = data

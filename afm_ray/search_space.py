@@ -94,24 +94,29 @@ class SearchSpace:
     source: str = ""  # the YAML text, logged to the sweep's parent run
     path: str = ""
 
-    def define_by_run(self) -> Callable[[Any], dict[str, Any]]:
+    def define_by_run(self) -> "DefineByRun":
         """Optuna define-by-run function: conditional keys are only asked when they apply."""
-        fixed = dict(self.fixed)
-        search = self.search
-
-        def space(trial: Any) -> dict[str, Any]:
-            params: dict[str, Any] = dict(fixed)
-            for dist in search:  # conditions refer to keys earlier in the file (or fixed)
-                if dist.applies(params):
-                    params[dist.key] = dist.suggest(trial)
-            # Ray's OptunaSearch merges these constants with the values the trial suggested.
-            return dict(fixed)
-
-        return space
+        return DefineByRun(dict(self.fixed), self.search)
 
     def trial_config(self, suggested: Mapping[str, Any]) -> dict[str, Any]:
         """The flat worker config of a trial: fixed keys, then what the sampler suggested."""
         return {**self.fixed, **suggested}
+
+
+@dataclass(frozen=True)
+class DefineByRun:
+    """Picklable (Tune checkpoints its searcher) define-by-run function for OptunaSearch."""
+
+    fixed: dict[str, Any]
+    search: tuple[Distribution, ...]
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        params: dict[str, Any] = dict(self.fixed)
+        for dist in self.search:  # a condition refers to keys fixed or searched above it
+            if dist.applies(params):
+                params[dist.key] = dist.suggest(trial)
+        # Ray's OptunaSearch merges these constants with the values the trial suggested.
+        return dict(self.fixed)
 
 
 def load_search_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:

@@ -95,7 +95,11 @@ def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tu
     if base.teacher.checkpoint:
         return {}, {}
 
-    @ray.remote(num_cpus=runtime["cpus_per_worker"], num_gpus=runtime["gpus_per_worker"])
+    cpus = runtime["cpus_per_worker"] * runtime["num_workers"]
+    if runtime["gpus_per_worker"] == 0:  # no trial runs yet: a CPU teacher may use the whole node
+        cpus = max(cpus, min(int(ray.available_resources().get("CPU", 1)), 16))
+
+    @ray.remote(num_cpus=cpus, num_gpus=runtime["gpus_per_worker"])
     def train_teacher(flat: dict[str, Any]) -> tuple[bytes, dict[str, float]]:
         from afm_ray.evaluate import evaluate_checkpoint
         from afm_ray.teacher import ensure_teacher
@@ -119,7 +123,7 @@ def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tu
         tmp.write_bytes(payload)
         tmp.replace(cache)
     # Trials may run on other nodes: they read the teacher from the sweep's storage.
-    target = f"{runtime['storage_path']}/{runtime['name']}/teacher/checkpoint.pt"
+    target = f"{runtime['storage_path']}/teacher/checkpoint.pt"
     _write_bytes(target, payload)
     log(f"teacher: {target}" + (f" (clean {scores['clean_acc']:.3f}, pgd20 {scores['pgd20_acc']:.3f})" if scores else ""))
     return {"teacher.checkpoint": target}, scores
@@ -138,11 +142,14 @@ def _write_bytes(target: str, payload: bytes) -> None:
         Path(target).write_bytes(payload)
 
 
-def max_concurrent_trials(space: SearchSpace, cluster: dict[str, float]) -> int:
-    """As many trials as the cluster fits at once (an autoscaler may add nodes: then 0 = no cap)."""
+def max_concurrent_trials(space: SearchSpace, cluster: dict[str, float]) -> int | None:
+    """As many trials as the cluster fits now; None (no cap) when it has no GPU node yet but
+    trials need GPUs: an autoscaling cluster starts from zero GPU workers and grows."""
     if space.max_concurrent_trials:
         return space.max_concurrent_trials
     r = space.resources
+    if r["gpus_per_worker"] > 0 and cluster.get("GPU", 0) == 0:
+        return None
     fits = [cluster.get("CPU", 1) / max(r["num_workers"] * r["cpus_per_worker"], 1e-9)]
     if r["gpus_per_worker"] > 0:
         fits.append(cluster.get("GPU", 0) / (r["num_workers"] * r["gpus_per_worker"]))
@@ -202,9 +209,13 @@ def run_sweep(space: SearchSpace, *, name: str, experiment: str, tracking_uri: s
         print(f"error: sweep {sweep_dir} already exists; pass --resume to continue it or --name for a new one", file=sys.stderr)
         return 2
 
+    # Objectives are final metrics, absent from per-epoch results; Tune's strict check would
+    # reject every epoch's result. Our searcher reads them only from the final result.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # Worker output stays in Ray's logs; the terminal gets one line per trial event.
     ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="WARNING")
-    runtime = {**space.resources, "storage_path": storage_root, "name": name, "max_failures": space.max_failures}
+    # Train runs live inside the sweep's folder, next to Tune's own trial folders.
+    runtime = {**space.resources, "storage_path": sweep_dir, "name": name, "max_failures": space.max_failures}
     log(f"sweep {name}: {space.num_samples} trials of {space.path or 'space'}; Ray {ray.cluster_resources()}")
 
     teacher_keys, teacher_scores = prepare_teacher(space, runtime, log)
@@ -221,7 +232,10 @@ def run_sweep(space: SearchSpace, *, name: str, experiment: str, tracking_uri: s
     for key, value in teacher_scores.items():
         client.log_metric(parent_id, f"teacher/{key}", value)
 
-    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, runtime=runtime), {"CPU": 0})
+    # The Tune function only waits on its Train run: it takes no CPU (a token of memory keeps
+    # its bundle non-empty), so on a 2-CPU laptop the trial drivers cannot starve the workers.
+    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, runtime=runtime),
+                                    {"CPU": 0, "memory": 64 * 1024**2})
     if resume:
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -259,11 +273,17 @@ def run_sweep(space: SearchSpace, *, name: str, experiment: str, tracking_uri: s
             ),
         )
     results = tuner.fit()
-    client.set_terminated(parent_id, status="FINISHED")
     elapsed = time.monotonic() - started
+    interrupted = results.num_terminated < len(results) or len(results) < space.num_samples
+    # An interrupted sweep's parent run stays open for --resume; a finished one is closed.
+    client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
     client.log_metric(parent_id, "sweep/wall_s", elapsed)
     print_summary(results, space, name=name, experiment=experiment, tracking_uri=tracking_uri,
                   optuna_url=optuna_url, elapsed=elapsed)
+    if interrupted:
+        print(f"interrupted: continue with  python -m afm_ray.sweep --resume --name {name} --storage {storage_root}"
+              + (f" --space {space.path}" if space.path else ""))
+        return 130
     return 0
 
 

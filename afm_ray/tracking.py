@@ -186,9 +186,11 @@ class TrialTracker(MLflowLoggerCallback):
             cfg = from_flat(load_training_state(local)["config"])
             model, _ = load_model(local, load_run_data(cfg))
             model.eval()
-            with _resumed(run_id):
+            with _resumed(run_id), _quiet("mlflow.pytorch"):
+                # Pickle, not pt2: a pt2 export freezes the train/eval mode and refuses
+                # .eval(), which the evaluation attacks call.
                 mlflow.pytorch.log_model(
-                    model, name="student",
+                    model, name="student", serialization_format="pickle",
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"afm-ray=={__version__}"],
                 )
 
@@ -208,6 +210,22 @@ class _resumed:
         import mlflow
 
         mlflow.end_run(status="RUNNING")
+
+
+class _quiet:
+    """Silence one logger (MLflow warns on every pickled model; the choice is deliberate)."""
+
+    def __init__(self, name: str):
+        import logging
+
+        self.logger = logging.getLogger(name)
+
+    def __enter__(self) -> None:
+        self.level = self.logger.level
+        self.logger.setLevel(40)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)
 
 
 def fetch_directory(uri_or_path: str, destination: str) -> str:

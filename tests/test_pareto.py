@@ -100,6 +100,16 @@ def test_front_single_objective_and_brute_force_agreement():
             assert (layers[rest] == k).tolist() == pareto_mask(v[rest], goals).tolist()
 
 
+def test_non_dominated_indices_skip_nan_rows():
+    # the sweep's summary hands plain rows; a NaN row (say, no AutoAttack) is never optimal
+    rows = [[0.5, 0.8], [0.6, NAN], [0.4, 0.9], [0.5, 0.7], [0.9, 0.9]]
+    assert pareto.non_dominated(rows, ["max", "max"]) == [4]
+    assert pareto.non_dominated(rows[:4], ["max", "max"]) == [0, 2]
+    assert pareto.non_dominated(rows[:4], ["min", "min"]) == [2, 3]
+    assert pareto.non_dominated([], ["max"]) == []
+    assert pareto.non_dominated([[NAN, 1.0]], ["max", "max"]) == []
+
+
 def test_front_rejects_nan_and_bad_goals():
     with pytest.raises(ValueError, match="NaN"):
         pareto_mask([[0.5, NAN]], ["max", "max"])
@@ -373,8 +383,9 @@ def _train(x, y, steps):
     import torch
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
-                                torch.nn.Linear(32, 10))
+    # BatchNorm makes the round trip mode-sensitive: logged in eval mode, it must come back so
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.ReLU(), torch.nn.Linear(32, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
@@ -383,7 +394,7 @@ def _train(x, y, steps):
     return model.eval()
 
 
-def test_register_front_and_load_by_alias(global_uri, tmp_path):
+def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
     import mlflow
     import torch
 
@@ -407,9 +418,11 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path):
         logged[name] = (rid, clean)
     assert logged["good"][1] > logged["robust"][1] > 0.3  # a real trade-off
 
-    ranked = rank_trials(load_trials("digits-sweep"), ["aa_acc:max", "clean_acc:max"])
-    versions = pareto.register_front(ranked, ["aa_acc:max", "clean_acc:max"], "afm-students")
-    assert [v.run_id for v in versions] == [logged["robust"][0], logged["good"][0]]
+    assert main(["--experiment", "digits-sweep", "--register", "afm-students"]) == 0  # URI from env
+    out = capsys.readouterr().out
+    assert "registered models:/afm-students@pareto-1 -> version 1 (run " + logged["robust"][0] in out
+    assert "registered models:/afm-students@pareto-2 -> version 2 (run " + logged["good"][0] in out
+    versions = [client.get_model_version("afm-students", v) for v in ("1", "2")]
 
     for alias, name in (("pareto-1", "robust"), ("pareto-2", "good")):
         mv = client.get_model_version_by_alias("afm-students", alias)
@@ -437,7 +450,13 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path):
 
 
 def test_register_needs_a_student(sweep_db, capsys):
+    # afm_ray.tracking keeps a trial whose student failed to log, with the reason as a tag
+    sweep_db["client"].set_tag(sweep_db["ids"]["t2"], "afm_ray.model_error", "MlflowException: boom")
     code = main(["--experiment", "sweep-a", "--tracking-uri", sweep_db["uri"], "--sweep", "sweep-one",
                  "--register", "nothing-logged"])
     assert code == 2
-    assert "has no logged model named 'student'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"run {sweep_db['ids']['t2']} has no logged model named 'student'" in err
+    assert "afm_ray.model_error: MlflowException: boom" in err
+    with pytest.raises(Exception, match="nothing-logged"):  # nothing was half-registered
+        sweep_db["client"].get_registered_model("nothing-logged")

@@ -1,0 +1,78 @@
+"""The benchmark's core runs end to end on a tiny shape and writes its record (CPU, seconds).
+No timing assertions: only that every measurement is there and well formed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from afm_ray import bench
+from afm_ray.bench import BenchConfig, BenchReport, bench_methods, count_flops, machine_info, to_markdown
+
+TINY = BenchConfig(student="small_cnn", student_width=4, teacher="small_cnn", teacher_width=8,
+                   batch_size=8, steps=1, image_size=8, channels=1, eps=0.1, iters=1, warmup=0)
+METHODS = ("advfunmatch", "pgd_at")  # one with a teacher in the attack, one without a teacher
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Tiny tensors on a possibly busy 2-core machine: one thread keeps the test at seconds.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[bench.StepRow]:
+    return bench_methods(TINY, METHODS, peak_flops=1e9)
+
+
+def test_rows_have_positive_throughput_ratio_and_flops(rows):
+    assert [r.method for r in rows] == list(METHODS)
+    for r in rows:
+        assert r.batch == 8
+        assert r.ours_ips > 0 and r.ref_ips > 0
+        assert math.isfinite(r.ratio) and r.ratio > 0
+        assert r.ratio_q1 <= r.ratio_q3
+        assert r.ours_flops > 0 and r.ref_flops > 0
+        assert r.ours_flops_per_s > 0 and r.peak_fraction > 0
+        assert r.ours_peak_mib >= 0 and r.ref_peak_mib >= 0
+    assert rows[0].teacher == "small_cnn-w8" and rows[1].teacher == "-"
+
+
+def test_reference_does_at_least_our_work(rows):
+    # The reference computes the same math plus parameter gradients in its attack step.
+    for r in rows:
+        assert r.ref_flops >= r.ours_flops
+
+
+def test_markdown_names_the_machine_and_has_the_table(rows):
+    machine = machine_info(torch.device("cpu"))
+    machine.peak_flops, machine.peak_source, machine.memory_method = 1e9, "test", "test"
+    text = to_markdown(BenchReport(config=TINY, machine=machine, rows=rows))
+    assert text.startswith("# afm-ray performance record")
+    machine_line = next(line for line in text.splitlines() if line.startswith("Machine: "))
+    assert machine.name in machine_line and f"torch {torch.__version__}" in machine_line
+    assert "| method | student / teacher | batch | ours img/s | reference img/s | ours / ref |" in text
+    table = [line for line in text.splitlines() if line.startswith("| advfunmatch") or line.startswith("| pgd_at")]
+    assert len(table) == 2 and all(line.count("|") == 13 for line in table)
+
+
+def test_count_flops_survives_input_gradients():
+    # FlopCounterMode's module tracker breaks autograd.grad on a leaf input (pytorch#131753);
+    # count_flops must not.
+    model = torch.nn.Linear(5, 3)
+    x = torch.randn(4, 5, requires_grad=True)
+    assert count_flops(lambda: torch.autograd.grad(model(x).sum(), x)) == 2 * (2 * 4 * 5 * 3)
+
+
+def test_cli_options_resolve_to_the_cpu_defaults_and_overrides():
+    args = bench.build_parser().parse_args(["--student", "resnet18", "--batch-sizes", "16,32", "--methods", "rslad"])
+    cfg, batches = bench.config_from_args(args, torch.device("cpu"))
+    assert batches == [16, 32] and cfg.batch_size == 16
+    assert cfg.student == "resnet18" and cfg.student_width is None  # the CPU width-16 is small_cnn's
+    assert cfg.teacher == "small_cnn" and cfg.teacher_width == 64
+    assert args.methods == ["rslad"]

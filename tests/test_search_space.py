@@ -1,0 +1,89 @@
+"""Search spaces are validated before anything is reserved; suggestions reach the config."""
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from afm_ray.config import ConfigError, from_flat
+from afm_ray.search_space import load_search_space, parse_search_space
+
+SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
+def test_shipped_spaces_are_valid_and_documented(path):
+    space = load_search_space(path)
+    assert space.description and space.num_samples >= 1
+    text = path.read_text()
+    assert text.lstrip().startswith("#"), "each space says what it is for and what it expects"
+
+
+def test_default_space_meets_the_main_job_contract():
+    space = load_search_space(Path(__file__).parent.parent / "search_spaces" / "default.yaml")
+    keys = {d.key for d in space.search}
+    assert {"attack.eps", "attack.steps", "method.tau", "augment.policy", "method.name", "optim.lr"} <= keys
+    assert space.num_samples >= 6
+    assert [o.metric for o in space.objectives] == ["clean_acc", "aa_acc"]
+
+
+BASE = {
+    "fixed": {"data.name": "digits"},
+    "search": {
+        "method.name": {"choice": ["advfunmatch", "pgd_at"]},
+        "attack.eps": {"uniform": [0.05, 0.2]},
+        "attack.steps": {"int": [1, 5]},
+        "method.tau": {"loguniform": [1, 10], "when": {"method.name": ["advfunmatch"]}},
+    },
+}
+
+
+def test_define_by_run_suggests_conditional_keys_only_when_they_apply():
+    space = parse_search_space(BASE)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        constants = space.define_by_run()(trial)
+        config = space.trial_config({**trial.params})
+        assert constants == {"data.name": "digits"}
+        assert ("method.tau" in config) == (config["method.name"] == "advfunmatch")
+        from_flat(config)  # every suggestion is a valid worker config
+        seen.add(config["method.name"])
+        study.tell(trial, 0.0)
+    assert seen == {"advfunmatch", "pgd_at"}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"searh": {}}, "unknown top-level key 'searh'; did you mean 'search'?"),
+        ({"search": {"attack.epsilon": {"uniform": [0, 1]}}}, "unknown config key 'attack.epsilon'"),
+        ({"search": {"attack.eps": {"uniform": [0.2, 0.1]}}}, "uniform needs low < high"),
+        ({"search": {"attack.eps": {"normal": [0.2, 0.1]}}}, "unknown field 'normal'"),
+        ({"search": {"attack.eps": {"uniform": [-0.1, 0.1]}}}, "attack.eps: got -0.1, expected eps >= 0"),
+        ({"search": {"attack.steps": {"int": [-2, 3]}}}, "attack.steps: got -2, expected steps >= 0"),
+        ({"search": {"augment.policy": {"choice": []}}}, "choice needs a non-empty list"),
+        ({"search": {"augment.policy": {"choice": ["crop_flip", "autoaugmnt"]}}}, "search.augment.policy = 'autoaugmnt'"),
+        ({"search": {"method.tau": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
+        ({"search": {"method.tau": {"uniform": [1, 2], "when": {"method.nam": ["rslad"]}}}}, "when refers to 'method.nam'"),
+        ({"objectives": [{"metric": "robust_acc", "mode": "max"}]}, "unknown objective metric 'robust_acc'"),
+        ({"objectives": [{"metric": "aa_acc", "mode": "up"}]}, "mode 'up'; expected max or min"),
+        ({"scheduler": {"name": "asha"}}, "asha needs a single objective"),
+        ({"resources": {"num_workers": 0}}, "resources.num_workers: expected an integer >= 1"),
+        ({"fixed": {"attack.eps": 0.1}, "search": {"attack.eps": {"uniform": [0, 1]}}}, "both fixed and searched"),
+        ({"num_samples": 0}, "num_samples: expected an integer >= 1"),
+    ],
+)
+def test_bad_spaces_fail_with_one_clear_line(change, message):
+    raw = {**yaml.safe_load(yaml.safe_dump(BASE)), **change}
+    with pytest.raises(ConfigError) as err:
+        parse_search_space(raw)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_overrides_pin_searched_keys():
+    space = parse_search_space(BASE, overrides={"attack.eps": 0.1})
+    assert "attack.eps" not in {d.key for d in space.search}
+    assert space.fixed["attack.eps"] == 0.1

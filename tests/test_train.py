@@ -1,0 +1,95 @@
+"""The training function end to end in a plain process: teacher, student, checkpoints, resume."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from afm_ray import checkpoints
+from afm_ray.config import ConfigError, from_flat, to_flat
+from afm_ray.evaluate import evaluate_checkpoint
+from afm_ray.teacher import ensure_teacher, load_teacher, teacher_cache_key
+from afm_ray.train import LocalReporter, load_run_data, main, train_fn_per_worker
+
+TINY = {
+    "data.name": "digits",
+    "student.width": 8,
+    "teacher.width": 16,
+    "teacher.epochs": 2,
+    "optim.epochs": 2,
+    "optim.batch_size": 64,
+    "attack.steps": 2,
+    "eval.samples": 64,
+    "eval.attacks": "clean,pgd20",
+    "eval.val_samples": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    cfg = from_flat({**TINY, "teacher.cache_dir": str(tmp_path_factory.mktemp("teachers"))})
+    return ensure_teacher(cfg, log=lambda line: None)
+
+
+def test_teacher_is_cached_by_config_hash(teacher_path, tmp_path_factory):
+    cache = str(Path(teacher_path).parent.parent)
+    cfg = from_flat({**TINY, "teacher.cache_dir": cache})
+    assert ensure_teacher(cfg, log=lambda line: None) == teacher_path  # reused, not retrained
+    # What a sweep varies for the student never changes which teacher it is.
+    assert teacher_cache_key(cfg) == teacher_cache_key(from_flat({**TINY, "attack.eps": 0.2, "optim.lr": 0.01}))
+    assert teacher_cache_key(cfg) != teacher_cache_key(from_flat({**TINY, "teacher.epochs": 3}))
+
+
+def test_teacher_is_robust_and_frozen(teacher_path):
+    cfg = from_flat(TINY)
+    data = load_run_data(cfg)
+    teacher = load_teacher(teacher_path, data, cfg=cfg)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    scores = evaluate_checkpoint(teacher_path, cfg, attack_names=("clean", "pgd20"), samples=128, log=lambda l: None)
+    assert scores["clean_acc"] > 0.5 and scores["pgd20_acc"] > 0.2  # well above chance (0.1)
+    assert scores["pgd20_acc"] <= scores["clean_acc"]
+
+
+def test_teacher_checkpoint_checks_architecture_and_classes(teacher_path, tmp_path):
+    cfg = from_flat(TINY)
+    data = load_run_data(cfg)
+    with pytest.raises(ConfigError, match="holds a 'small_cnn' but teacher.arch is 'resnet18'"):
+        load_teacher(teacher_path, data, cfg=from_flat({**TINY, "teacher.arch": "resnet18"}))
+    # A bare state dict of the wrong class count names both counts.
+    state = torch.load(teacher_path, weights_only=True)["model"]
+    state = {k: (v[:5] if v.shape[:1] == (10,) else v) for k, v in state.items()}
+    torch.save(state, tmp_path / "five.pt")
+    with pytest.raises(ValueError, match="checkpoint has 5 classes, dataset digits has 10"):
+        load_teacher(tmp_path / "five.pt", data, cfg=cfg)
+
+
+def test_student_trains_reports_checkpoints_and_resumes(teacher_path, tmp_path):
+    lines = []
+    config = {**TINY, "teacher.checkpoint": str(teacher_path), "method.name": "advfunmatch"}
+    reporter = LocalReporter(tmp_path / "run", log=lines.append)
+    final = train_fn_per_worker(config, reporter)
+    epochs = [l for l in lines if l.startswith("epoch=")]
+    assert len(epochs) == 2 and all("val/pgd_acc" in l and "train/kl_adv" in l for l in epochs)
+    assert 0 <= final["pgd20_acc"] <= final["clean_acc"] <= 1 and final["params"] > 0
+    state = checkpoints.load_training_state(reporter.latest_checkpoint)
+    assert state["epoch"] == 2 and from_flat(state["config"]) == from_flat(config)
+
+    # Resume a 3-epoch run from the epoch-2 checkpoint: only epoch 3 runs.
+    more = []
+    resumed = LocalReporter(tmp_path / "run2", resume_from=str(reporter.latest_checkpoint), log=more.append)
+    train_fn_per_worker({**config, "optim.epochs": 3}, resumed)
+    assert [l.split()[0] for l in more if l.startswith("epoch=")] == ["epoch=3"]
+
+
+def test_label_free_method_accepts_mixing_policy(teacher_path, tmp_path):
+    config = {**TINY, "teacher.checkpoint": str(teacher_path), "method.name": "rslad",
+              "augment.policy": "crop_flip+mixup", "optim.epochs": 1}
+    final = train_fn_per_worker(config, LocalReporter(tmp_path, log=lambda l: None))
+    assert final["done"] == 1.0
+
+
+def test_cli_rejects_bad_values_before_training(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--set", "attack.eps=-1"])
+    assert exit_info.value.code == 2
+    assert "attack.eps: got -1.0, expected eps >= 0" in capsys.readouterr().err
