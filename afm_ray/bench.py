@@ -70,6 +70,7 @@ __all__ = [
     "machine_info",
     "main",
     "peak_memory",
+    "Timings",
     "time_steps",
     "to_markdown",
 ]
@@ -173,6 +174,7 @@ class StepRow:
     peak_fraction: float  # ours_flops_per_s / the device's peak
     ratio_q1: float  # quartiles of the per-iteration ratio (reference time / our time, interleaved pairs)
     ratio_q3: float
+    cpu_time_ratio: float  # reference / our median process CPU time per step (CPU device: robust to other load)
 
     @property
     def ratio(self) -> float:
@@ -229,6 +231,7 @@ class BenchReport:
     share_of: str = ""  # the step the augmentation shares are relative to
     evals: list[EvalRow] = field(default_factory=list)
     eval_note: str = ""
+    command: str = ""  # the command line that produced the report
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,27 +242,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class Timings:
+    """Per-call seconds of one step: wall clock, and this process's CPU time over the same calls."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # time.process_time: all threads of this process
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(self.cpu)
+
+
 def time_steps(steps: Mapping[str, Callable[[], object]], *, iters: int, warmup: int,
-               device: torch.device) -> dict[str, list[float]]:
+               device: torch.device) -> dict[str, Timings]:
     """Seconds of each of `iters` calls of each step, after `warmup` untimed calls, the steps
     interleaved call by call.
 
     Interleaving makes a change in background load hit every step alike, so the paired ratios
-    hold even on a shared machine. The device is synchronised around each timed call, never inside.
+    hold even on a shared machine. The device is synchronised around each timed call, never
+    inside. The CPU time beside the wall time counts only this process's work: on a CPU shared
+    with other processes it does not grow with the time spent waiting for a core.
     """
     if iters < 1 or warmup < 0:
         raise ValueError(f"iters={iters} must be >= 1 and warmup={warmup} >= 0")
     for _ in range(warmup):
         for step in steps.values():
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times = {name: Timings() for name in steps}
     for _ in range(iters):
         for name, step in steps.items():
             _sync(device)
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             step()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].wall.append(time.perf_counter() - wall)
+            times[name].cpu.append(time.process_time() - cpu)
     return times
 
 
@@ -358,11 +380,12 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> tuple[int, 
 
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
-                       iters: int = 5) -> float:
+                       iters: int = 10) -> float:
     """FLOP/s of a large n x n matmul: what this device reaches on the friendliest dense op."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = statistics.median(time_steps({"mm": lambda: a @ b}, iters=iters, warmup=2, device=device)["mm"])
+    # The fastest call: a peak is what the device can do, not what it did on average.
+    seconds = min(time_steps({"mm": lambda: a @ b}, iters=iters, warmup=2, device=device)["mm"].wall)
     return 2 * n**3 / seconds
 
 
@@ -637,8 +660,8 @@ def bench_method(name: str, cfg: BenchConfig, student: nn.Module, teacher: nn.Mo
                                                        copy.deepcopy(student), teacher, device)
     ours_flops, ref_flops = count_flops(eager), count_flops(ref)
     times = time_steps({"ours": ours, "ref": ref}, iters=cfg.iters, warmup=cfg.warmup, device=device)
-    seconds = {k: statistics.median(v) for k, v in times.items()}
-    q1, q3 = paired_ratio_quartiles(times["ref"], times["ours"])
+    seconds = {k: v.median for k, v in times.items()}
+    q1, q3 = paired_ratio_quartiles(times["ref"].wall, times["ours"].wall)
     ours_mem, _ = peak_memory(ours, device)
     ref_mem, _ = peak_memory(ref, device)
     has_teacher = METHODS[name].needs_teacher
@@ -649,6 +672,7 @@ def bench_method(name: str, cfg: BenchConfig, student: nn.Module, teacher: nn.Mo
         batch=cfg.batch_size, ours_ips=cfg.batch_size / seconds["ours"], ref_ips=cfg.batch_size / seconds["ref"],
         ours_peak_mib=ours_mem / 2**20, ref_peak_mib=ref_mem / 2**20, ours_flops=ours_flops, ref_flops=ref_flops,
         ours_flops_per_s=achieved, peak_fraction=achieved / peak_flops, ratio_q1=q1, ratio_q3=q3,
+        cpu_time_ratio=times["ref"].median_cpu / times["ours"].median_cpu,
     )
 
 
@@ -687,8 +711,7 @@ def bench_augment(cfg: BenchConfig, policies: Sequence[str] = ("crop_flip", "aut
                         num_workers=cfg.ref_workers, persistent_workers=cfg.ref_workers > 0)
     host = _cycle(loader)
     steps[f"reference DataLoader crop_flip (host, {cfg.ref_workers} workers)"] = lambda: next(host)
-    seconds = {k: statistics.median(v) for k, v in time_steps(steps, iters=cfg.iters, warmup=cfg.warmup,
-                                                              device=device).items()}
+    seconds = {k: v.median for k, v in time_steps(steps, iters=cfg.iters, warmup=cfg.warmup, device=device).items()}
     return [AugmentRow(name, cfg.batch_size, cfg.batch_size / s, None if step_seconds is None else s / step_seconds)
             for name, s in seconds.items()]
 
@@ -736,7 +759,7 @@ def bench_eval(cfg: BenchConfig, *, batch_size: int = 0, aa_samples: int = 64,
         return robust_predictions(model, x, y, attack="pgd20", eps=cfg.eps, batch_size=batch)
 
     flops = count_flops(pgd20)
-    seconds = statistics.median(time_steps({"pgd20": pgd20}, iters=cfg.iters, warmup=cfg.warmup, device=device)["pgd20"])
+    seconds = time_steps({"pgd20": pgd20}, iters=cfg.iters, warmup=cfg.warmup, device=device)["pgd20"].median
     rows = [EvalRow("PGD-20", label, batch, batch, batch / seconds, flops / seconds,
                     None if peak_flops is None else flops / seconds / peak_flops)]
 
@@ -781,6 +804,7 @@ def to_markdown(report: BenchReport) -> str:
     out = [
         "# afm-ray performance record",
         "",
+        *([f"Command: `{report.command}`", ""] if report.command else []),
         f"Machine: {m.name}, {m.cores} cores, {m.threads} torch threads, torch {m.torch_version}, "
         f"Python {m.python_version}, {m.date}; 1-min load average {m.load_start:.2f} at start, "
         f"{m.load_end:.2f} at end.",
@@ -800,19 +824,24 @@ def to_markdown(report: BenchReport) -> str:
     if machine_busy(m):
         out += [f"**Busy machine**: the load average ({m.load_start:.2f} at start, {m.load_end:.2f} at end) "
                 f"plus {m.threads} torch threads exceeds the {m.cores} cores, so other processes shared them: "
-                "absolute numbers are low and noisy; the ratios come from interleaved pairs and hold better.", ""]
+                "absolute numbers are low and noisy. The ratios come from interleaved pairs and hold better; "
+                "the CPU-time ratio does not count waiting for a core at all.", ""]
+    cpu = m.device == "cpu"
     if report.rows:
         out += [
             "## Training step",
             "",
-            f"| method | student / teacher | batch | ours img/s | reference img/s | ours / ref | ours peak MiB "
-            f"| ref peak MiB | ours GFLOP/step | ref GFLOP/step | ours {unit} | % of peak |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| method | student / teacher | batch | ours img/s | reference img/s | ours / ref |"
+            + (" ours / ref by CPU time |" if cpu else "")
+            + f" ours peak MiB | ref peak MiB | ours GFLOP/step | ref GFLOP/step | ours {unit} | % of peak |",
+            "|---|---|---:|---:|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|---:|---:|---:|",
         ]
         for r in report.rows:
             out.append(
                 f"| {r.method} | {r.student} / {r.teacher} | {r.batch} | {r.ours_ips:.1f} | {r.ref_ips:.1f} | "
-                f"{r.ratio:.2f} ({r.ratio_q1:.2f}-{r.ratio_q3:.2f}) | {r.ours_peak_mib:.0f} | {r.ref_peak_mib:.0f} | "
+                f"{r.ratio:.2f} ({r.ratio_q1:.2f}-{r.ratio_q3:.2f}) |"
+                + (f" {r.cpu_time_ratio:.2f} |" if cpu else "")
+                + f" {r.ours_peak_mib:.0f} | {r.ref_peak_mib:.0f} | "
                 f"{r.ours_flops / 1e9:.2f} | {r.ref_flops / 1e9:.2f} | {r.ours_flops_per_s / scale:.3g} | "
                 f"{100 * r.peak_fraction:.1f} |"
             )
@@ -821,7 +850,9 @@ def to_markdown(report: BenchReport) -> str:
         out += [
             "",
             "ours / ref: ratio of the median images/s, in brackets the quartiles of the per-iteration "
-            "ratios (each our step paired with the reference step timed right after it).",
+            "ratios (each our step paired with the reference step timed right after it)."
+            + (" By CPU time: reference / our median process CPU seconds per step (all threads; with "
+               "DataLoader workers their time is not counted)." if cpu else ""),
             "",
             "Slower than the reference (median ratio < 1): " + (", ".join(slower) if slower else "none") + ".",
             "Not distinguishable from the reference (quartiles straddle 1): "
@@ -942,7 +973,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference attack gradient: loss.backward() (default) or autograd.grad w.r.t. x only")
     p.add_argument("--eval", action="store_true", help="also time PGD-20 and AutoAttack on the student")
     p.add_argument("--eval-batch-size", type=int, default=0, help="0 = fill the device (CPU: 256)")
-    p.add_argument("--aa-samples", type=int, default=64, help="images for the AutoAttack timing")
+    p.add_argument("--aa-samples", type=int, help="images for the AutoAttack timing (default: CPU 64, CUDA 512)")
     p.add_argument("--no-augment", action="store_true", help="skip the augmentation-alone rows")
     p.add_argument("--out", help="Markdown file (default docs/bench_cpu.md or docs/bench_<gpu>.md)")
     return p
@@ -991,7 +1022,8 @@ def main(argv: list[str] | None = None) -> int:
         CPU_MEMORY_METHOD if _reset_rss_peak() else CPU_MEMORY_FALLBACK)
     log(f"peak {peak / 1e9:.1f} GFLOP/s ({source})")
 
-    report = BenchReport(config=cfg, machine=machine)
+    report = BenchReport(config=cfg, machine=machine,
+                         command=" ".join(["python -m afm_ray.bench", *(sys.argv[1:] if argv is None else argv)]))
     report.rows = bench_methods(cfg, args.methods, batch_sizes=batch_sizes, peak_flops=peak, progress=log)
     if not args.no_augment:
         reference_row = next((r for r in report.rows if r.method == "advfunmatch" and r.batch == cfg.batch_size),
@@ -1000,8 +1032,9 @@ def main(argv: list[str] | None = None) -> int:
         report.share_of = "" if reference_row is None else f"our {reference_row.method} step"
         report.augment = bench_augment(cfg, step_seconds=step_s)
     if args.eval:
+        aa_samples = args.aa_samples or (512 if device.type == "cuda" else 64)
         report.evals, report.eval_note = bench_eval(cfg, batch_size=args.eval_batch_size,
-                                                    aa_samples=args.aa_samples, peak_flops=peak)
+                                                    aa_samples=aa_samples, peak_flops=peak)
     machine.load_end = os.getloadavg()[0]
 
     text = to_markdown(report)

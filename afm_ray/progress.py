@@ -35,8 +35,13 @@ class TrialProgress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         took = time.monotonic() - self._started.get(trial.trial_id, time.monotonic())
-        state = "completed" if (trial.last_result or {}).get("done") else "stopped early"
-        self._print(trial, f"{state} in {took:.0f} s")
+        last = trial.last_result or {}
+        state = "completed" if last.get("done") else "stopped early"
+        detail = ""
+        if "time/worker_s" in last:  # what Ray itself added: start-up, placement, tear-down
+            detail = (f" (training {last['time/worker_s'] - last['time/eval_s']:.0f} s, final evaluation "
+                      f"{last['time/eval_s']:.0f} s, Ray overhead {took - last['time/worker_s']:.0f} s)")
+        self._print(trial, f"{state} in {took:.0f} s{detail}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._print(trial, f"FAILED (see {trial.local_path})")

@@ -314,7 +314,7 @@ def print_summary(results: Any, space: SearchSpace, *, name: str, experiment: st
     rows = []
     for result in results:
         m = dict(result.metrics or {})
-        if m.get("done"):
+        if m.get("done") and all(isinstance(m.get(o.metric), (int, float)) for o in space.objectives):
             m["config"] = result.config or {}
             rows.append(m)
     print()

@@ -149,11 +149,13 @@ class TrialTracker(MLflowLoggerCallback):
             self._last_checkpoint[trial.trial_id] = result["checkpoint_path"]
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         timestamp = int(result.get("timestamp", 0) * 1000)
+        # The final result repeats the last epoch's curves (for schedulers); log them once.
+        curves = () if result.get("done") else ("train/", "val/", "run/")
         metrics = [
             Metric(key, float(value), timestamp, step)
             for key, value in result.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
-            and (key.startswith(("train/", "val/")) or key in FINAL_METRICS)
+            and (key.startswith(curves + ("time/",)) or key in FINAL_METRICS)
         ]
         if metrics:
             self._client.log_batch(run_id, metrics=metrics)

@@ -200,6 +200,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
     and a checkpoint; at the end, `clean_acc`, `pgd20_acc`, `cw_acc`, `aa_acc` on the test
     split (as configured in `eval.*`), the student's parameter count and latency.
     """
+    worker_started = time.perf_counter()
     cfg = config if isinstance(config, ExperimentConfig) else from_flat(config)
     ctx = worker_context(cfg.run.device, getattr(reporter, "device", None))
     reporter = reporter or LocalReporter(cfg.run.output_dir, cfg.run.resume_from)
@@ -265,6 +266,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.run.amp == "bf16" else _NullContext()
     )
     x_val_dev, y_val_dev = to_unit(x_val, ctx.device), y_val.to(ctx.device)
+    metrics: dict[str, float] = {}
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         torch.manual_seed(cfg.run.seed * 1000 + epoch * 10 + ctx.rank)  # augmentation/attack noise per rank
@@ -287,7 +289,8 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
                 sums[key] = sums.get(key, 0) + value.detach().float()
         n_batches = len(loader)
         epoch_time = time.perf_counter() - started
-        metrics: dict[str, float] = {"epoch": epoch + 1}
+        # run/start_epoch > 0 shows a run that resumed from a checkpoint (e.g. after a worker died).
+        metrics = {"epoch": epoch + 1, "run/start_epoch": start_epoch, "run/world_size": ctx.world_size}
         for key, value in sums.items():
             metrics[f"train/{key}"] = (_all_reduce_sum(value.clone(), ctx.world_size) / (n_batches * ctx.world_size)).item()
         metrics["train/images_per_s"] = n_batches * cfg.optim.batch_size * ctx.world_size / epoch_time
@@ -304,7 +307,12 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         save = last or (cfg.run.checkpoint_every and (epoch + 1) % cfg.run.checkpoint_every == 0)
         _report_with_checkpoint(reporter, metrics, cfg, student, optimizer, scheduler, epoch + 1, ctx, save)
 
+    eval_started = time.perf_counter()
     final = final_evaluation(cfg, unwrap_model(student), data, ctx, log)
+    final["time/eval_s"] = time.perf_counter() - eval_started
+    final["time/worker_s"] = time.perf_counter() - worker_started
+    # The last epoch's metrics ride along, so a scheduler's metric is present in every result.
+    final = {**final, **{k: v for k, v in metrics.items() if k not in final}}
     reporter.report(final, None)
     return final
 

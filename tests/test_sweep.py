@@ -1,0 +1,254 @@
+"""The sweep end to end against a real local Ray, a real MLflow and a real Optuna storage.
+
+Each sweep runs as `python -m afm_ray.sweep` in a subprocess (its own Ray, started and torn
+down like a user's), on sklearn digits with tiny models, so a whole sweep takes tens of
+seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+TINY_SPACE = {
+    "name": "tiny",
+    "description": "two digits trials for tests",
+    "experiment": "tiny-tests",
+    "fixed": {
+        "data.name": "digits",
+        "student.width": 8,
+        "teacher.width": 16,
+        "teacher.epochs": 1,
+        "method.name": "advfunmatch",
+        "optim.epochs": 2,
+        "optim.batch_size": 64,
+        "attack.steps": 1,
+        "eval.samples": 24,
+        "eval.attacks": "clean,pgd20,aa",
+        "eval.val_samples": 64,
+    },
+    "search": {
+        "attack.eps": {"uniform": [0.05, 0.15]},
+        "method.tau": {"loguniform": [1.0, 4.0]},
+        "optim.lr": {"loguniform": [0.02, 0.2]},
+    },
+    "objectives": [{"metric": "clean_acc", "mode": "max"}, {"metric": "aa_acc", "mode": "max"}],
+    "num_samples": 2,
+    "resources": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+}
+
+
+def write_space(tmp_path: Path, **changes) -> Path:
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    for key, value in changes.items():
+        if key == "fixed":
+            space["fixed"].update(value)
+        else:
+            space[key] = value
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def sweep_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["AFM_RAY_CACHE"] = str(tmp_path / "cache")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def sweep_args(tmp_path: Path, space: Path, *extra: str, tracking: str | None = None) -> list[str]:
+    return [
+        sys.executable, "-m", "afm_ray.sweep", "--space", str(space), "--storage", str(tmp_path / "ray_results"),
+        "--tracking-uri", tracking or f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--optuna-storage", f"sqlite:///{tmp_path / 'optuna.db'}", *extra,
+    ]
+
+
+def run_sweep(tmp_path: Path, space: Path, *extra: str, tracking: str | None = None, timeout: int = 420):
+    proc = subprocess.run(sweep_args(tmp_path, space, *extra, tracking=tracking), cwd=tmp_path,
+                          env=sweep_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def trial_runs(tracking: str, experiment: str = "tiny-tests"):
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`afm_ray.role` = 'trial'")
+
+
+def test_two_trial_sweep_end_to_end(tmp_path):
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_sweep(tmp_path, write_space(tmp_path), "--name", "s1")
+    out = proc.stdout
+    assert "2/2 trials completed" in out and "Pareto-optimal trials" in out and "mlflow ui" in out
+    assert out.count("started") >= 2 and "Ray overhead" in out  # one line per trial event
+
+    runs = trial_runs(tracking)
+    assert len(runs) == 2
+    client = MlflowClient(tracking)
+    parent = client.search_runs([runs[0].info.experiment_id], filter_string="tags.`afm_ray.role` = 'sweep'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].data.params["sweep.study_name"] == "s1" and parent[0].data.params["teacher.checkpoint"]
+    assert "teacher/clean_acc" in parent[0].data.metrics
+
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    suggested = {t.user_attrs["tune_trial_id"]: t.params for t in study.trials}
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert run.data.tags["afm_ray.trial_status"] == "completed" and run.info.status == "FINISHED"
+        for metric in ("clean_acc", "pgd20_acc", "aa_acc", "params", "latency_ms"):
+            assert metric in run.data.metrics
+        assert run.data.metrics["aa_acc"] <= run.data.metrics["pgd20_acc"] + 1e-9 <= run.data.metrics["clean_acc"] + 1e-9
+        # Params are what Optuna suggested, under the same dotted names, plus the full config.
+        for key, value in suggested[run.data.tags["afm_ray.trial_id"]].items():
+            assert float(run.data.params[key]) == pytest.approx(value)
+        assert run.data.params["method.name"] == "advfunmatch" and run.data.params["optim.momentum"] == "0.9"
+        history = client.get_metric_history(run.info.run_id, "val/clean_acc")
+        assert [m.step for m in history] == [1, 2]
+    # The student is an MLflow model that reproduces its logged clean accuracy.
+    mlflow.set_tracking_uri(tracking)
+    best = max(runs, key=lambda r: r.data.metrics["clean_acc"])
+    student = mlflow.pytorch.load_model(f"runs:/{best.info.run_id}/student")
+    from afm_ray.attacks import evaluate
+    from afm_ray.config import from_flat
+    from afm_ray.train import fixed_test_subset, load_run_data
+
+    cfg = from_flat({k: v for k, v in best.data.params.items() if k != "eval.protocol"})
+    x, y = fixed_test_subset(load_run_data(cfg), cfg.eval.samples, cfg.data.seed)
+    clean = evaluate(student, x.float() / 255, y, eps=cfg.eval_eps, attacks=("clean",))
+    assert clean["test/clean_acc"] == pytest.approx(best.data.metrics["clean_acc"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def test_sweep_through_a_real_mlflow_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "artifacts"), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        _wait_http(uri + "/health")
+        run_sweep(tmp_path, write_space(tmp_path, num_samples=1), "--name", "srv", tracking=uri)
+        runs = trial_runs(uri)
+        assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
+        assert "aa_acc" in runs[0].data.metrics
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_unreachable_tracking_fails_before_any_trial(tmp_path):
+    port = _free_port()  # nothing listens there
+    proc = subprocess.run(sweep_args(tmp_path, write_space(tmp_path), tracking=f"http://127.0.0.1:{port}"),
+                          cwd=tmp_path, env=sweep_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in proc.stderr
+    assert not (tmp_path / "ray_results").exists()  # nothing was reserved or written
+
+
+def test_bad_space_fails_before_ray_starts(tmp_path):
+    space = write_space(tmp_path, fixed={"attack.steps": -3})
+    proc = subprocess.run(sweep_args(tmp_path, space), cwd=tmp_path, env=sweep_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "attack.steps: got -3, expected steps >= 0" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path):
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write_space(tmp_path, num_samples=3, max_concurrent_trials=1, fixed={"optim.epochs": 3})
+    proc = subprocess.Popen(sweep_args(tmp_path, space, "--name", "res"), cwd=tmp_path, env=sweep_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # interrupt once the first trial is done and the second has started
+        lines.append(line)
+        if "completed in" in line:
+            break
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "epoch   1" in line:
+            break
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C does: Tune saves its state and stops
+    rest, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "--resume --name res" in rest
+    before = trial_runs(tracking)
+    assert 1 <= sum(r.data.tags.get("afm_ray.trial_status") == "completed" for r in before) < 3
+
+    out = run_sweep(tmp_path, space, "--resume", "--name", "res").stdout
+    assert "3/3 trials completed" in out
+    after = trial_runs(tracking)
+    trial_ids = [r.data.tags["afm_ray.trial_id"] for r in after]
+    assert len(after) == 3 and len(set(trial_ids)) == 3  # no MLflow run duplicated
+    assert all(r.data.tags["afm_ray.trial_status"] == "completed" for r in after)
+    assert {r.info.run_id for r in before} <= {r.info.run_id for r in after}
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
+
+
+def test_killed_worker_resumes_from_its_checkpoint_under_ddp(tmp_path):
+    """Two gloo (DDP) workers; one is killed after the first checkpoint; the trial finishes."""
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write_space(tmp_path, num_samples=1, fixed={"optim.epochs": 4, "eval.attacks": "clean,pgd20"},
+                        objectives=[{"metric": "clean_acc", "mode": "max"}, {"metric": "pgd20_acc", "mode": "max"}],
+                        resources={"num_workers": 2, "cpus_per_worker": 0.5, "gpus_per_worker": 0})
+    proc = subprocess.Popen(sweep_args(tmp_path, space, "--name", "kill"), cwd=tmp_path, env=sweep_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch   1" in line:
+            pids = _train_worker_pids()
+            assert pids, "no Ray Train worker process found"
+            os.kill(pids[0], signal.SIGKILL)
+            break
+    rest, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, "".join(lines) + rest
+    runs = trial_runs(tracking)
+    assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
+    client = MlflowClient(tracking)
+    starts = [m.value for m in client.get_metric_history(runs[0].info.run_id, "run/start_epoch")]
+    assert max(starts) >= 1, f"the restarted workers did not resume from a checkpoint: {starts}"
+    assert runs[0].data.metrics["run/world_size"] == 2
