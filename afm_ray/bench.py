@@ -172,14 +172,11 @@ class StepRow:
     ref_flops: int
     ours_flops_per_s: float  # ours_flops / median step time
     peak_fraction: float  # ours_flops_per_s / the device's peak
-    ratio_q1: float  # quartiles of the per-iteration ratio (reference time / our time, interleaved pairs)
+    ratio: float  # ours / reference speed: median over iterations of reference time / our time (paired)
+    ratio_q1: float  # quartiles of those per-iteration ratios
     ratio_q3: float
     cpu_time_ratio: float  # reference / our median process CPU time per step (CPU device: robust to other load)
-
-    @property
-    def ratio(self) -> float:
-        """ours / reference images/s (of the medians)."""
-        return self.ours_ips / self.ref_ips
+    load: float = float("nan")  # 1-min load average when the row finished
 
 
 @dataclass
@@ -285,13 +282,17 @@ def time_steps(steps: Mapping[str, Callable[[], object]], *, iters: int, warmup:
     return times
 
 
-def paired_ratio_quartiles(slow: Sequence[float], fast: Sequence[float]) -> tuple[float, float]:
-    """Lower and upper quartile of slow[i] / fast[i] over the interleaved iterations."""
+def paired_ratio_quartiles(slow: Sequence[float], fast: Sequence[float]) -> tuple[float, float, float]:
+    """Lower quartile, median and upper quartile of slow[i] / fast[i] over interleaved iterations.
+
+    Each pair ran back to back, so a change in background load cancels within a pair; the
+    median of the pairs is steadier than the ratio of the two medians on a shared machine.
+    """
     ratios = [s / f for s, f in zip(slow, fast)]
     if len(ratios) < 2:
-        return ratios[0], ratios[0]
+        return ratios[0], ratios[0], ratios[0]
     q = statistics.quantiles(ratios, n=4, method="inclusive")
-    return q[0], q[2]
+    return q[0], q[1], q[2]
 
 
 class _GlobalOnly:
@@ -661,7 +662,7 @@ def bench_method(name: str, cfg: BenchConfig, student: nn.Module, teacher: nn.Mo
     ours_flops, ref_flops = count_flops(eager), count_flops(ref)
     times = time_steps({"ours": ours, "ref": ref}, iters=cfg.iters, warmup=cfg.warmup, device=device)
     seconds = {k: v.median for k, v in times.items()}
-    q1, q3 = paired_ratio_quartiles(times["ref"].wall, times["ours"].wall)
+    q1, ratio, q3 = paired_ratio_quartiles(times["ref"].wall, times["ours"].wall)
     ours_mem, _ = peak_memory(ours, device)
     ref_mem, _ = peak_memory(ref, device)
     has_teacher = METHODS[name].needs_teacher
@@ -671,8 +672,8 @@ def bench_method(name: str, cfg: BenchConfig, student: nn.Module, teacher: nn.Mo
         teacher=_arch_label(cfg.teacher, cfg.teacher_width) if has_teacher else "-",
         batch=cfg.batch_size, ours_ips=cfg.batch_size / seconds["ours"], ref_ips=cfg.batch_size / seconds["ref"],
         ours_peak_mib=ours_mem / 2**20, ref_peak_mib=ref_mem / 2**20, ours_flops=ours_flops, ref_flops=ref_flops,
-        ours_flops_per_s=achieved, peak_fraction=achieved / peak_flops, ratio_q1=q1, ratio_q3=q3,
-        cpu_time_ratio=times["ref"].median_cpu / times["ours"].median_cpu,
+        ours_flops_per_s=achieved, peak_fraction=achieved / peak_flops, ratio=ratio, ratio_q1=q1, ratio_q3=q3,
+        cpu_time_ratio=times["ref"].median_cpu / times["ours"].median_cpu, load=os.getloadavg()[0],
     )
 
 
@@ -833,8 +834,10 @@ def to_markdown(report: BenchReport) -> str:
             "",
             f"| method | student / teacher | batch | ours img/s | reference img/s | ours / ref |"
             + (" ours / ref by CPU time |" if cpu else "")
-            + f" ours peak MiB | ref peak MiB | ours GFLOP/step | ref GFLOP/step | ours {unit} | % of peak |",
-            "|---|---|---:|---:|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|---:|---:|---:|",
+            + f" ours peak MiB | ref peak MiB | ours GFLOP/step | ref GFLOP/step | ours {unit} | % of peak |"
+            + (" load |" if cpu else ""),
+            "|---|---|---:|---:|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|---:|---:|---:|"
+            + ("---:|" if cpu else ""),
         ]
         for r in report.rows:
             out.append(
@@ -843,16 +846,18 @@ def to_markdown(report: BenchReport) -> str:
                 + (f" {r.cpu_time_ratio:.2f} |" if cpu else "")
                 + f" {r.ours_peak_mib:.0f} | {r.ref_peak_mib:.0f} | "
                 f"{r.ours_flops / 1e9:.2f} | {r.ref_flops / 1e9:.2f} | {r.ours_flops_per_s / scale:.3g} | "
-                f"{100 * r.peak_fraction:.1f} |"
+                f"{100 * r.peak_fraction:.1f} |" + (f" {r.load:.2f} |" if cpu else "")
             )
         slower = [f"{r.method} (batch {r.batch})" for r in report.rows if r.ratio < 1]
         unclear = [f"{r.method} (batch {r.batch})" for r in report.rows if r.ratio_q1 < 1 < r.ratio_q3]
         out += [
             "",
-            "ours / ref: ratio of the median images/s, in brackets the quartiles of the per-iteration "
-            "ratios (each our step paired with the reference step timed right after it)."
-            + (" By CPU time: reference / our median process CPU seconds per step (all threads; with "
-               "DataLoader workers their time is not counted)." if cpu else ""),
+            "ours / ref: each iteration times our step and then the reference step; the ratio is the "
+            "median over iterations of reference time / our time, in brackets its quartiles. images/s "
+            "columns are batch / median time of each."
+            + (" By CPU time: reference / our median process CPU seconds per step (all threads, spinning "
+               "included; DataLoader workers not counted). load: 1-min load average when the row "
+               "finished (our own threads included)." if cpu else ""),
             "",
             "Slower than the reference (median ratio < 1): " + (", ".join(slower) if slower else "none") + ".",
             "Not distinguishable from the reference (quartiles straddle 1): "

@@ -111,7 +111,9 @@ class RunConfig:
     checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always checkpoints
     output_dir: str = "afm_ray_runs"  # where a plain-process run writes checkpoints
     resume_from: str = ""  # a checkpoint directory to resume from
-    amp: str = "off"  # off | bf16: autocast for training forwards/backwards (evaluation stays fp32)
+    # auto | bf16 | off: autocast for the training step, attack included (evaluation stays fp32).
+    # auto = bf16 on CUDA, off on CPU, where bf16 autocast measured slower (docs/bench_cpu.md).
+    amp: str = "auto"
     channels_last: bool = False
     compile: bool = False  # torch.compile the student
 
@@ -280,7 +282,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    values = load_yaml(path) if path else {}
+    """A YAML config with overrides; with no file, the embedded default (the fixed keys of
+    search_spaces/default.yaml, so a single run and the default sweep agree)."""
+    if path:
+        values = load_yaml(path)
+    else:
+        from afm_ray.search_space import embedded_default
+
+        values = embedded_default()
     values.update(parse_overrides(overrides))
     return from_flat(values)
 
@@ -352,6 +361,6 @@ def validate(cfg: ExperimentConfig) -> None:
         _check_choice("eval.attacks", attack, ("clean", "pgd20", "pgd10", "cw", "aa"))
     r = cfg.run
     _check(r.checkpoint_every >= 0, f"run.checkpoint_every: got {r.checkpoint_every}, expected >= 0")
-    _check_choice("run.amp", r.amp, ("off", "bf16"))
+    _check_choice("run.amp", r.amp, ("auto", "off", "bf16"))
     _check(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
            f"run.device: got {r.device!r}, expected auto, cpu, cuda or cuda:N")

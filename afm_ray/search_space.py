@@ -119,6 +119,20 @@ class DefineByRun:
         return dict(self.fixed)
 
 
+def find_default_space() -> Path:
+    """search_spaces/default.yaml: in the working directory, else beside the package."""
+    relative = Path("search_spaces") / "default.yaml"
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (base / relative).is_file():
+            return base / relative
+    raise ConfigError(f"{relative} not found in {Path.cwd()} or beside the afm_ray package; pass a file explicitly")
+
+
+def embedded_default() -> dict[str, Any]:
+    """The embedded default as a single-run config: the fixed keys of the default space."""
+    return dict(load_search_space(find_default_space()).fixed)
+
+
 def load_search_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
     path = Path(path)
     if not path.is_file():

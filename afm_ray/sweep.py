@@ -24,24 +24,14 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from afm_ray.config import ConfigError, ExperimentConfig, from_flat, parse_overrides, to_flat
-from afm_ray.search_space import SearchSpace, load_search_space
+from afm_ray.search_space import SearchSpace, find_default_space, load_search_space
 from afm_ray.tracking import (
     check_tracking_uri, default_tracking_uri, start_or_resume_sweep_run, TrialTracker,
 )
 
-DEFAULT_SPACE = "search_spaces/default.yaml"
-
-
-def find_default_space() -> Path:
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        if (base / DEFAULT_SPACE).is_file():
-            return base / DEFAULT_SPACE
-    raise ConfigError(f"no --space given and {DEFAULT_SPACE} not found in {Path.cwd()}; pass --space FILE")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m afm_ray.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--space", help=f"search space YAML (default: {DEFAULT_SPACE})")
+    parser.add_argument("--space", help="search space YAML (default: search_spaces/default.yaml, the embedded default)")
     parser.add_argument("--experiment", help="MLflow experiment (default: the space's `experiment`)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
     parser.add_argument("--storage", help="where Ray keeps trial results and checkpoints: a path or s3://, gs:// URI "

@@ -262,9 +262,8 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         eps=cfg.train_eps, step_size=cfg.train_step_size, steps=cfg.attack.steps,
         norm=cfg.attack.norm, random_start=cfg.attack.random_start,
     )
-    autocast = (
-        torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.run.amp == "bf16" else _NullContext()
-    )
+    use_bf16 = cfg.run.amp == "bf16" or (cfg.run.amp == "auto" and ctx.device.type == "cuda")
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if use_bf16 else _NullContext()
     x_val_dev, y_val_dev = to_unit(x_val, ctx.device), y_val.to(ctx.device)
     metrics: dict[str, float] = {}
 

@@ -58,7 +58,7 @@ def test_markdown_names_the_machine_and_has_the_table(rows):
     assert machine.name in machine_line and f"torch {torch.__version__}" in machine_line
     assert "| method | student / teacher | batch | ours img/s | reference img/s | ours / ref |" in text
     table = [line for line in text.splitlines() if line.startswith("| advfunmatch") or line.startswith("| pgd_at")]
-    assert len(table) == 2 and all(line.count("|") == 14 for line in table)  # 13 columns on CPU
+    assert len(table) == 2 and all(line.count("|") == 15 for line in table)  # 14 columns on CPU
 
 
 def test_count_flops_survives_input_gradients():

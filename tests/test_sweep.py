@@ -252,3 +252,32 @@ def test_killed_worker_resumes_from_its_checkpoint_under_ddp(tmp_path):
     starts = [m.value for m in client.get_metric_history(runs[0].info.run_id, "run/start_epoch")]
     assert max(starts) >= 1, f"the restarted workers did not resume from a checkpoint: {starts}"
     assert runs[0].data.metrics["run/world_size"] == 2
+
+
+def test_ray_job_submit_to_a_token_authenticated_head(tmp_path):
+    """The README's cluster path: `ray start --head` with token auth, then `ray job submit`."""
+    home = tmp_path / "home"  # Ray keeps the token in ~/.ray/auth_token
+    home.mkdir()
+    env = {**sweep_env(tmp_path), "HOME": str(home), "RAY_AUTH_MODE": "token"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    subprocess.run([ray_bin, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+                    "--num-cpus=2", "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        workdir = tmp_path / "job"
+        workdir.mkdir()
+        space = write_space(workdir, num_samples=1)
+        tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        proc = subprocess.run(
+            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--working-dir", str(workdir),
+             "--", "python", "-m", "afm_ray.sweep", "--space", space.name, "--storage", str(tmp_path / "ray_results"),
+             "--tracking-uri", tracking, "--optuna-storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--name", "job"],
+            env=env, capture_output=True, text=True, timeout=420,
+        )
+        assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-2000:]
+        assert "1/1 trials completed" in proc.stdout
+        runs = trial_runs(tracking)
+        assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
