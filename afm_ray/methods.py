@@ -307,6 +307,13 @@ _HPARAM_CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
+def _disagreement_at(student: nn.Module, teacher: nn.Module, tau: float) -> Callable[[Tensor], Tensor]:
+    """KL(p_T(x') || p_S(x')) summed over the batch, the gradient flowing through T and S:
+    the inner objective of AdvFunMatch and AdaAD."""
+    net = _attack_model(student)
+    return lambda z: kl_div(teacher(z), net(z), tau, reduction="sum")
+
+
 def _teacher_logits(teacher: nn.Module, x: Tensor) -> Tensor:
     with torch.no_grad():
         return teacher(x)
@@ -331,8 +338,7 @@ class AdvFunMatch(_MethodBase):
 
     def inner_objective(self, student: nn.Module, teacher: nn.Module | None, x: Tensor,
                         y: Tensor | None = None) -> Callable[[Tensor], Tensor]:
-        net, tau = _attack_model(student), self.tau
-        return lambda z: kl_div(teacher(z), net(z), tau, reduction="sum")
+        return _disagreement_at(student, teacher, self.tau)
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, x: Tensor, y: Tensor | None,
                  attack: AttackSpec) -> dict[str, Tensor]:
@@ -412,8 +418,7 @@ class AdaAD(_MethodBase):
 
     def inner_objective(self, student: nn.Module, teacher: nn.Module | None, x: Tensor,
                         y: Tensor | None = None) -> Callable[[Tensor], Tensor]:
-        net, tau = _attack_model(student), self.tau
-        return lambda z: kl_div(teacher(z), net(z), tau, reduction="sum")
+        return _disagreement_at(student, teacher, self.tau)
 
     def __call__(self, student: nn.Module, teacher: nn.Module | None, x: Tensor, y: Tensor | None,
                  attack: AttackSpec) -> dict[str, Tensor]:

@@ -16,14 +16,6 @@ STARTS = ("uniform", "normal", "none")
 TOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny tensors: with 2 intra-op threads on a busy 2-core machine the threads spin against
-    # each other and these tests run 10-80x slower (measured); one thread keeps them at seconds.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_cnn(in_channels: int = 3, num_classes: int = 10, seed: int = 0) -> nn.Sequential:

@@ -19,14 +19,6 @@ ALL = [*POLICIES, *COMBOS]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny tensors: with 2 intra-op threads on a busy 2-core machine the threads spin against
-    # each other and these tests run 10-80x slower (measured); one thread keeps them at seconds.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def images(shape, batch=32, seed=0, device="cpu"):
