@@ -16,15 +16,6 @@ TINY = BenchConfig(student="small_cnn", student_width=4, teacher="small_cnn", te
 METHODS = ("advfunmatch", "pgd_at")  # one with a teacher in the attack, one without a teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny tensors on a possibly busy 2-core machine: one thread keeps the test at seconds.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def rows() -> list[bench.StepRow]:
     return bench_methods(TINY, METHODS, peak_flops=1e9)
@@ -76,3 +67,4 @@ def test_cli_options_resolve_to_the_cpu_defaults_and_overrides():
     assert cfg.student == "resnet18" and cfg.student_width is None  # the CPU width-16 is small_cnn's
     assert cfg.teacher == "small_cnn" and cfg.teacher_width == 64
     assert args.methods == ["rslad"]
+    assert cfg.amp == "off"  # amp auto: bf16 only on CUDA, as run.amp auto in train.py
