@@ -177,6 +177,7 @@ class StepRow:
     ratio_q3: float
     cpu_time_ratio: float  # reference / our median process CPU time per step (CPU device: robust to other load)
     load: float = float("nan")  # 1-min load average when the row finished
+    control: bool = False  # an A/A row: "ref" is a second copy of our step (measures the noise)
 
 
 @dataclass
@@ -215,7 +216,7 @@ class MachineInfo:
     load_end: float = float("nan")
     peak_flops: float = float("nan")  # the device peak the fractions are of
     peak_source: str = ""
-    matmul_flops: float = float("nan")  # measured large-matmul FLOP/s, the CPU's "peak"
+    measured_flops: dict[str, float] = field(default_factory=dict)  # dense ops timed in this run
     memory_method: str = ""
 
 
@@ -385,12 +386,23 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> tuple[int, 
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
                        iters: int = 10) -> float:
-    """FLOP/s of a large n x n matmul: what this device reaches on the friendliest dense op."""
+    """FLOP/s of the fastest of `iters` n x n matmuls (a peak is what the device can do, not
+    what it did on average)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    # The fastest call: a peak is what the device can do, not what it did on average.
     seconds = min(time_steps({"mm": lambda: a @ b}, iters=iters, warmup=2, device=device)["mm"].wall)
     return 2 * n**3 / seconds
+
+
+def conv_flops_per_s(device: torch.device, dtype: torch.dtype = torch.float32, iters: int = 10) -> float:
+    """FLOP/s of the fastest of `iters` 3x3 256->256-channel convolutions at 14x14, batch 128:
+    on CPUs oneDNN's convolutions can outrun torch's fp32 matmul, so the matmul alone
+    understates what the convolutional steps here can reach."""
+    x = torch.randn(128, 256, 14, 14, device=device, dtype=dtype)
+    w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype)
+    seconds = min(time_steps({"conv": lambda: F.conv2d(x, w, padding=1)}, iters=iters, warmup=2,
+                             device=device)["conv"].wall)
+    return 2 * 128 * 256 * 256 * 9 * 14 * 14 / seconds
 
 
 def gpu_peak_flops(name: str, precision: str) -> float | None:
@@ -401,24 +413,29 @@ def gpu_peak_flops(name: str, precision: str) -> float | None:
     return None
 
 
-def device_peak_flops(device: torch.device, amp: str, *, matmul_n: int = 2048) -> tuple[float, str, float]:
-    """(peak FLOP/s, where it comes from, measured matmul FLOP/s) for the achieved fractions.
+def device_peak_flops(device: torch.device, amp: str, *, matmul_n: int = 2048) -> tuple[float, str, dict[str, float]]:
+    """(peak FLOP/s, where it comes from, the dense ops measured here) for the achieved fractions.
 
-    CPU: no datasheet applies to a shared VM, so the peak is a large matmul measured in this run.
-    CUDA: NVIDIA's dense datasheet peak for bf16 under --amp bf16; otherwise TF32, because cuDNN
-    runs fp32 convolutions on TF32 tensor cores by default (torch.backends.cudnn.allow_tf32).
+    CPU: no datasheet applies to a shared VM, so the peak is measured in this run: the faster of a
+    large matmul and a large convolution. CUDA: NVIDIA's dense datasheet peak for bf16 under
+    --amp bf16; otherwise TF32, because cuDNN runs fp32 convolutions on TF32 tensor cores by
+    default (torch.backends.cudnn.allow_tf32); a measured matmul where the GPU is not in the table.
     """
     dtype = torch.bfloat16 if amp == "bf16" else torch.float32
-    measured = matmul_flops_per_s(device, dtype, n=matmul_n if device.type == "cpu" else 8192)
     label = "bf16" if amp == "bf16" else "fp32"
     if device.type != "cuda":
-        return measured, (f"measured: the fastest of 10 {matmul_n}x{matmul_n} {label} matmuls, at the start and "
-                          "at the end of this run (not a datasheet peak)"), measured
+        measured = {f"{matmul_n}x{matmul_n} matmul": matmul_flops_per_s(device, dtype, n=matmul_n),
+                    "3x3 conv 256->256 at 14x14": conv_flops_per_s(device, dtype)}
+        source = (f"measured in this run: the faster of a {matmul_n}x{matmul_n} {label} matmul and a {label} "
+                  "3x3 256->256-channel convolution at 14x14, batch 128; best of 10 calls each, at the start and "
+                  "the end of the run; not a datasheet peak")
+        return max(measured.values()), source, measured
+    measured = {"8192x8192 matmul": matmul_flops_per_s(device, dtype, n=8192)}
     name = torch.cuda.get_device_name(device)
     precision = "bf16" if amp == "bf16" else ("tf32" if torch.backends.cudnn.allow_tf32 else "fp32")
     peak = gpu_peak_flops(name, precision)
     if peak is None:
-        return measured, f"measured 8192x8192 {label} matmul ({name} is not in GPU_PEAK_TFLOPS)", measured
+        return max(measured.values()), f"measured 8192x8192 {label} matmul ({name} is not in GPU_PEAK_TFLOPS)", measured
     return peak, f"NVIDIA datasheet, dense {precision} ({name})", measured
 
 
@@ -655,11 +672,16 @@ def reference_loss(name: str, hp: object, student: nn.Module, teacher: nn.Module
 # The benchmarks.
 
 def bench_method(name: str, cfg: BenchConfig, student: nn.Module, teacher: nn.Module,
-                 device: torch.device, peak_flops: float) -> StepRow:
-    """Our step and the reference step of `name`, each on its own copy of `student`."""
+                 device: torch.device, peak_flops: float, *, control: bool = False) -> StepRow:
+    """Our step and the reference step of `name`, each on its own copy of `student`.
+
+    control: time our step against an identical second copy of itself instead (an A/A test):
+    its ratio's distance from 1 is the measurement noise of this run.
+    """
     ours_student, ref_student = copy.deepcopy(student), copy.deepcopy(student)
     ours = make_our_step(name, cfg, ours_student, teacher, device)
-    ref = make_reference_step(name, cfg, ref_student, teacher, device)
+    make_other = make_our_step if control else make_reference_step
+    ref = make_other(name, cfg, ref_student, teacher, device)
     # FLOPs on an eager copy: FlopCounterMode does not see inside compiled graphs.
     eager = ours if not cfg.compile else make_our_step(name, replace(cfg, compile=False),
                                                        copy.deepcopy(student), teacher, device)
@@ -672,19 +694,22 @@ def bench_method(name: str, cfg: BenchConfig, student: nn.Module, teacher: nn.Mo
     has_teacher = METHODS[name].needs_teacher
     achieved = ours_flops / seconds["ours"]
     return StepRow(
-        method=name, student=_arch_label(cfg.student, cfg.student_width),
+        method=f"A/A control: {name} ours vs ours" if control else name,
+        student=_arch_label(cfg.student, cfg.student_width),
         teacher=_arch_label(cfg.teacher, cfg.teacher_width) if has_teacher else "-",
         batch=cfg.batch_size, ours_ips=cfg.batch_size / seconds["ours"], ref_ips=cfg.batch_size / seconds["ref"],
         ours_peak_mib=ours_mem / 2**20, ref_peak_mib=ref_mem / 2**20, ours_flops=ours_flops, ref_flops=ref_flops,
         ours_flops_per_s=achieved, peak_fraction=achieved / peak_flops, ratio=ratio, ratio_q1=q1, ratio_q3=q3,
         cpu_time_ratio=times["ref"].median_cpu / times["ours"].median_cpu, load=os.getloadavg()[0],
+        control=control,
     )
 
 
 def bench_methods(cfg: BenchConfig, methods: Sequence[str], *, batch_sizes: Sequence[int] | None = None,
-                  peak_flops: float | None = None,
+                  peak_flops: float | None = None, control: str | None = None,
                   progress: Callable[[str], None] | None = None) -> list[StepRow]:
-    """A StepRow per method and batch size (cfg.batch_size when batch_sizes is None)."""
+    """A StepRow per method and batch size (cfg.batch_size when batch_sizes is None), and with
+    `control` a last A/A row per batch size: that method's step against a copy of itself."""
     device = torch.device(cfg.device)
     if peak_flops is None:
         peak_flops = device_peak_flops(device, cfg.amp)[0]
@@ -692,12 +717,13 @@ def bench_methods(cfg: BenchConfig, methods: Sequence[str], *, batch_sizes: Sequ
     for batch in batch_sizes or (cfg.batch_size,):
         bcfg = replace(cfg, batch_size=batch)
         student, teacher = build_models(bcfg, device)
-        for name in methods:
-            row = bench_method(name, bcfg, student, teacher, device, peak_flops)
+        runs = [(name, False) for name in methods] + ([(control, True)] if control else [])
+        for name, is_control in runs:
+            row = bench_method(name, bcfg, student, teacher, device, peak_flops, control=is_control)
             rows.append(row)
             if progress is not None:
-                progress(f"{name:<12} batch {batch}: ours {row.ours_ips:9.1f} img/s, "
-                         f"reference {row.ref_ips:9.1f} img/s, ratio {row.ratio:.2f}")
+                progress(f"{row.method:<12} batch {batch}: ours {row.ours_ips:9.1f} img/s, "
+                         f"{'copy' if is_control else 'reference'} {row.ref_ips:9.1f} img/s, ratio {row.ratio:.2f}")
     return rows
 
 
@@ -823,8 +849,8 @@ def to_markdown(report: BenchReport) -> str:
         f"ours and reference interleaved. Reference: fp32, DataLoader with {cfg.ref_workers} workers, attack "
         f"gradients by {'loss.backward()' if cfg.ref_attack_grad == 'backward' else 'torch.autograd.grad'}.",
         "",
-        f"Device peak: {m.peak_flops / scale:.4g} {unit} ({m.peak_source})."
-        + (f" A large matmul reached {m.matmul_flops / scale:.4g} {unit} in this run." if m.device == "cuda" else ""),
+        f"Device peak: {m.peak_flops / scale:.4g} {unit} ({m.peak_source}). Measured: "
+        + ", ".join(f"{op} {v / scale:.4g} {unit}" for op, v in m.measured_flops.items()) + ".",
         f"Peak memory: {m.memory_method}.",
         "",
     ]
@@ -854,13 +880,20 @@ def to_markdown(report: BenchReport) -> str:
                 f"{r.ours_flops / 1e9:.2f} | {r.ref_flops / 1e9:.2f} | {r.ours_flops_per_s / scale:.3g} | "
                 f"{100 * r.peak_fraction:.1f} |" + (f" {r.load:.2f} |" if cpu else "")
             )
-        slower = [f"{r.method} (batch {r.batch})" for r in report.rows if r.ratio_q3 < 1]
-        unclear = [f"{r.method} (batch {r.batch})" for r in report.rows if r.ratio_q1 <= 1 <= r.ratio_q3]
+        method_rows = [r for r in report.rows if not r.control]
+        slower = [f"{r.method} (batch {r.batch})" for r in method_rows if r.ratio_q3 < 1]
+        unclear = [f"{r.method} (batch {r.batch})" for r in method_rows if r.ratio_q1 <= 1 <= r.ratio_q3]
+        noise = {r.batch: max(abs(r.ratio_q1 - 1), abs(r.ratio - 1), abs(r.ratio_q3 - 1))
+                 for r in report.rows if r.control}
+        within = [f"{r.method} (batch {r.batch})" for r in method_rows
+                  if r.batch in noise and abs(r.ratio - 1) <= noise[r.batch]]
         out += [
             "",
-            "ours / ref: each iteration times our step and then the reference step; the ratio is the "
-            "median over iterations of reference time / our time, in brackets its quartiles. images/s "
-            "columns are batch / median time of each."
+            "ours / ref: each iteration times our step and the reference step back to back (the order "
+            "alternating); the ratio is the median over iterations of reference time / our time, in "
+            "brackets its quartiles. images/s columns are batch / median time of each. The A/A control "
+            "times our step against an identical copy of itself: how far its ratio lands from 1 is "
+            "the noise of this run."
             + (" By CPU time: reference / our median process CPU seconds per step (all threads, spinning "
                "included; DataLoader workers not counted). load: 1-min load average when the row "
                "finished (our own threads included)." if cpu else ""),
@@ -869,6 +902,10 @@ def to_markdown(report: BenchReport) -> str:
             + (", ".join(slower) if slower else "none") + ".",
             "Not distinguishable from the reference (quartiles straddle 1): "
             + (", ".join(unclear) if unclear else "none") + ".",
+            *([f"Within the noise of the A/A control (|ratio - 1| <= "
+               f"{', '.join(f'{v:.2f} at batch {b}' for b, v in noise.items())}, the control's largest "
+               "distance from 1 among its median and quartiles): " + (", ".join(within) if within else "none") + "."]
+              if noise else []),
             "",
         ]
     if report.augment:
@@ -907,7 +944,7 @@ def to_markdown(report: BenchReport) -> str:
         "- The reference computes the same math as our method (objective, steps, start, eval-mode "
         "student during the attack, outer loss); what it computes beyond ours, per method:",
     ]
-    methods = dict.fromkeys(r.method for r in report.rows)
+    methods = dict.fromkeys(r.method for r in report.rows if not r.control)
     out += [f"  - {name}: {REFERENCE_NOTES[name]}" for name in methods]
     return "\n".join(out) + "\n"
 
@@ -989,6 +1026,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=0, help="0 = fill the device (CPU: 256)")
     p.add_argument("--aa-samples", type=int, help="images for the AutoAttack timing (default: CPU 64, CUDA 512)")
     p.add_argument("--no-augment", action="store_true", help="skip the augmentation-alone rows")
+    p.add_argument("--control", default="funmatch",
+                   help="method of the A/A control row (our step against a copy of itself), or none")
     p.add_argument("--out", help="Markdown file (default docs/bench_cpu.md or docs/bench_<gpu>.md)")
     return p
 
@@ -1032,14 +1071,18 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info(device)
     peak, source, measured = device_peak_flops(device, cfg.amp)
-    machine.peak_flops, machine.peak_source, machine.matmul_flops = peak, source, measured
+    machine.peak_flops, machine.peak_source, machine.measured_flops = peak, source, measured
     machine.memory_method = CUDA_MEMORY_METHOD if device.type == "cuda" else (
         CPU_MEMORY_METHOD if _reset_rss_peak() else CPU_MEMORY_FALLBACK)
     log(f"peak {peak / 1e9:.1f} GFLOP/s ({source})")
 
     report = BenchReport(config=cfg, machine=machine,
                          command=" ".join(["python -m afm_ray.bench", *(sys.argv[1:] if argv is None else argv)]))
-    report.rows = bench_methods(cfg, args.methods, batch_sizes=batch_sizes, peak_flops=peak, progress=log)
+    control = None if args.control == "none" else args.control
+    if control is not None and control not in METHODS:
+        raise SystemExit(f"error: --control {control!r} is not a method; use one of {', '.join(METHODS)} or none")
+    report.rows = bench_methods(cfg, args.methods, batch_sizes=batch_sizes, peak_flops=peak, control=control,
+                                progress=log)
     if not args.no_augment:
         reference_row = next((r for r in report.rows if r.method == "advfunmatch" and r.batch == cfg.batch_size),
                              report.rows[0] if report.rows else None)
@@ -1054,9 +1097,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         # Measured again at the end, and the better of the two kept: on a shared machine one
         # measurement can land in a busy moment and understate the peak.
-        peak_end, _, _ = device_peak_flops(device, cfg.amp)
+        peak_end, _, measured_end = device_peak_flops(device, cfg.amp)
+        machine.measured_flops = {op: max(v, measured_end[op]) for op, v in measured.items()}
         if peak_end > peak:
-            machine.peak_flops = machine.matmul_flops = peak_end
+            machine.peak_flops = peak_end
             for row in report.rows:
                 row.peak_fraction = row.ours_flops_per_s / peak_end
             for e in report.evals:

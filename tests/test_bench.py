@@ -18,11 +18,12 @@ METHODS = ("advfunmatch", "pgd_at")  # one with a teacher in the attack, one wit
 
 @pytest.fixture(scope="module")
 def rows() -> list[bench.StepRow]:
-    return bench_methods(TINY, METHODS, peak_flops=1e9)
+    return bench_methods(TINY, METHODS, peak_flops=1e9, control="funmatch")
 
 
 def test_rows_have_positive_throughput_ratio_and_flops(rows):
-    assert [r.method for r in rows] == list(METHODS)
+    assert [r.method for r in rows] == [*METHODS, "A/A control: funmatch ours vs ours"]
+    assert [r.control for r in rows] == [False, False, True]
     for r in rows:
         assert r.batch == 8
         assert r.ours_ips > 0 and r.ref_ips > 0
@@ -35,9 +36,11 @@ def test_rows_have_positive_throughput_ratio_and_flops(rows):
 
 
 def test_reference_does_at_least_our_work(rows):
-    # The reference computes the same math plus parameter gradients in its attack step.
-    for r in rows:
+    # The reference computes the same math plus parameter gradients in its attack step; the
+    # A/A control runs our step twice.
+    for r in rows[:2]:
         assert r.ref_flops >= r.ours_flops
+    assert rows[2].ref_flops == rows[2].ours_flops
 
 
 def test_markdown_names_the_machine_and_has_the_table(rows):
@@ -50,6 +53,7 @@ def test_markdown_names_the_machine_and_has_the_table(rows):
     assert "| method | student / teacher | batch | ours img/s | reference img/s | ours / ref |" in text
     table = [line for line in text.splitlines() if line.startswith("| advfunmatch") or line.startswith("| pgd_at")]
     assert len(table) == 2 and all(line.count("|") == 15 for line in table)  # 14 columns on CPU
+    assert "| A/A control: funmatch ours vs ours |" in text and "Within the noise of the A/A control" in text
 
 
 def test_count_flops_survives_input_gradients():
