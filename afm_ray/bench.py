@@ -864,7 +864,7 @@ def to_markdown(report: BenchReport) -> str:
         out += [
             "## Training step",
             "",
-            f"| method | student / teacher | batch | ours img/s | reference img/s | ours / ref |"
+            "| method | student / teacher | batch | ours img/s | reference img/s | ours / ref |"
             + (" ours / ref by CPU time |" if cpu else "")
             + f" ours peak MiB | ref peak MiB | ours GFLOP/step | ref GFLOP/step | ours {unit} | % of peak |"
             + (" load |" if cpu else ""),

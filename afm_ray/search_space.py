@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
@@ -168,7 +168,7 @@ def parse_search_space(raw: Mapping[str, Any], *, source: str = "", path: str = 
     fixed = {**fixed, **dict(overrides or {})}
     for key in overrides or {}:
         if key not in known:
-            raise _unknown(f"--set: unknown config key", key, known)
+            raise _unknown("--set: unknown config key", key, known)
         search_raw.pop(key, None)  # an override pins a searched key
 
     search = tuple(_parse_distribution(key, spec, where, fixed, list(search_raw)) for key, spec in search_raw.items())

@@ -9,6 +9,7 @@ the frozen teacher is a plain module on every worker.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shutil
 import sys
@@ -263,7 +264,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         norm=cfg.attack.norm, random_start=cfg.attack.random_start,
     )
     use_bf16 = cfg.run.amp == "bf16" or (cfg.run.amp == "auto" and ctx.device.type == "cuda")
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if use_bf16 else _NullContext()
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     x_val_dev, y_val_dev = to_unit(x_val, ctx.device), y_val.to(ctx.device)
     metrics: dict[str, float] = {}
 
@@ -314,14 +315,6 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
     final = {**final, **{k: v for k, v in metrics.items() if k not in final}}
     reporter.report(final, None)
     return final
-
-
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def method_hparams(cfg: ExperimentConfig) -> dict[str, float]:

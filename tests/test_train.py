@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from afm_ray import checkpoints
-from afm_ray.config import ConfigError, from_flat, to_flat
+from afm_ray.config import ConfigError, from_flat
 from afm_ray.evaluate import evaluate_checkpoint
 from afm_ray.teacher import ensure_teacher, load_teacher, teacher_cache_key
 from afm_ray.train import LocalReporter, load_run_data, main, train_fn_per_worker
