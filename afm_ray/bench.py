@@ -19,8 +19,11 @@ a host sync per attack step, and the extra forwards of the official code (see RE
 Its teacher is frozen (requires_grad False), which is kinder to the reference than ARD's
 official code, where the KL target is not detached and teacher gradients are computed.
 
-The measured record for the CPU machine is docs/bench_cpu.md; the header of each record
-names its machine and shapes.
+The measured record for the CPU machine is docs/bench_cpu.md (`python -m afm_ray.bench --eval`,
+2 cores, small_cnn shapes, one run at low load): ours / reference 1.07 to 1.80 for the attacked
+methods (TRADES 1.80, ARD 1.23, AdaAD 1.16), 0.99 for FunMatch, whose step is the same work in
+both; the A/A control put the run's noise at +-4%. The header of each record names its machine
+and shapes.
 """
 
 from __future__ import annotations
@@ -77,14 +80,16 @@ __all__ = [
 
 # What each reference step runs beyond our step, from the official code (DESIGN.md's methods).
 REFERENCE_NOTES: dict[str, str] = {
-    "advfunmatch": "no official code reachable: written like AdaAD (T at x' in every attack step, T(x') once more after)",
+    "advfunmatch": "no official code reachable: written like AdaAD (T at x' in every attack step, "
+                   "T(x') once more after)",
     "rslad": "official: T(x) once per batch before the attack; S(x') and S(x) after",
     "adaad": "official: S(x), S(x'), T(x), T(x') after the attack even at alpha = 1 (ours skips S(x), T(x))",
     "akd": "no official code: T(x) once, attack and loss on CE(S(x'), y~)",
     "ard": "official: S(x') (AttackPGD's return), T(x), S(x) even at alpha = 1 (ours skips S(x))",
     "funmatch": "no attack: S(x), T(x) under no_grad",
     "pgd_at": "Madry et al.: attack, then S(x')",
-    "trades": "official: S(x) recomputed in every attack step and twice in the loss (ours: once in the attack, once in the loss)",
+    "trades": "official: S(x) recomputed in every attack step and twice in the loss (ours: once in the "
+              "attack, once in the loss)",
 }
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, matched by a pattern on
@@ -125,7 +130,7 @@ class BenchConfig:
     amp: str = "off"  # off | bf16 autocast around our method call (the reference is always fp32)
     channels_last: bool = False  # our student and batches in channels_last (as train.py)
     compile: bool = False  # torch.compile our student (as train.py)
-    iters: int = 8  # timed iterations; the median is reported
+    iters: int = 12  # timed iterations; the median is reported
     warmup: int = 1  # untimed iterations first (with --compile at least 3: compilation)
     ref_workers: int = 0  # DataLoader workers of the reference step
     ref_attack_grad: str = "backward"  # backward: loss.backward() per attack step | input: autograd.grad
@@ -144,7 +149,7 @@ def cpu_defaults() -> dict[str, object]:
     """Shapes that finish in a few minutes on 2 CPU cores: the embedded default (28x28 grey digits,
     small_cnn width-16 student, width-64 teacher), PGD-3, batch 128."""
     return dict(student="small_cnn", student_width=16, teacher="small_cnn", teacher_width=64,
-                batch_size=128, steps=3, image_size=28, channels=1, eps=0.3, iters=8, warmup=1,
+                batch_size=128, steps=3, image_size=28, channels=1, eps=0.3, iters=12, warmup=1,
                 ref_workers=0)
 
 
@@ -844,7 +849,8 @@ def to_markdown(report: BenchReport) -> str:
         f"Shapes: student {_arch_label(cfg.student, cfg.student_width)}, teacher "
         f"{_arch_label(cfg.teacher, cfg.teacher_width)}, input {cfg.channels}x{cfg.image_size}x{cfg.image_size}, "
         f"{cfg.num_classes} classes, PGD-{cfg.steps} linf eps {cfg.eps:.4g} step {cfg.step_size:.4g}; our "
-        f"augmentation {cfg.policy} on {cfg.device}, amp {cfg.amp}, channels_last {'on' if cfg.channels_last else 'off'}, "
+        f"augmentation {cfg.policy} on {cfg.device}, amp {cfg.amp}, "
+        f"channels_last {'on' if cfg.channels_last else 'off'}, "
         f"compile {'on' if cfg.compile else 'off'}. Median of {cfg.iters} iterations after {cfg.warmup} warm-up, "
         f"ours and reference interleaved. Reference: fp32, DataLoader with {cfg.ref_workers} workers, attack "
         f"gradients by {'loss.backward()' if cfg.ref_attack_grad == 'backward' else 'torch.autograd.grad'}.",

@@ -112,7 +112,8 @@ class RunConfig:
     output_dir: str = "afm_ray_runs"  # where a plain-process run writes checkpoints
     resume_from: str = ""  # a checkpoint directory to resume from
     # auto | bf16 | off: autocast for the training step, attack included (evaluation stays fp32).
-    # auto = bf16 on CUDA, off on CPU, where bf16 autocast measured slower (docs/bench_cpu.md).
+    # auto = bf16 on CUDA, off on CPU: CPU bf16 speed depends on the processor (on an AVX512-BF16
+    # EPYC, `python -m afm_ray.bench --amp bf16` measured ~1.5x fp32), so CPUs opt in explicitly.
     amp: str = "auto"
     channels_last: bool = False
     compile: bool = False  # torch.compile the student

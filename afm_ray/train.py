@@ -231,6 +231,8 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
                 "train one with `python -m afm_ray.teacher` or run through afm_ray.train/afm_ray.sweep"
             )
         teacher = load_teacher(cfg.teacher.checkpoint, data, device=ctx.device, cfg=cfg)
+        if cfg.run.channels_last:  # the frozen teacher is most of a step's compute
+            teacher = teacher.to(memory_format=torch.channels_last)
 
     student = build_student(cfg, data).to(ctx.device)
     if cfg.run.channels_last:
