@@ -304,6 +304,12 @@ def _parameters_frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def fixed_subset(n: int, samples: int, seed: int) -> Tensor:
+    """Indices of the evaluation subset: the first `samples` of a permutation seeded by `seed`
+    on a CPU generator, so every model, trial and machine is scored on the same images."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
+
+
 def evaluate(
     model: nn.Module,
     x: Tensor,
@@ -338,8 +344,7 @@ def evaluate(
     prefix = split
     if samples is not None and samples < n:
         # Seeded on a CPU generator so the subset is the same on every device and machine.
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
-        idx = idx.to(x.device)
+        idx = fixed_subset(n, samples, seed).to(x.device)
         x, y = x[idx], y[idx]
         prefix = f"{split}_n{samples}"
         n = samples

@@ -369,7 +369,7 @@ def fixed_test_subset(data: ImageDataset, samples: int, seed: int) -> tuple[torc
     n = len(data.y_test)
     if not samples or samples >= n:
         return data.x_test, data.y_test
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+    idx = attacks.fixed_subset(n, samples, seed)
     return data.x_test[idx], data.y_test[idx]
 
 
