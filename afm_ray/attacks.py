@@ -242,15 +242,27 @@ def robust_predictions(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     _check_eval_inputs(x, y, eps, norm)
-    rng = _forked_rng(x.device, seed) if seed is not None else contextlib.nullcontext()
-    with model_modes_for_attack((model,)), rng:
-        if attack == "aa":
-            return _autoattack_predictions(
-                model, x, y, eps=eps, norm=norm, batch_size=batch_size,
-                seed=0 if seed is None else seed, progress=progress,
-            )
-        return _pgd_predictions(model, x, y, attack=attack, eps=eps, norm=norm,
-                                batch_size=batch_size, progress=progress)
+    while True:
+        rng = _forked_rng(x.device, seed) if seed is not None else contextlib.nullcontext()
+        try:
+            with model_modes_for_attack((model,)), rng:
+                if attack == "aa":
+                    return _autoattack_predictions(
+                        model, x, y, eps=eps, norm=norm, batch_size=batch_size,
+                        seed=0 if seed is None else seed, progress=progress,
+                    )
+                return _pgd_predictions(model, x, y, attack=attack, eps=eps, norm=norm,
+                                        batch_size=batch_size, progress=progress)
+        except torch.OutOfMemoryError:
+            # A batch chosen to fill the device can still miss (fragmentation, another process):
+            # halve it and start this attack again rather than lose the evaluation.
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if progress is not None:
+                progress(f"{attack}: out of memory, retrying with batch {batch_size}")
 
 
 def _pgd_predictions(model: nn.Module, x: Tensor, y: Tensor, *, attack: str, eps: float, norm: str,
@@ -326,7 +338,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy of `model` under each of `attacks` (see `robust_predictions`), as fractions.
 
-    Keys "<split>/<attack>_acc" and "<split>/n_samples" for the full split (samples None or
+    Keys "<split>/<attack>_acc", "<split>/<attack>_images_per_s" and "<split>/n_samples" for the full split (samples None or
     >= len(x)); "<split>_n<samples>/..." for a fixed subset: the first `samples` of a
     permutation seeded by `seed`, so every model is evaluated on the same images. Each attack's
     randomness is seeded by `seed` (results do not depend on which attacks ran before) and the
@@ -357,8 +369,10 @@ def evaluate(
                 progress(f"{prefix}/{attack}: running on {n} samples (eps={eps:g}, {norm})")
             correct = robust_predictions(model, x, y, attack=attack, eps=eps, norm=norm,
                                          batch_size=batch_size, seed=seed, progress=progress)
-            acc = correct.float().mean().item()
+            acc = correct.float().mean().item()  # a host sync: the elapsed time is the attack's
+            elapsed = time.monotonic() - started
             results[f"{prefix}/{attack}_acc"] = acc
+            results[f"{prefix}/{attack}_images_per_s"] = n / max(elapsed, 1e-9)
             if progress is not None:
-                progress(f"{prefix}/{attack}_acc = {acc:.4f} ({time.monotonic() - started:.1f} s)")
+                progress(f"{prefix}/{attack}_acc = {acc:.4f} ({elapsed:.1f} s, {n / max(elapsed, 1e-9):.0f} images/s)")
     return results

@@ -55,6 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from afm_ray.attacks import robust_predictions
 from afm_ray.augment import BatchAugment
 from afm_ray.data import DeviceBatchLoader
+from afm_ray.eval_batch import choose_eval_batch_size
 from afm_ray.methods import METHODS, AttackSpec, build_method
 from afm_ray.models import build_model
 
@@ -757,35 +758,21 @@ def _labels_one_hot(batch: tuple[Tensor, Tensor], num_classes: int) -> tuple[Ten
     return x, F.one_hot(y, num_classes).float()
 
 
-def fill_batch_size(model: nn.Module, cfg: BenchConfig, device: torch.device, largest: int = 4096) -> int:
-    """The largest power of two <= `largest` at which a PGD step of `model` fits on the device
-    (CPU: 256; any batch of a few hundred keeps the cores busy)."""
-    if device.type != "cuda":
-        return 256
-    batch = largest
-    while batch > 1:
-        try:
-            x = torch.rand(batch, *cfg.image_shape, device=device)
-            y = torch.zeros(batch, dtype=torch.long, device=device)
-            robust_predictions(model, x, y, attack="pgd10", eps=cfg.eps, batch_size=batch)
-            del x, y
-            torch.cuda.empty_cache()
-            return batch
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            batch //= 2
-    return 1
-
-
 def bench_eval(cfg: BenchConfig, *, batch_size: int = 0, aa_samples: int = 64,
                peak_flops: float | None = None) -> tuple[list[EvalRow], str]:
     """PGD-20 (median over cfg.iters batches) and AutoAttack standard (one run on `aa_samples`
     images) on an untrained student; labels are the model's own predictions, so every image is
-    attacked. batch_size 0 = fill_batch_size."""
+    attacked. batch_size 0 = chosen as training runs choose it (afm_ray.eval_batch), for up to
+    4096 images on CUDA and 1024 on CPU."""
     device = torch.device(cfg.device)
     model, _ = build_models(cfg, device)
     model.eval()
-    batch = batch_size or fill_batch_size(model, cfg, device)
+    if batch_size:
+        batch, choice_note = batch_size, f"batch {batch_size}: set with --eval-batch-size"
+    else:
+        choice = choose_eval_batch_size(model, cfg.image_shape, device,
+                                        n_images=4096 if device.type == "cuda" else 1024)
+        batch, choice_note = choice.batch_size, choice.reason
     x = torch.rand(batch, *cfg.image_shape, device=device)
     with torch.no_grad():
         y = model(x).argmax(dim=1)
@@ -806,7 +793,8 @@ def bench_eval(cfg: BenchConfig, *, batch_size: int = 0, aa_samples: int = 64,
     _sync(device)
     aa_seconds = time.perf_counter() - start
     rows.append(EvalRow("AutoAttack standard", label, batch, n, n / aa_seconds, None, None))
-    note = (f"Untrained student, labels = its own predictions, so APGD-CE starts on every image; each later "
+    note = (f"Batch size (eval.batch_size 0, afm_ray.eval_batch): {choice_note}. "
+            f"Untrained student, labels = its own predictions, so APGD-CE starts on every image; each later "
             f"attack (APGD-T, FAB-T, Square) runs only on the images still robust, and "
             f"{int(robust.sum())}/{n} were left at the end. A robust model keeps more images for the "
             "later attacks: read the AutoAttack row as an upper bound on throughput. AutoAttack is one "
@@ -1029,7 +1017,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-attack-grad", choices=("backward", "input"), default="backward",
                    help="reference attack gradient: loss.backward() (default) or autograd.grad w.r.t. x only")
     p.add_argument("--eval", action="store_true", help="also time PGD-20 and AutoAttack on the student")
-    p.add_argument("--eval-batch-size", type=int, default=0, help="0 = fill the device (CPU: 256)")
+    p.add_argument("--eval-batch-size", type=int, default=0, help="0 = chosen as training runs choose it (afm_ray.eval_batch)")
     p.add_argument("--aa-samples", type=int, help="images for the AutoAttack timing (default: CPU 64, CUDA 512)")
     p.add_argument("--no-augment", action="store_true", help="skip the augmentation-alone rows")
     p.add_argument("--control", default="funmatch",

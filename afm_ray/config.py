@@ -101,7 +101,7 @@ class EvalConfig:
     samples: int = 500  # test images for the final evaluation; 0 = the whole test split
     attacks: str = "clean,pgd20,cw,aa"  # final evaluation; comma-separated
     val_samples: int = 256  # fixed held-out subset for the cheap per-epoch PGD-10
-    batch_size: int = 256
+    batch_size: int = 0  # attack batch; 0 = chosen per model and device (afm_ray.eval_batch)
 
 
 @dataclass(frozen=True)
@@ -357,7 +357,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(e.eps is None or e.eps >= 0, f"eval.eps: got {e.eps}, expected eps >= 0")
     _check(e.samples >= 0, f"eval.samples: got {e.samples}, expected >= 0 (0 = whole test split)")
     _check(e.val_samples >= 1, f"eval.val_samples: got {e.val_samples}, expected >= 1")
-    _check(e.batch_size >= 1, f"eval.batch_size: got {e.batch_size}, expected >= 1")
+    _check(e.batch_size >= 0, f"eval.batch_size: got {e.batch_size}, expected >= 1, or 0 = chosen to fill the device")
     for attack in cfg.eval_attacks:
         _check_choice("eval.attacks", attack, ("clean", "pgd20", "pgd10", "cw", "aa"))
     r = cfg.run

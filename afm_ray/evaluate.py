@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 from afm_ray import attacks
 from afm_ray.checkpoints import load_model, load_training_state
 from afm_ray.config import ConfigError, ExperimentConfig, from_flat, parse_overrides
+from afm_ray.eval_batch import resolve_eval_batch_size
 from afm_ray.train import load_run_data, resolve_device
 
 PROTOCOLS = {
@@ -53,13 +54,20 @@ def evaluate_checkpoint(
     x = data.x_test.to(device).float().div_(255)
     y = data.y_test.to(device)
     started = time.monotonic()
+    batch_size = resolve_eval_batch_size(
+        cfg.eval.batch_size, model, data.image_shape, device, n_images=min(n or len(y), len(y)),
+        log=lambda line: log(f"  {line}"),
+    )
     results = attacks.evaluate(
         model, x, y, eps=cfg.eval_eps, norm=cfg.attack.norm, attacks=names, samples=n or None,
-        batch_size=cfg.eval.batch_size, seed=cfg.data.seed, progress=lambda line: log(f"  {line}"),
+        batch_size=batch_size, seed=cfg.data.seed, progress=lambda line: log(f"  {line}"),
     )
     for key, value in list(results.items()):
         if key.endswith("_acc"):
             results[key.rsplit("/", 1)[1]] = value
+        elif key.endswith("_images_per_s"):
+            results[f"eval/{key.rsplit('/', 1)[1]}"] = value
+    results["eval/batch_size"] = float(batch_size)
     from afm_ray.models import count_parameters
 
     results["params"] = float(count_parameters(model))
@@ -73,11 +81,15 @@ def format_results(results: Mapping[str, Any]) -> str:
     n = next((int(v) for k, v in results.items() if k.endswith("/n_samples")), None)
     eps = results.get("eval/eps")
     header = f"robust accuracy on {n} test images" + (f" at eps={eps:.4g}" if eps is not None else "")
+    if "eval/batch_size" in results:
+        header += f", batch {int(results['eval/batch_size'])}"
     lines.append(header)
     for name, protocol in PROTOCOLS.items():
         key = f"{name}_acc"
         if key in results:
-            lines.append(f"  {key:<10} {100 * results[key]:6.2f}%   {protocol}")
+            speed = results.get(f"eval/{name}_images_per_s")
+            speed_text = f"{speed:9.1f} img/s" if speed is not None else " " * 15
+            lines.append(f"  {key:<10} {100 * results[key]:6.2f}% {speed_text}   {protocol}")
     return "\n".join(lines)
 
 

@@ -155,7 +155,7 @@ class TrialTracker(MLflowLoggerCallback):
             Metric(key, float(value), timestamp, step)
             for key, value in result.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
-            and (key.startswith(curves + ("time/",)) or key in FINAL_METRICS)
+            and (key.startswith(curves + ("time/", "eval/")) or key in FINAL_METRICS)
         ]
         if metrics:
             self._client.log_batch(run_id, metrics=metrics)

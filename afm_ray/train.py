@@ -28,6 +28,7 @@ from afm_ray import attacks, checkpoints
 from afm_ray.augment import BatchAugment
 from afm_ray.config import ConfigError, ExperimentConfig, from_flat, load_config, to_flat
 from afm_ray.data import DeviceBatchLoader, ImageDataset, load_dataset
+from afm_ray.eval_batch import resolve_eval_batch_size
 from afm_ray.methods import AttackSpec, build_method
 from afm_ray.models import build_model, count_parameters, measure_latency_ms, unwrap_model
 
@@ -177,20 +178,30 @@ def evaluate_sharded(
     ctx: WorkerContext,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Accuracy under each attack, each worker attacking its own shard of the same images."""
+    """Accuracy under each attack, each worker attacking its own shard of the same images.
+
+    Also `eval/<attack>_images_per_s`: images attacked by all workers per second of this
+    worker's wall time for that attack (the workers run their shards side by side).
+    """
     shard = slice(ctx.rank, None, ctx.world_size)
     xs, ys = to_unit(x[shard], ctx.device), y[shard].to(ctx.device)
-    counts = []
+    counts, seconds = [], []
     for name in attack_names:
+        started = time.perf_counter()
         correct = attacks.robust_predictions(model, xs, ys, attack=name, eps=eps, norm=norm, batch_size=batch_size)
+        n_robust = int(correct.sum())  # a host sync, so the time below is the attack's own
+        seconds.append(time.perf_counter() - started)
         counts.append(correct.sum())
         if progress:
-            progress(f"{name}: {int(correct.sum())}/{len(ys)} robust on this worker")
+            progress(f"{name}: {n_robust}/{len(ys)} robust on this worker")
     if not counts:
         return {}
     total = _all_reduce_sum(torch.stack(counts + [torch.tensor(len(ys), device=ctx.device)]).float(), ctx.world_size)
     n = total[-1].item()
-    return {f"{name}_acc": (total[i] / n).item() for i, name in enumerate(attack_names)}
+    results = {f"{name}_acc": (total[i] / n).item() for i, name in enumerate(attack_names)}
+    results.update({f"eval/{name}_images_per_s": n / max(s, 1e-9) for name, s in zip(attack_names, seconds)})
+    results["eval/batch_size"] = float(batch_size)
+    return results
 
 
 def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
@@ -260,6 +271,11 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
     if cfg.run.compile:
         model = torch.compile(model)
 
+    n_final = min(cfg.eval.samples or len(data.y_test), len(data.y_test))
+    eval_batch_size = resolve_eval_batch_size(
+        cfg.eval.batch_size, student, data.image_shape, ctx.device, channels_last=cfg.run.channels_last,
+        n_images=max(len(y_val), math.ceil(n_final / ctx.world_size)), log=log,
+    )
     augment = BatchAugment(cfg.augment.policy, image_shape=data.image_shape, num_classes=data.num_classes)
     attack = AttackSpec(
         eps=cfg.train_eps, step_size=cfg.train_step_size, steps=cfg.attack.steps,
@@ -302,7 +318,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         for name, key in (("clean", "val/clean_acc"), ("pgd10", "val/pgd_acc")):
             correct = attacks.robust_predictions(
                 val_model, x_val_dev, y_val_dev, attack=name, eps=cfg.eval_eps, norm=cfg.attack.norm,
-                batch_size=cfg.eval.batch_size,
+                batch_size=eval_batch_size,
             )
             metrics[key] = correct.float().mean().item()
         last = epoch + 1 == cfg.optim.epochs
@@ -310,7 +326,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         _report_with_checkpoint(reporter, metrics, cfg, student, optimizer, scheduler, epoch + 1, ctx, save)
 
     eval_started = time.perf_counter()
-    final = final_evaluation(cfg, unwrap_model(student), data, ctx, log)
+    final = final_evaluation(cfg, unwrap_model(student), data, ctx, log, batch_size=eval_batch_size)
     final["time/eval_s"] = time.perf_counter() - eval_started
     final["time/worker_s"] = time.perf_counter() - worker_started
     # The last epoch's metrics ride along, so a scheduler's metric is present in every result.
@@ -347,14 +363,15 @@ def _report_with_checkpoint(
 
 
 def final_evaluation(
-    cfg: ExperimentConfig, student: nn.Module, data: ImageDataset, ctx: WorkerContext, log: Callable[[str], None]
+    cfg: ExperimentConfig, student: nn.Module, data: ImageDataset, ctx: WorkerContext, log: Callable[[str], None],
+    *, batch_size: int,
 ) -> dict[str, float]:
     """The fixed protocol of DESIGN.md on `eval.samples` test images, sharded across workers."""
     x_test, y_test = fixed_test_subset(data, cfg.eval.samples, cfg.data.seed)
     log(f"final evaluation on {len(y_test)} test images at eps={cfg.eval_eps:.4g}: {', '.join(cfg.eval_attacks)}")
     final = evaluate_sharded(
         student, x_test, y_test, eps=cfg.eval_eps, norm=cfg.attack.norm, attack_names=cfg.eval_attacks,
-        batch_size=cfg.eval.batch_size, ctx=ctx, progress=None,
+        batch_size=batch_size, ctx=ctx, progress=None,
     )
     final["params"] = float(count_parameters(student))
     final["latency_ms"] = measure_latency_ms(student, data.image_shape, device=ctx.device)

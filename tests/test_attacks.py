@@ -295,7 +295,9 @@ def test_evaluate_orders_attacks_by_strength(digits_model):
                    samples=64, batch_size=32, progress=lines.append)
     p = "test_n64/"
     assert res[p + "n_samples"] == 64
-    assert set(res) == {p + "n_samples", *(f"{p}{a}_acc" for a in ("clean", "pgd20", "pgd10", "cw", "aa"))}
+    names = ("clean", "pgd20", "pgd10", "cw", "aa")
+    assert set(res) == {p + "n_samples", *(f"{p}{a}_acc" for a in names), *(f"{p}{a}_images_per_s" for a in names)}
+    assert all(res[f"{p}{a}_images_per_s"] > 0 for a in names)
     assert res[p + "clean_acc"] > 0.7  # the model did learn
     assert res[p + "clean_acc"] >= res[p + "pgd20_acc"] >= res[p + "aa_acc"]
     assert res[p + "pgd20_acc"] < res[p + "clean_acc"]  # eps 0.2 on digits is a real attack
@@ -336,7 +338,7 @@ def test_evaluate_subset_is_fixed_and_results_reproducible(digits_model):
     assert b["test_n50/clean_acc"] == pytest.approx(clean)
     # samples >= N is the full split, under the split's own name.
     full = evaluate(model, x, y, eps=0.1, attacks=("clean",), samples=10_000, split="val")
-    assert set(full) == {"val/n_samples", "val/clean_acc"}
+    assert set(full) == {"val/n_samples", "val/clean_acc", "val/clean_images_per_s"}
 
 
 def test_evaluate_restores_modes_and_leaves_no_grads(digits_model):

@@ -63,7 +63,7 @@ def test_teacher_checkpoint_checks_architecture_and_classes(teacher_path, tmp_pa
         load_teacher(tmp_path / "five.pt", data, cfg=cfg)
 
 
-def test_student_trains_reports_checkpoints_and_resumes(teacher_path, tmp_path):
+def test_student_trains_reports_checkpoints_and_resumes(teacher_path, tmp_path, capsys):
     lines = []
     config = {**TINY, "teacher.checkpoint": str(teacher_path), "method.name": "advfunmatch"}
     reporter = LocalReporter(tmp_path / "run", log=lines.append)
@@ -71,6 +71,10 @@ def test_student_trains_reports_checkpoints_and_resumes(teacher_path, tmp_path):
     epochs = [l for l in lines if l.startswith("epoch=")]
     assert len(epochs) == 2 and all("val/pgd_acc" in l and "train/kl_adv" in l for l in epochs)
     assert 0 <= final["pgd20_acc"] <= final["clean_acc"] <= 1 and final["params"] > 0
+    # eval.batch_size 0 (default): chosen once, logged, and every attack reports its speed.
+    assert 1 <= final["eval/batch_size"] <= 64
+    assert "evaluation batch " in capsys.readouterr().out
+    assert final["eval/pgd20_images_per_s"] > 0 and final["eval/clean_images_per_s"] > final["eval/pgd20_images_per_s"]
     state = checkpoints.load_training_state(reporter.latest_checkpoint)
     assert state["epoch"] == 2 and from_flat(state["config"]) == from_flat(config)
 
