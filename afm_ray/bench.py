@@ -58,6 +58,7 @@ from afm_ray.data import DeviceBatchLoader
 from afm_ray.eval_batch import choose_eval_batch_size
 from afm_ray.methods import METHODS, AttackSpec, build_method
 from afm_ray.models import build_model
+from afm_ray.train import TrainStep
 
 __all__ = [
     "AugmentRow",
@@ -501,37 +502,30 @@ def _n_images(cfg: BenchConfig) -> int:
 
 def make_our_step(name: str, cfg: BenchConfig, student: nn.Module, teacher: nn.Module,
                   device: torch.device) -> Callable[[], None]:
-    """One iteration of train_fn_per_worker's inner loop for method `name` (the same calls in
-    the same order; the scheduler step and the epoch bookkeeping are left out)."""
+    """One iteration of train_fn_per_worker's inner loop for method `name`: the same TrainStep
+    object training calls, fed by the same loader (the per-epoch bookkeeping is left out)."""
     method = build_method(name)
     x_all, y_all = synthetic_images(_n_images(cfg), cfg, cfg.seed)
     batches = _cycle(DeviceBatchLoader(x_all, y_all, cfg.batch_size, device=device, shuffle=True,
                                        drop_last=True, seed=cfg.seed))
     if cfg.channels_last:
         student = student.to(memory_format=torch.channels_last)
+        # A copy: the teacher is shared with the reference step, which stays contiguous (NCHW).
+        teacher = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
     model = torch.compile(student) if cfg.compile else student
     model.train()
-    optimizer = _sgd(student)
-    augment = BatchAugment(cfg.policy, image_shape=cfg.image_shape, num_classes=cfg.num_classes)
-    attack = AttackSpec(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
-    t = teacher if method.needs_teacher else None
+    train_step = TrainStep(
+        method=method, model=model, teacher=teacher if method.needs_teacher else None,
+        augment=BatchAugment(cfg.policy, image_shape=cfg.image_shape, num_classes=cfg.num_classes),
+        attack=AttackSpec(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps),
+        optimizer=_sgd(student), num_classes=cfg.num_classes, channels_last=cfg.channels_last,
+        amp_dtype=torch.bfloat16 if cfg.amp == "bf16" else None,
+    )
     sums: dict[str, Tensor] = {}
 
     def step() -> None:
-        x, y = next(batches)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        targets = F.one_hot(y, cfg.num_classes).float() if method.uses_labels else None
-        x_aug, y_aug = augment(x, targets)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16"
-                    else contextlib.nullcontext())
-        with autocast:
-            parts = method(model, t, x_aug, y_aug, attack)
-        optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        optimizer.step()
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0) + value.detach().float()
+        for key, value in train_step(*next(batches)).items():  # as the training loop accumulates
+            sums[key] = sums.get(key, 0) + value.float()
 
     return step
 

@@ -204,6 +204,49 @@ def evaluate_sharded(
     return results
 
 
+@dataclass
+class TrainStep:
+    """One optimisation step of a distillation method; the training loop and afm_ray.bench both
+    call it, so the benchmark times exactly what training runs.
+
+    The batch is augmented once and that one view goes to teacher and student alike (consistent
+    teaching); the method's attack and loss run under bf16 autocast when `amp_dtype` is set.
+    Returns the method's loss parts, detached and still on the device (no host sync).
+    """
+
+    method: Any  # a afm_ray.methods method
+    model: nn.Module  # the student as trained: maybe DDP-wrapped or compiled
+    teacher: nn.Module | None
+    augment: BatchAugment
+    attack: AttackSpec
+    optimizer: torch.optim.Optimizer
+    num_classes: int
+    scheduler: Any = None  # stepped per iteration when given
+    channels_last: bool = False
+    amp_dtype: torch.dtype | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        targets = F.one_hot(y, self.num_classes).float() if self.method.uses_labels else None
+        x_aug, y_aug = self.augment(x, targets)
+        autocast = (torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            parts = self.method(self.model, self.teacher, x_aug, y_aug, self.attack)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return {key: value.detach() for key, value in parts.items()}
+
+
+def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
+    """run.amp -> the autocast dtype of the training step (None = fp32)."""
+    return torch.bfloat16 if setting == "bf16" or (setting == "auto" and device.type == "cuda") else None
+
+
 def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
     """Train one student with the configured method; returns the final metrics.
 
@@ -276,13 +319,16 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         cfg.eval.batch_size, student, data.image_shape, ctx.device, channels_last=cfg.run.channels_last,
         n_images=max(len(y_val), math.ceil(n_final / ctx.world_size)), log=log,
     )
-    augment = BatchAugment(cfg.augment.policy, image_shape=data.image_shape, num_classes=data.num_classes)
-    attack = AttackSpec(
-        eps=cfg.train_eps, step_size=cfg.train_step_size, steps=cfg.attack.steps,
-        norm=cfg.attack.norm, random_start=cfg.attack.random_start,
+    step = TrainStep(
+        method=method, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
+        augment=BatchAugment(cfg.augment.policy, image_shape=data.image_shape, num_classes=data.num_classes),
+        attack=AttackSpec(
+            eps=cfg.train_eps, step_size=cfg.train_step_size, steps=cfg.attack.steps,
+            norm=cfg.attack.norm, random_start=cfg.attack.random_start,
+        ),
+        num_classes=data.num_classes, channels_last=cfg.run.channels_last,
+        amp_dtype=amp_dtype_for(cfg.run.amp, ctx.device),
     )
-    use_bf16 = cfg.run.amp == "bf16" or (cfg.run.amp == "auto" and ctx.device.type == "cuda")
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     x_val_dev, y_val_dev = to_unit(x_val, ctx.device), y_val.to(ctx.device)
     metrics: dict[str, float] = {}
 
@@ -293,18 +339,8 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         sums: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
         for x, y in loader:
-            if cfg.run.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            targets = F.one_hot(y, data.num_classes).float() if method.uses_labels else None
-            x_aug, y_aug = augment(x, targets)
-            with autocast:
-                parts = method(model, teacher, x_aug, y_aug, attack)
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            optimizer.step()
-            scheduler.step()
-            for key, value in parts.items():  # accumulate on device: no host sync per step
-                sums[key] = sums.get(key, 0) + value.detach().float()
+            for key, value in step(x, y).items():  # accumulate on device: no host sync per step
+                sums[key] = sums.get(key, 0) + value.float()
         n_batches = len(loader)
         epoch_time = time.perf_counter() - started
         # run/start_epoch > 0 shows a run that resumed from a checkpoint (e.g. after a worker died).
