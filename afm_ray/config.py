@@ -202,6 +202,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if base is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
+            if isinstance(value, bool):  # YAML 1.1 reads a bare off/on as a boolean: `run.amp: off`
+                return "on" if value else "off"
             return str(value)
     except (TypeError, ValueError):
         want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]

@@ -67,3 +67,9 @@ def test_override_syntax_error():
 def test_missing_yaml_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_off_stays_a_word_for_string_keys():
+    # YAML 1.1 turns a bare `off` into False; a string key gets the word back.
+    assert load_config(None, ["run.amp=off"]).run.amp == "off"
+    assert from_flat({"run.amp": False}).run.amp == "off"

@@ -67,3 +67,48 @@ def test_bf16_loss_and_attack_match_fp32(name):
         assert strength["bf16"] >= ATTACK_STRENGTH * strength["fp32"], f"{name}: {strength}"
         x16 = adversarial["bf16"]
         assert (x16 - x).abs().max() <= 0.1 + 1e-6 and x16.min() >= 0 and x16.max() <= 1
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_channels_last_matches_contiguous(name):
+    """channels_last changes only the memory layout (and so the convolution kernels): the loss
+    agrees with the contiguous fp32 run to float rounding."""
+    import copy
+
+    student, teacher = _models()
+    method = build_method(name)
+    x = torch.rand(16, 1, 14, 14, generator=torch.Generator().manual_seed(1))
+    y = torch.nn.functional.one_hot(torch.arange(16) % 10, 10).float()
+    spec = AttackSpec(eps=0.1, step_size=0.025, steps=3)
+    losses = {}
+    for layout in ("contiguous", "channels_last"):
+        s, t, xb = copy.deepcopy(student), copy.deepcopy(teacher), x
+        if layout == "channels_last":
+            s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
+            xb = x.contiguous(memory_format=torch.channels_last)
+        torch.manual_seed(2)  # the same random start
+        losses[layout] = method(s, t if method.needs_teacher else None, xb, y if method.uses_labels else None, spec)["loss"]
+    assert losses["channels_last"].item() == pytest.approx(losses["contiguous"].item(), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", ["crop_flip", "autoaugment+cutmix"])
+def test_training_step_never_waits_for_the_gpu(policy):
+    """No host-device synchronisation inside a step: CUDA's sync debug mode raises on any."""
+    from afm_ray.augment import BatchAugment
+    from afm_ray.train import TrainStep
+
+    student, teacher = (m.cuda() for m in _models())
+    step = TrainStep(method=build_method("advfunmatch"), model=student, teacher=teacher,
+                     augment=BatchAugment(policy, image_shape=(1, 14, 14), num_classes=10),
+                     attack=AttackSpec(eps=0.1, step_size=0.025, steps=3),
+                     optimizer=torch.optim.SGD(student.parameters(), lr=0.1), num_classes=10,
+                     amp_dtype=torch.bfloat16)
+    x, y = torch.rand(32, 1, 14, 14, device="cuda"), torch.arange(32, device="cuda") % 10
+    step(x, y)  # warm-up: lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
