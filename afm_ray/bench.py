@@ -58,7 +58,8 @@ from afm_ray.data import DeviceBatchLoader
 from afm_ray.eval_batch import choose_eval_batch_size
 from afm_ray.methods import METHODS, AttackSpec, build_method
 from afm_ray.models import build_model
-from afm_ray.train import TrainStep
+from afm_ray.config import RunConfig
+from afm_ray.train import TrainStep, amp_dtype_for
 
 __all__ = [
     "AugmentRow",
@@ -130,7 +131,7 @@ class BenchConfig:
     policy: str = "crop_flip"  # our step's BatchAugment policy; crop_flip is what the reference does
     device: str = "cpu"
     amp: str = "off"  # off | bf16 autocast around our method call (the reference is always fp32)
-    channels_last: bool = False  # our student and batches in channels_last (as train.py)
+    channels_last: bool = False  # our student, teacher and batches in channels_last (as train.py)
     compile: bool = False  # torch.compile our student (as train.py)
     iters: int = 12  # timed iterations; the median is reported
     warmup: int = 1  # untimed iterations first (with --compile at least 3: compilation)
@@ -1000,10 +1001,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "what the reference does)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=("auto", "off", "bf16"), default="auto",
-                   help="bf16 autocast around our method call; auto = run.amp auto of train.py (bf16 on CUDA, "
-                        "off on CPU). The reference is always fp32")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
+                   help="bf16 autocast around our method call; auto = run.amp auto of training (bf16 on CUDA "
+                        "and on CPUs with native bf16). The reference is always fp32")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=RunConfig.channels_last,
+                   help=f"our step in channels_last (default: run.channels_last's default, {RunConfig.channels_last})")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=RunConfig.compile,
+                   help=f"torch.compile our student (default: run.compile's default, {RunConfig.compile})")
     p.add_argument("--iters", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: all cores)")
@@ -1043,7 +1046,7 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> tuple[Be
         values["warmup"] = max(3, int(values["warmup"]))  # type: ignore[call-overload]
     batch_sizes = args.batch_sizes or [int(values["batch_size"])]  # type: ignore[arg-type]
     values["batch_size"] = batch_sizes[0]
-    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+    amp = "bf16" if amp_dtype_for(args.amp, device) is not None else "off"  # as training resolves run.amp
     cfg = BenchConfig(**values, policy=args.policy, device=str(device), amp=amp,  # type: ignore[arg-type]
                       channels_last=args.channels_last, compile=args.compile, ref_attack_grad=args.ref_attack_grad)
     return cfg, batch_sizes

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import shutil
 import sys
@@ -243,8 +244,22 @@ class TrainStep:
 
 
 def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
-    """run.amp -> the autocast dtype of the training step (None = fp32)."""
-    return torch.bfloat16 if setting == "bf16" or (setting == "auto" and device.type == "cuda") else None
+    """run.amp -> the autocast dtype of the training step (None = fp32); see RunConfig.amp."""
+    if setting == "bf16" or (setting == "auto" and (device.type == "cuda" or cpu_has_native_bf16())):
+        return torch.bfloat16
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates
+    it, slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: no way to tell here, stay on fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = None) -> dict[str, float]:

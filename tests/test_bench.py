@@ -10,6 +10,8 @@ import torch
 
 from afm_ray import bench
 from afm_ray.bench import BenchConfig, BenchReport, bench_methods, count_flops, machine_info, to_markdown
+from afm_ray.config import RunConfig
+from afm_ray.train import amp_dtype_for
 
 TINY = BenchConfig(student="small_cnn", student_width=4, teacher="small_cnn", teacher_width=8,
                    batch_size=8, steps=1, image_size=8, channels=1, eps=0.1, iters=1, warmup=0)
@@ -71,4 +73,9 @@ def test_cli_options_resolve_to_the_cpu_defaults_and_overrides():
     assert cfg.student == "resnet18" and cfg.student_width is None  # the CPU width-16 is small_cnn's
     assert cfg.teacher == "small_cnn" and cfg.teacher_width == 64
     assert args.methods == ["rslad"]
-    assert cfg.amp == "off"  # amp auto: bf16 only on CUDA, as run.amp auto in train.py
+    # Unset switches follow training's defaults, so the bench times the step training runs.
+    assert cfg.amp == ("bf16" if amp_dtype_for("auto", torch.device("cpu")) else "off")
+    assert cfg.channels_last is RunConfig.channels_last and cfg.compile is RunConfig.compile
+    off = bench.build_parser().parse_args(["--amp", "off", "--no-channels-last"])
+    cfg_off, _ = bench.config_from_args(off, torch.device("cpu"))
+    assert cfg_off.amp == "off" and not cfg_off.channels_last

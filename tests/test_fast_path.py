@@ -112,3 +112,15 @@ def test_training_step_never_waits_for_the_gpu(policy):
         step(x, y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_amp_auto_is_bf16_exactly_where_measured_fast():
+    from afm_ray.train import amp_dtype_for, cpu_has_native_bf16
+
+    assert amp_dtype_for("off", torch.device("cpu")) is None
+    assert amp_dtype_for("bf16", torch.device("cpu")) is torch.bfloat16
+    assert amp_dtype_for("auto", torch.device("cuda")) is torch.bfloat16
+    assert amp_dtype_for("auto", torch.device("cpu")) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    with open("/proc/cpuinfo") as f:
+        native = any(flag in f.read().split() for flag in ("avx512_bf16", "amx_bf16"))
+    assert cpu_has_native_bf16() is native
