@@ -190,9 +190,9 @@ def evaluate_sharded(
     for name in attack_names:
         started = time.perf_counter()
         correct = attacks.robust_predictions(model, xs, ys, attack=name, eps=eps, norm=norm, batch_size=batch_size)
-        n_robust = int(correct.sum())  # a host sync, so the time below is the attack's own
-        seconds.append(time.perf_counter() - started)
         counts.append(correct.sum())
+        n_robust = int(counts[-1])  # a host sync, so the time below is the attack's own
+        seconds.append(time.perf_counter() - started)
         if progress:
             progress(f"{name}: {n_robust}/{len(ys)} robust on this worker")
     if not counts:
