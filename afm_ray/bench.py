@@ -829,7 +829,7 @@ def to_markdown(report: BenchReport) -> str:
         f"Python {m.python_version}, {m.date}; 1-min load average {m.load_start:.2f} at start, "
         f"{m.load_end:.2f} at end.",
         "",
-        f"Shapes: student {_arch_label(cfg.student, cfg.student_width)}, teacher "
+        f"Shapes: student {', '.join(dict.fromkeys(r.student for r in report.rows if not r.control)) or _arch_label(cfg.student, cfg.student_width)}, teacher "
         f"{_arch_label(cfg.teacher, cfg.teacher_width)}, input {cfg.channels}x{cfg.image_size}x{cfg.image_size}, "
         f"{cfg.num_classes} classes, PGD-{cfg.steps} linf eps {cfg.eps:.4g} step {cfg.step_size:.4g}; our "
         f"augmentation {cfg.policy} on {cfg.device}, amp {cfg.amp}, "
@@ -986,7 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "device's defaults (CPU: small_cnn on 1x28x28, batch 128, PGD-3; CUDA: ResNet-18 "
                     "student, WRN-34-10 teacher, 3x32x32, batch 256, PGD-10).",
     )
-    p.add_argument("--student", help="resnet18 | mobilenet_v2 | small_cnn (any afm_ray.models name)")
+    p.add_argument("--student", help="resnet18 | mobilenet_v2 | small_cnn (any afm_ray.models name); "
+                   "comma-separated for several, e.g. resnet18,mobilenet_v2")
     p.add_argument("--student-width", type=int, help="width of the student (default: 16 for the CPU small_cnn, "
                    "else the architecture's)")
     p.add_argument("--teacher", help="wrn34_10 | resnet18 | small_cnn (any afm_ray.models name)")
@@ -1056,7 +1057,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = _resolve_device(args.device)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    cfg, batch_sizes = config_from_args(args, device)
+    # One config per student; all share the teacher, shapes and switches.
+    configs = [config_from_args(argparse.Namespace(**{**vars(args), "student": student}), device)
+               for student in (args.student.split(",") if args.student else [None])]
+    cfg, batch_sizes = configs[0]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"device {device}, torch.get_num_threads() = {torch.get_num_threads()}, batch sizes {batch_sizes}")
 
@@ -1072,8 +1076,9 @@ def main(argv: list[str] | None = None) -> int:
     control = None if args.control == "none" else args.control
     if control is not None and control not in METHODS:
         raise SystemExit(f"error: --control {control!r} is not a method; use one of {', '.join(METHODS)} or none")
-    report.rows = bench_methods(cfg, args.methods, batch_sizes=batch_sizes, peak_flops=peak, control=control,
-                                progress=log)
+    for i, (student_cfg, _) in enumerate(configs):  # the A/A control once, after the first student
+        report.rows += bench_methods(student_cfg, args.methods, batch_sizes=batch_sizes, peak_flops=peak,
+                                     control=control if i == 0 else None, progress=log)
     if not args.no_augment:
         reference_row = next((r for r in report.rows if r.method == "advfunmatch" and r.batch == cfg.batch_size),
                              report.rows[0] if report.rows else None)

@@ -79,3 +79,14 @@ def test_cli_options_resolve_to_the_cpu_defaults_and_overrides():
     off = bench.build_parser().parse_args(["--amp", "off", "--no-channels-last"])
     cfg_off, _ = bench.config_from_args(off, torch.device("cpu"))
     assert cfg_off.amp == "off" and not cfg_off.channels_last
+
+
+def test_cli_with_two_students_writes_one_record(tmp_path):
+    out = tmp_path / "bench.md"
+    argv = ["--student", "small_cnn,mobilenet_v2", "--teacher-width", "8", "--methods",
+            "pgd_at", "--batch-sizes", "8", "--steps", "1", "--image-size", "8", "--iters", "1", "--warmup", "0",
+            "--no-augment", "--control", "none", "--threads", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+    text = out.read_text()
+    assert "Shapes: student small_cnn-w16, mobilenet_v2, teacher" in text  # each at its own default width
+    assert text.count("| pgd_at | small_cnn-w16 / - | 8 |") == 1 and text.count("| pgd_at | mobilenet_v2 / - | 8 |") == 1
