@@ -59,6 +59,9 @@ def _probe_input(batch: int, image_shape: tuple[int, ...], device: torch.device,
 
 def _cuda_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device: torch.device,
                           channels_last: bool, probe: int = 16) -> float:
+    # Warm-up first: cuBLAS/cuDNN allocate workspaces on their first call, which would
+    # otherwise land in the first probe only and shrink the measured slope.
+    _attack_pass(model, _probe_input(probe, image_shape, device, channels_last))
     peaks = []
     for batch in (probe, 2 * probe):
         x = _probe_input(batch, image_shape, device, channels_last)
