@@ -20,10 +20,10 @@ Its teacher is frozen (requires_grad False), which is kinder to the reference th
 official code, where the KL target is not detached and teacher gradients are computed.
 
 The measured record for the CPU machine is docs/bench_cpu.md (`python -m afm_ray.bench --eval`,
-2 cores, small_cnn shapes, one run at low load): ours / reference 1.07 to 1.80 for the attacked
-methods (TRADES 1.80, ARD 1.23, AdaAD 1.16), 0.99 for FunMatch, whose step is the same work in
-both; the A/A control put the run's noise at +-4%. The header of each record names its machine
-and shapes.
+2 cores, small_cnn shapes, training's defaults bf16 + channels_last, one run at low load): ours /
+reference 1.81 (PGD-AT) to 3.62 (AdaAD), AdvFunMatch 2.96; the A/A control put the run's noise
+at +-6%. docs/defaults_cpu.md holds the switch-by-switch runs behind those defaults. The header
+of each record names its machine and shapes.
 """
 
 from __future__ import annotations

@@ -113,15 +113,14 @@ class RunConfig:
     resume_from: str = ""  # a checkpoint directory to resume from
     # auto | bf16 | off: autocast for the training step, attack included (evaluation stays fp32).
     # auto = bf16 on CUDA and on CPUs with native bf16 (avx512_bf16 / amx_bf16), fp32 elsewhere
-    # (emulated bf16 is slower than fp32). Chosen by measurement on an AVX512-BF16 EPYC: with
-    # channels_last, 1.86x faster training at the same accuracy within noise
-    # (docs/fidelity_cpu.md) and 2.2-3.4x the plain reference step (docs/bench_cpu.md).
+    # (emulated bf16 is slower than fp32). Chosen by measurement (docs/defaults_cpu.md): with
+    # channels_last, 1.86x faster training at the same accuracy within noise (docs/fidelity_cpu.md).
     amp: str = "auto"
-    # NHWC activations and weights for student and teacher: 1.2-1.4x the contiguous step on
-    # that CPU (docs/bench_cpu.md), and the layout of cuDNN's tensor-core convolutions.
+    # NHWC activations and weights for student and teacher: 1.2-1.4x the contiguous step on the
+    # CPU (docs/defaults_cpu.md), and the layout of cuDNN's tensor-core convolutions.
     channels_last: bool = True
-    # torch.compile the student: off, because on the CPU it gained nothing measurable
-    # (docs/bench_cpu.md) and every trial pays the compile time again.
+    # torch.compile the student: off, no measurable gain on the CPU (docs/defaults_cpu.md), and
+    # every trial pays the compile time again.
     compile: bool = False
 
 
