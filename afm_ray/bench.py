@@ -54,11 +54,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from afm_ray.attacks import robust_predictions
 from afm_ray.augment import BatchAugment
+from afm_ray.config import RunConfig
 from afm_ray.data import DeviceBatchLoader
 from afm_ray.eval_batch import choose_eval_batch_size
 from afm_ray.methods import METHODS, AttackSpec, build_method
 from afm_ray.models import build_model
-from afm_ray.config import RunConfig
 from afm_ray.train import TrainStep, amp_dtype_for
 
 __all__ = [
@@ -821,6 +821,9 @@ def to_markdown(report: BenchReport) -> str:
     """The record: the machine, the shapes, the step table, augmentation, evaluation, notes."""
     cfg, m = report.config, report.machine
     scale, unit = _flops_unit(m.device)
+    # Every student the rows cover (--student a,b), in order; the config names the first.
+    students = ", ".join(dict.fromkeys(r.student for r in report.rows if not r.control)) or _arch_label(
+        cfg.student, cfg.student_width)
     out = [
         "# afm-ray performance record",
         "",
@@ -829,7 +832,7 @@ def to_markdown(report: BenchReport) -> str:
         f"Python {m.python_version}, {m.date}; 1-min load average {m.load_start:.2f} at start, "
         f"{m.load_end:.2f} at end.",
         "",
-        f"Shapes: student {', '.join(dict.fromkeys(r.student for r in report.rows if not r.control)) or _arch_label(cfg.student, cfg.student_width)}, teacher "
+        f"Shapes: student {students}, teacher "
         f"{_arch_label(cfg.teacher, cfg.teacher_width)}, input {cfg.channels}x{cfg.image_size}x{cfg.image_size}, "
         f"{cfg.num_classes} classes, PGD-{cfg.steps} linf eps {cfg.eps:.4g} step {cfg.step_size:.4g}; our "
         f"augmentation {cfg.policy} on {cfg.device}, amp {cfg.amp}, "
