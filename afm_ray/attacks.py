@@ -258,11 +258,12 @@ def robust_predictions(
             # halve it and start this attack again rather than lose the evaluation.
             if batch_size == 1:
                 raise
-            batch_size //= 2
-            if x.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if progress is not None:
-                progress(f"{attack}: out of memory, retrying with batch {batch_size}")
+        # Outside the handler, where the traceback's frames no longer hold the failed batch.
+        batch_size //= 2
+        if x.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if progress is not None:
+            progress(f"{attack}: out of memory, retrying with batch {batch_size}")
 
 
 def _pgd_predictions(model: nn.Module, x: Tensor, y: Tensor, *, attack: str, eps: float, norm: str,

@@ -32,7 +32,6 @@ from afm_ray.config import ConfigError, ExperimentConfig, from_flat, load_config
 
 REFERENCE = {"run.amp": "off", "run.channels_last": False, "run.compile": False}
 DEFAULT_FAST = ("run.amp=bf16", "run.channels_last=true")
-METRICS = ("clean_acc", "pgd20_acc")
 
 
 @dataclass(frozen=True)
