@@ -97,3 +97,14 @@ def test_cli_rejects_bad_values_before_training(capsys):
         main(["--set", "attack.eps=-1"])
     assert exit_info.value.code == 2
     assert "attack.eps: got -1.0, expected eps >= 0" in capsys.readouterr().err
+
+
+def test_compiled_student_trains_and_saves_plain_weights(tmp_path):
+    """run.compile: the step runs through torch.compile; the checkpoint holds the plain module's
+    weights (no `_orig_mod.` prefix), so it loads into an uncompiled model."""
+    config = {**TINY, "method.name": "pgd_at", "optim.epochs": 1, "run.compile": True}
+    reporter = LocalReporter(tmp_path, log=lambda l: None)
+    final = train_fn_per_worker(config, reporter)
+    assert final["clean_acc"] > 0.3  # one epoch on digits: well above chance (0.1)
+    state = checkpoints.load_training_state(reporter.latest_checkpoint)
+    assert not any(k.startswith("_orig_mod.") for k in state["model"])
