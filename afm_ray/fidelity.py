@@ -15,10 +15,8 @@ The record for this machine kind lives in docs/fidelity_<machine>.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -84,22 +82,17 @@ def within_noise(summary: dict[str, float]) -> bool:
 
 def to_markdown(results: Sequence[RunResult], base: ExperimentConfig, fast: dict[str, object], command: str,
                 metrics: Sequence[str]) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and base.run.device != "cpu" else cpu
+    from afm_ray.bench import machine_info  # one description of the machine for both records
+    from afm_ray.train import resolve_device
+
+    m = machine_info(resolve_device(base.run.device))
     changed = ", ".join(f"{k}={v}" for k, v in fast.items() if REFERENCE.get(k) != v)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# afm-ray fast-path fidelity record",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {device}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"{date}.",
+        f"Machine: {m.name}, {m.cores} cores, {m.threads} torch threads, torch {m.torch_version}, {m.date}.",
         "",
         f"Run: {base.method.name}, student {base.student.arch}-w{base.student.width}, teacher {base.teacher.arch}-"
         f"w{base.teacher.width} ({base.teacher.method}, {base.teacher.epochs} epochs), data {base.data.name}"
