@@ -40,11 +40,13 @@ import yaml
 from afm_ray.config import ConfigError, from_flat, valid_keys
 
 TOP_LEVEL_KEYS = ("name", "description", "experiment", "fixed", "search", "objectives", "num_samples",
-                  "scheduler", "resources", "max_concurrent_trials", "max_failures", "seed")
+                  "sampler", "scheduler", "resources", "max_concurrent_trials", "max_failures", "seed")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 OBJECTIVE_METRICS = ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc", "params", "latency_ms")
 PER_EPOCH_METRICS = ("val/clean_acc", "val/pgd_acc")
 RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
+SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLER_FIELDS = {"tpe": ("name", "n_startup_trials"), "nsga2": ("name", "population_size"), "random": ("name",)}
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class SearchSpace:
     search: tuple[Distribution, ...]
     objectives: tuple[Objective, ...]
     num_samples: int
+    sampler: dict[str, Any]
     scheduler: dict[str, Any]
     resources: dict[str, float]
     max_concurrent_trials: int
@@ -176,13 +179,14 @@ def parse_search_space(raw: Mapping[str, Any], *, source: str = "", path: str = 
     scheduler = _parse_scheduler(raw.get("scheduler"), objectives, where)
     resources = _parse_resources(raw.get("resources"), where)
     num_samples = _positive_int(raw.get("num_samples", 6), f"{where}: num_samples")
+    sampler = _parse_sampler(raw.get("sampler"), num_samples, where)
     max_concurrent = _non_negative_int(raw.get("max_concurrent_trials", 0), f"{where}: max_concurrent_trials")
     max_failures = _non_negative_int(raw.get("max_failures", 2), f"{where}: max_failures")
     seed = _non_negative_int(raw.get("seed", 0), f"{where}: seed")
 
     space = SearchSpace(
         name=name, description=str(raw.get("description", "")), experiment=str(raw.get("experiment") or f"afm-ray-{name}"),
-        fixed=fixed, search=search, objectives=objectives, num_samples=num_samples, scheduler=scheduler,
+        fixed=fixed, search=search, objectives=objectives, num_samples=num_samples, sampler=sampler, scheduler=scheduler,
         resources=resources, max_concurrent_trials=max_concurrent, max_failures=max_failures, seed=seed,
         source=source, path=path,
     )
@@ -285,6 +289,48 @@ def _parse_scheduler(raw: Any, objectives: tuple[Objective, ...], where: str) ->
             raise ConfigError(f"{where}: scheduler.reduction_factor must be > 1, got {spec['reduction_factor']!r}")
     spec["name"] = name
     return spec
+
+
+def default_startup_trials(num_samples: int) -> int:
+    """Random trials before a model-based sampler uses what it learned: a third of the budget,
+    at least 2 and at most 10 (Optuna's own TPE default)."""
+    return max(2, min(10, num_samples // 3))
+
+
+def _parse_sampler(raw: Any, num_samples: int, where: str) -> dict[str, Any]:
+    spec = dict(_mapping(raw or {"name": "tpe"}, f"{where}: sampler"))
+    name = spec.get("name", "tpe")
+    if name not in SAMPLERS:
+        raise _unknown(f"{where}: sampler.name", name, SAMPLERS)
+    for key in spec:
+        if key not in SAMPLER_FIELDS[name]:
+            raise _unknown(f"{where}: unknown sampler field for {name}", key, SAMPLER_FIELDS[name])
+    spec["name"] = name
+    if name == "tpe":
+        spec.setdefault("n_startup_trials", default_startup_trials(num_samples))
+        _positive_int(spec["n_startup_trials"], f"{where}: sampler.n_startup_trials")
+    if name == "nsga2":
+        # A generation must fit the budget at least twice, or NSGA-II never leaves its random first one.
+        spec.setdefault("population_size", max(2, num_samples // 4))
+        size = spec["population_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 2:
+            raise ConfigError(f"{where}: sampler.population_size: expected an integer >= 2, got {size!r}")
+    return spec
+
+
+def build_sampler(space: "SearchSpace") -> Any:
+    """The Optuna sampler the space asks for, seeded with the space's seed."""
+    import optuna
+
+    spec, seed = space.sampler, space.seed
+    if spec["name"] == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec["name"] == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=spec["population_size"])
+    # Multivariate, grouped TPE models the joint and the conditional keys (`when:`); the constant
+    # liar keeps parallel trials from all being asked the same point.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec["n_startup_trials"], multivariate=True,
+                                      group=True, constant_liar=True)
 
 
 def _parse_resources(raw: Any, where: str) -> dict[str, float]:

@@ -24,7 +24,7 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from afm_ray.config import ConfigError, ExperimentConfig, from_flat, parse_overrides, to_flat
-from afm_ray.search_space import SearchSpace, find_default_space, load_search_space
+from afm_ray.search_space import SearchSpace, build_sampler, find_default_space, load_search_space
 from afm_ray.tracking import (
     check_tracking_uri, default_tracking_uri, start_or_resume_sweep_run, TrialTracker,
 )
@@ -230,8 +230,7 @@ def run_sweep(space: SearchSpace, *, name: str, experiment: str, tracking_uri: s
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         multi = len(space.objectives) > 1
-        sampler = (optuna.samplers.NSGAIISampler(seed=space.seed) if multi
-                   else optuna.samplers.TPESampler(seed=space.seed))
+        sampler = build_sampler(space)
         searcher = CompletedOnlyOptunaSearch(
             space=space.define_by_run(),
             metric=[o.metric for o in space.objectives] if multi else space.objectives[0].metric,

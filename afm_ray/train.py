@@ -372,6 +372,8 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
                 batch_size=eval_batch_size,
             )
             metrics[key] = correct.float().mean().item()
+        # Training and validation seconds of this epoch: what a scheduler that stops here spent.
+        metrics["time/epoch_s"] = time.perf_counter() - started
         last = epoch + 1 == cfg.optim.epochs
         save = last or (cfg.run.checkpoint_every and (epoch + 1) % cfg.run.checkpoint_every == 0)
         _report_with_checkpoint(reporter, metrics, cfg, student, optimizer, scheduler, epoch + 1, ctx, save)
