@@ -1,0 +1,77 @@
+"""Names shared across modules, defined once: MLflow tags, metric keys, attack vocabulary,
+objectives, the evaluation protocol's wording. Standard library only, so any module (and any
+tool reading MLflow) can import it without pulling torch, Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# --- MLflow layout: one parent run per sweep (role "sweep"), one child run per trial ("trial").
+ROLE_TAG = "afm_ray.role"
+TRIAL_STATUS_TAG = "afm_ray.trial_status"  # running | completed | early_stopped | failed
+TRIAL_ID_TAG = "afm_ray.trial_id"  # the Tune trial id
+SWEEP_TAG = "afm_ray.sweep_name"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
+MODEL_ERROR_TAG = "afm_ray.model_error"  # why a completed trial has no logged student
+STUDENT_MODEL = "student"  # the artifact path / logged-model name of a trial's student
+PARETO_ALIAS_PREFIX = "pareto-"  # registered front members get aliases pareto-1, pareto-2, ...
+
+# --- Metrics. Accuracies are fractions in [0, 1]; `eval/*` describe how they were measured.
+ACCURACY_METRICS = ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc")
+# The one-value metrics every completed trial logs at its end.
+FINAL_METRICS = (*ACCURACY_METRICS, "params", "latency_ms", "eval/n_samples", "eval/eps")
+# Metrics a search space may optimise (final) and those a scheduler may read every epoch.
+OBJECTIVE_METRICS = (*ACCURACY_METRICS, "params", "latency_ms")
+PER_EPOCH_METRICS = ("val/clean_acc", "val/pgd_acc")
+
+# --- Attacks and the evaluation protocol (fixed, so numbers compare across trials).
+NORMS = ("linf", "l2")
+# How PGD starts: uniform in the ball, x + 0.001 N(0,1) (official RSLAD/AdaAD/TRADES code), or x.
+RANDOM_STARTS = ("uniform", "normal", "none")
+# Config values of attack.random_start: "default" = the method's own start.
+CONFIG_RANDOM_STARTS = ("default", *RANDOM_STARTS)
+EVAL_PROTOCOLS = {
+    "clean": "clean",
+    "pgd20": "PGD-20 on CE, step eps/4, uniform random start",
+    "pgd10": "PGD-10 on CE, step eps/4, uniform random start",
+    "cw": "CW-linf: PGD-20 on the margin loss, step eps/4",
+    "aa": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square; pyautoattack)",
+}
+ATTACKS = tuple(EVAL_PROTOCOLS)
+
+# --- Methods, data, training switches.
+HPARAM_NAMES = ("tau", "alpha", "beta", "lam")  # method.<name>; None = the method's default
+DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "parquet")
+TEACHER_METHODS = ("pgd_at", "trades")
+LR_SCHEDULES = ("cosine", "step", "constant")
+AMP_SETTINGS = ("auto", "off", "bf16")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One metric to optimise: an MLflow metric key and whether larger (max) or smaller (min) wins."""
+
+    metric: str
+    mode: str  # max | min
+
+    @classmethod
+    def parse(cls, spec: str) -> Objective:
+        """``"aa_acc:max"`` -> Objective("aa_acc", "max")."""
+        metric, sep, mode = spec.rpartition(":")
+        if not sep or not metric or mode not in ("max", "min"):
+            raise ValueError(f"bad objective {spec!r}: expected NAME:max or NAME:min (e.g. aa_acc:max clean_acc:max)")
+        return cls(metric, mode)
+
+    def __str__(self) -> str:
+        return f"{self.metric}:{self.mode}"
+
+
+DEFAULT_OBJECTIVES = (Objective("clean_acc", "max"), Objective("aa_acc", "max"))
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else a SQLite file in the working directory (absolute URI)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
