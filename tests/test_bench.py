@@ -3,18 +3,46 @@ No timing assertions: only that every measurement is there and well formed."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
-from afm_ray import bench
-from afm_ray.bench import BenchConfig, BenchReport, bench_methods, count_flops, machine_info, to_markdown
 from afm_ray.config import RunConfig
-from afm_ray.train import amp_dtype_for
+from afm_ray.devices import amp_dtype_for
+from afm_ray.methods import METHODS as ALL_METHODS
+from afm_ray.methods import build_method
 
-TINY = BenchConfig(student="small_cnn", student_width=4, teacher="small_cnn", teacher_width=8,
-                   batch_size=8, steps=1, image_size=8, channels=1, eps=0.1, iters=1, warmup=0)
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py: scripts beside the package, not in it, so imported from their folder."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+bench = load_benchmark("bench")
+BenchConfig, BenchReport, bench_methods = bench.BenchConfig, bench.BenchReport, bench.bench_methods
+count_flops, machine_info, to_markdown = bench.count_flops, bench.machine_info, bench.to_markdown
+
+TINY = BenchConfig(
+    student="small_cnn",
+    student_width=4,
+    teacher="small_cnn",
+    teacher_width=8,
+    batch_size=8,
+    steps=1,
+    image_size=8,
+    channels=1,
+    eps=0.1,
+    iters=1,
+    warmup=0,
+)
 METHODS = ("advfunmatch", "pgd_at")  # one with a teacher in the attack, one without a teacher
 
 
@@ -83,10 +111,70 @@ def test_cli_options_resolve_to_the_cpu_defaults_and_overrides():
 
 def test_cli_with_two_students_writes_one_record(tmp_path):
     out = tmp_path / "bench.md"
-    argv = ["--student", "small_cnn,mobilenet_v2", "--teacher-width", "8", "--methods",
-            "pgd_at", "--batch-sizes", "8", "--steps", "1", "--image-size", "8", "--iters", "1", "--warmup", "0",
-            "--no-augment", "--control", "none", "--threads", "1", "--out", str(out)]
+    argv = [
+        "--student",
+        "small_cnn,mobilenet_v2",
+        "--teacher-width",
+        "8",
+        "--methods",
+        "pgd_at",
+        "--batch-sizes",
+        "8",
+        "--steps",
+        "1",
+        "--image-size",
+        "8",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--no-augment",
+        "--control",
+        "none",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert bench.main(argv) == 0
     text = out.read_text()
     assert "Shapes: student small_cnn-w16, mobilenet_v2, teacher" in text  # each at its own default width
-    assert text.count("| pgd_at | small_cnn-w16 / - | 8 |") == 1 and text.count("| pgd_at | mobilenet_v2 / - | 8 |") == 1
+    assert (
+        text.count("| pgd_at | small_cnn-w16 / - | 8 |") == 1 and text.count("| pgd_at | mobilenet_v2 / - | 8 |") == 1
+    )
+
+
+@pytest.mark.parametrize("name", list(ALL_METHODS))
+def test_reference_computes_the_methods_math(name):
+    # The reference keeps its attack objectives and forwards apart from afm_ray.methods on purpose
+    # (bench.py's docstring); this pins them to the same math, so the two cannot drift apart.
+    steps = load_benchmark("bench_steps")
+    assert set(steps.OFFICIAL_OUTER) == set(steps.REFERENCE_NOTES) == set(ALL_METHODS)
+    student, teacher = steps.build_models(TINY, torch.device("cpu"))
+    method = build_method(name)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, *TINY.image_shape, generator=g)
+    y = torch.randint(0, TINY.num_classes, (8,), generator=g)
+    x_adv = (x + TINY.eps * (2 * torch.rand(x.shape, generator=g) - 1)).clamp(0, 1)
+    # A fresh student's BatchNorm statistics (mean 0, variance 1) make its eval-mode outputs almost
+    # constant and TRADES's KL a roundoff-level number: one cumulative-average pass sets this batch's.
+    for module in student.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+        student(x)
+    if method.uses_attack:
+        student.eval()
+        ref = steps.reference_attack_objective(name, method, student, teacher, x, y, teacher_logits)
+        ours = method.inner_objective(student, teacher, x, y, teacher_logits)
+        z = x_adv.clone().requires_grad_()
+        ref_value, ours_value = ref(z), ours(z)
+        # The two write the same KL differently: they differ by fp32 roundoff, about 1e-6 of the value.
+        torch.testing.assert_close(ref_value, ours_value, rtol=1e-4, atol=0)
+        (ref_grad,), (ours_grad,) = torch.autograd.grad(ref_value, z), torch.autograd.grad(ours_value, z)
+        torch.testing.assert_close(ref_grad, ours_grad, rtol=1e-4, atol=1e-4 * ours_grad.abs().max().item())
+    student.train()
+    ref_loss = steps.reference_outer_loss(name, method, student, teacher, x, x_adv, y, teacher_logits)["loss"]
+    ours_loss = method.outer_loss(student, x, x_adv, y, teacher, teacher_logits)["loss"]
+    torch.testing.assert_close(ref_loss, ours_loss, rtol=1e-4, atol=0)

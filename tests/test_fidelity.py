@@ -1,11 +1,32 @@
-"""The run-level fast-path fidelity benchmark (afm_ray.fidelity): its statistics and its CLI."""
+"""The run-level fast-path fidelity benchmark (benchmarks/fidelity.py): its statistics and its CLI."""
 
+import importlib
 import math
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from afm_ray.config import ConfigError
-from afm_ray.fidelity import RunResult, main, paths, summarize, within_noise
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py: scripts beside the package, not in it, so imported from their folder."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+fidelity = load_benchmark("fidelity")
+RunResult, main, paths, summarize, within_noise = (
+    fidelity.RunResult,
+    fidelity.main,
+    fidelity.paths,
+    fidelity.summarize,
+    fidelity.within_noise,
+)
 
 
 def result(path: str, seed: int, acc: float) -> RunResult:
@@ -30,11 +51,14 @@ def test_fast_path_must_change_something():
         paths(["run.amp=off"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--seeds", "1"], "--seeds: got 1, expected >= 2"),
-    (["--fast", "run.amp=fp8"], "run.amp"),
-    (["--set", "attack.eps=-1"], "attack.eps: got -1.0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "1"], "--seeds: got 1, expected >= 2"),
+        (["--fast", "run.amp=fp8"], "run.amp"),
+        (["--set", "attack.eps=-1"], "attack.eps: got -1.0"),
+    ],
+)
 def test_cli_rejects_bad_input_before_training(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -43,8 +67,16 @@ def test_cli_rejects_bad_input_before_training(argv, message, capsys):
 
 def test_record_from_two_tiny_seeds(tmp_path):
     out = tmp_path / "fidelity.md"
-    tiny = ["method.name=pgd_at", "data.name=digits", "student.width=8", "optim.epochs=1", "optim.batch_size=64",
-            "attack.steps=1", "eval.samples=64", "eval.val_samples=64"]
+    tiny = [
+        "method.name=pgd_at",
+        "data.name=digits",
+        "student.width=8",
+        "optim.epochs=1",
+        "optim.batch_size=64",
+        "attack.steps=1",
+        "eval.samples=64",
+        "eval.val_samples=64",
+    ]
     assert main(["--seeds", "2", "--out", str(out), *(a for kv in tiny for a in ("--set", kv))]) == 0
     text = out.read_text()
     assert text.count("| fp32 | ") == 2 and text.count("| fast | ") == 2

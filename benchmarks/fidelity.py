@@ -1,4 +1,4 @@
-"""Does the fast path train as well as fp32? `python -m afm_ray.fidelity`.
+"""Does the fast path train as well as fp32? `python benchmarks/fidelity.py`, from the repository root.
 
 The loss-level guard is a test (tests/test_fast_path.py: every method's loss and attack on
 fixed inputs within a stated tolerance of fp32). This is the run-level guard, a benchmark
@@ -23,10 +23,23 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from afm_ray.config import ConfigError, ExperimentConfig, from_flat, load_config, parse_overrides, to_flat
+from afm_ray.cli import load_config
+from afm_ray.config import ExperimentConfig, from_flat, parse_overrides, to_flat
+from afm_ray.devices import resolve_device
+from afm_ray.errors import ConfigError
+from afm_ray.methods import build_method
+from afm_ray.teacher import ensure_teacher
+from afm_ray.train import LocalReporter, method_hparams, train_fn_per_worker
+
+# The sibling modules import as top-level names: Python puts a script's own folder on sys.path, an importer may not.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_measure import machine_info  # one description of the machine for both records
 
 REFERENCE = {"run.amp": "off", "run.channels_last": False, "run.compile": False}
 DEFAULT_FAST = ("run.amp=bf16", "run.channels_last=true")
@@ -53,14 +66,19 @@ def paths(fast_overrides: Sequence[str]) -> dict[str, dict[str, object]]:
 
 
 def run_one(base: ExperimentConfig, overrides: dict[str, object], seed: int, path: str) -> RunResult:
-    from afm_ray.train import LocalReporter, train_fn_per_worker
-
     flat = {**to_flat(base), **overrides, "run.seed": seed}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="afm_ray_fidelity_") as out:
-        final = train_fn_per_worker(from_flat({**flat, "run.output_dir": out}), LocalReporter(out, log=lambda line: None))
-    return RunResult(path, seed, {k: final[k] for k in final if k.endswith("_acc") and "/" not in k},
-                     final["train/images_per_s"], time.perf_counter() - started)
+        final = train_fn_per_worker(
+            from_flat({**flat, "run.output_dir": out}), LocalReporter(out, log=lambda line: None)
+        )
+    return RunResult(
+        path,
+        seed,
+        {k: final[k] for k in final if k.endswith("_acc") and "/" not in k},
+        final["train/images_per_s"],
+        time.perf_counter() - started,
+    )
 
 
 def summarize(results: Sequence[RunResult], metric: str) -> dict[str, float]:
@@ -80,11 +98,9 @@ def within_noise(summary: dict[str, float]) -> bool:
     return abs(summary["diff"]) <= 2 * summary["diff_se"]
 
 
-def to_markdown(results: Sequence[RunResult], base: ExperimentConfig, fast: dict[str, object], command: str,
-                metrics: Sequence[str]) -> str:
-    from afm_ray.bench import machine_info  # one description of the machine for both records
-    from afm_ray.train import resolve_device
-
+def to_markdown(
+    results: Sequence[RunResult], base: ExperimentConfig, fast: dict[str, object], command: str, metrics: Sequence[str]
+) -> str:
     m = machine_info(resolve_device(base.run.device))
     changed = ", ".join(f"{k}={v}" for k, v in fast.items() if REFERENCE.get(k) != v)
     lines = [
@@ -109,20 +125,29 @@ def to_markdown(results: Sequence[RunResult], base: ExperimentConfig, fast: dict
     for r in sorted(results, key=lambda r: (r.path != "fp32", r.seed)):
         cells = " | ".join(f"{100 * r.metrics[m]:.2f}" for m in metrics)
         lines.append(f"| {r.path} | {r.seed} | {cells} | {r.train_images_per_s:.0f} | {r.seconds:.0f} |")
-    lines += ["", "| metric | fp32 mean ± std | fast mean ± std | fast − fp32 | 2 SE of the difference | verdict |",
-              "|---|---:|---:|---:|---:|---|"]
+    lines += [
+        "",
+        "| metric | fp32 mean ± std | fast mean ± std | fast − fp32 | 2 SE of the difference | verdict |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for m in metrics:
         s = summarize(results, m)
         verdict = "within noise" if within_noise(s) else "DIFFERENT"
-        lines.append(f"| {m} | {100 * s['fp32_mean']:.2f} ± {100 * s['fp32_std']:.2f} | "
-                     f"{100 * s['fast_mean']:.2f} ± {100 * s['fast_std']:.2f} | {100 * s['diff']:+.2f} | "
-                     f"{200 * s['diff_se']:.2f} | {verdict} |")
+        lines.append(
+            f"| {m} | {100 * s['fp32_mean']:.2f} ± {100 * s['fp32_std']:.2f} | "
+            f"{100 * s['fast_mean']:.2f} ± {100 * s['fast_std']:.2f} | {100 * s['diff']:+.2f} | "
+            f"{200 * s['diff_se']:.2f} | {verdict} |"
+        )
     speed = {p: statistics.fmean(r.train_images_per_s for r in results if r.path == p) for p in ("fp32", "fast")}
-    lines += ["", f"Training speed, fast / fp32 (mean train/images_per_s over seeds, attack included): "
-                  f"{speed['fast'] / speed['fp32']:.2f}x.",
-              "", "Within noise: |fast − fp32| <= 2 standard errors of the difference of the means "
-                  "(the seed-to-seed spread of each path; seeds change the student's initialisation, the batch "
-                  "order, the augmentation and the attack's random starts)."]
+    lines += [
+        "",
+        f"Training speed, fast / fp32 (mean train/images_per_s over seeds, attack included): "
+        f"{speed['fast'] / speed['fp32']:.2f}x.",
+        "",
+        "Within noise: |fast − fp32| <= 2 standard errors of the difference of the means "
+        "(the seed-to-seed spread of each path; seeds change the student's initialisation, the batch "
+        "order, the augmentation and the attack's random starts).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -134,12 +159,23 @@ def _default_out() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m afm_ray.fidelity", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/fidelity.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML with config sections (default: the embedded default)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a dotted key of the base run (repeatable)")
-    parser.add_argument("--fast", nargs="+", default=list(DEFAULT_FAST), metavar="KEY=VALUE",
-                        help=f"the fast path's switches (default: {' '.join(DEFAULT_FAST)})")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key of the base run (repeatable)",
+    )
+    parser.add_argument(
+        "--fast",
+        nargs="+",
+        default=list(DEFAULT_FAST),
+        metavar="KEY=VALUE",
+        help=f"the fast path's switches (default: {' '.join(DEFAULT_FAST)})",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds per path (>= 2, for the spread)")
     parser.add_argument("--attacks", default="clean,pgd20", help="final evaluation attacks (default clean,pgd20)")
     parser.add_argument("--out", default=None, help="Markdown record (default docs/fidelity_<machine>.md)")
@@ -155,10 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
 
-    from afm_ray.methods import build_method
-    from afm_ray.teacher import ensure_teacher
-    from afm_ray.train import method_hparams
-
     if build_method(base.method.name, **method_hparams(base)).needs_teacher and not base.teacher.checkpoint:
         base = from_flat({**to_flat(base), "teacher.checkpoint": str(ensure_teacher(base, log=log))})
     metrics = [f"{a}_acc" for a in base.eval_attacks]
@@ -167,9 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         for path, overrides in compared.items():  # interleaved, so drifting machine load hits both paths
             r = run_one(base, overrides, seed, path)
             results.append(r)
-            log(f"{path:<5} seed {seed}: " + ", ".join(f"{m} {100 * r.metrics[m]:.2f}%" for m in metrics)
-                + f", {r.train_images_per_s:.0f} train img/s, {r.seconds:.0f} s")
-    command = "python -m afm_ray.fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
+            log(
+                f"{path:<5} seed {seed}: "
+                + ", ".join(f"{m} {100 * r.metrics[m]:.2f}%" for m in metrics)
+                + f", {r.train_images_per_s:.0f} train img/s, {r.seconds:.0f} s"
+            )
+    command = "python benchmarks/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = to_markdown(results, base, compared["fast"], command.strip(), metrics)
     out = args.out or _default_out()
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
