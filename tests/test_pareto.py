@@ -1,8 +1,9 @@
 """afm_ray.pareto: the front on hand-computed examples, read from real MLflow (SQLite) runs.
 
-The sweep experiment below is built by hand in the layout of INTERFACES.md ("MLflow layout"):
-a parent run tagged afm_ray.role=sweep and child runs tagged afm_ray.role=trial with a
-trial status. Every expected front in this file was worked out by hand in the comments.
+The sweep experiment below is built by hand in the layout the sweep logs: a parent run tagged
+afm_ray.role=sweep and child runs tagged afm_ray.role=trial (mlflow.parentRunId = the parent)
+with a trial status. Every expected front in this file was worked out by hand in the comments.
+The domination math itself is tested in test_front.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+import pandas as pd
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
@@ -21,107 +22,19 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from afm_ray import pareto
-from afm_ray.pareto import (
-    Objective,
-    dominance_matrix,
-    load_trials,
-    main,
-    nondominated_layers,
-    pareto_mask,
-    parse_objectives,
-    rank_trials,
-)
+from afm_ray.names import Objective
+from afm_ray.pareto import load_trials, main, parse_objectives, rank_trials
 
 REPO = Path(__file__).resolve().parents[1]
 # SQLAlchemy 2 deprecation inside MLflow's own store; nothing this module can act on.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 NAN = float("nan")
 
-# --------------------------------------------------------------------------- pure front
-
-
-def test_front_two_objectives_with_ties():
-    values = [
-        [0.5, 0.8],  # 0 front
-        [0.6, 0.7],  # 1 front
-        [0.4, 0.9],  # 2 front
-        [0.5, 0.7],  # 3 dominated by 0 and 1
-        [0.6, 0.7],  # 4 identical to 1: ties share the front
-        [0.3, 0.3],  # 5 dominated by everything, including 3
-    ]
-    assert pareto_mask(values, ["max", "max"]).tolist() == [True, True, True, False, True, False]
-    assert nondominated_layers(values, ["max", "max"]).tolist() == [1, 1, 1, 2, 1, 3]
-
-
-def test_front_max_min_mix_and_flipped_goal():
-    # accuracy (max) against parameter count (min)
-    values = [[0.9, 10], [0.8, 5], [0.9, 12], [0.7, 5], [0.95, 20]]
-    # (0.9,10) beats (0.9,12) on params; (0.8,5) beats (0.7,5) on accuracy
-    assert pareto_mask(values, ["max", "min"]).tolist() == [True, True, False, False, True]
-    assert nondominated_layers(values, ["max", "min"]).tolist() == [1, 1, 2, 2, 1]
-    # maximising both, (0.95,20) dominates all; the rest form a chain 2 > 0 > 1 > 3
-    assert pareto_mask(values, ["max", "max"]).tolist() == [False, False, False, False, True]
-    assert nondominated_layers(values, ["max", "max"]).tolist() == [3, 4, 2, 5, 1]
-
-
-def test_front_three_objectives():
-    # maximise a and b, minimise c
-    values = [
-        [0.9, 0.5, 3],  # 0 front
-        [0.8, 0.6, 3],  # 1 front (best b among c=3)
-        [0.8, 0.5, 1],  # 2 front: dominated in (a, b) but the smallest c
-        [0.8, 0.5, 3],  # 3 dominated by 0, 1 and 2
-        [0.9, 0.5, 3],  # 4 identical to 0
-        [0.7, 0.7, 5],  # 5 front: best b
-    ]
-    goals = ["max", "max", "min"]
-    assert pareto_mask(values, goals).tolist() == [True, True, True, False, True, True]
-    assert nondominated_layers(values, goals).tolist() == [1, 1, 1, 2, 1, 1]
-    d = dominance_matrix(values, goals)
-    assert d[[0, 1, 2, 4], 3].all() and not d[5, 3]
-    assert not d[0, 4] and not d[4, 0]  # ties do not dominate each other
-
-
-def test_front_single_objective_and_brute_force_agreement():
-    assert pareto_mask([[1.0], [2.0], [2.0]], ["max"]).tolist() == [False, True, True]
-    assert pareto_mask([[1.0], [2.0], [2.0]], ["min"]).tolist() == [True, False, False]
-    rng = np.random.default_rng(0)
-    for m in (2, 3, 4):
-        v = rng.integers(0, 4, size=(40, m)).astype(float)  # small ints: many ties
-        goals = ["max", "min", "max", "min"][:m]
-        s = v * np.where(np.array(goals) == "max", 1, -1)
-        brute = [
-            not any(all(s[j] >= s[i]) and any(s[j] > s[i]) for j in range(len(s))) for i in range(len(s))
-        ]
-        assert pareto_mask(v, goals).tolist() == brute
-        layers = nondominated_layers(v, goals)
-        for k in range(1, layers.max() + 1):  # layer k = front of what layers >= k leave
-            rest = layers >= k
-            assert (layers[rest] == k).tolist() == pareto_mask(v[rest], goals).tolist()
-
-
-def test_non_dominated_indices_skip_nan_rows():
-    # the sweep's summary hands plain rows; a NaN row (say, no AutoAttack) is never optimal
-    rows = [[0.5, 0.8], [0.6, NAN], [0.4, 0.9], [0.5, 0.7], [0.9, 0.9]]
-    assert pareto.non_dominated(rows, ["max", "max"]) == [4]
-    assert pareto.non_dominated(rows[:4], ["max", "max"]) == [0, 2]
-    assert pareto.non_dominated(rows[:4], ["min", "min"]) == [2, 3]
-    assert pareto.non_dominated([], ["max"]) == []
-    assert pareto.non_dominated([[NAN, 1.0]], ["max", "max"]) == []
-
-
-def test_front_rejects_nan_and_bad_goals():
-    with pytest.raises(ValueError, match="NaN"):
-        pareto_mask([[0.5, NAN]], ["max", "max"])
-    with pytest.raises(ValueError, match="'max' or 'min'"):
-        pareto_mask([[0.5, 0.2]], ["max", "up"])
-    with pytest.raises(ValueError, match="2 goals for 3"):
-        pareto_mask([[0.5, 0.2, 0.1]], ["max", "max"])
+# --------------------------------------------------------------------------- objectives and filters
 
 
 def test_parse_objectives():
-    assert parse_objectives(["aa_acc:max", "params:min"]) == (
-        Objective("aa_acc", "max"), Objective("params", "min"))
+    assert parse_objectives(["aa_acc:max", "params:min"]) == (Objective("aa_acc", "max"), Objective("params", "min"))
     for bad in ("aa_acc", "aa_acc:up", ":max"):
         with pytest.raises(ValueError, match="expected NAME:max or NAME:min"):
             parse_objectives([bad])
@@ -131,12 +44,15 @@ def test_parse_objectives():
 
 def test_filters():
     assert pareto.translate_filter("params.method = 'rslad'") == "params.`method.name` = 'rslad'"
-    for unchanged in ("params.`method.name` = 'x'", "params.method.name = 'x'",
-                      "tags.note = 'params.method'", "params.method_x = '1'"):
+    for unchanged in (
+        "params.`method.name` = 'x'",
+        "params.method.name = 'x'",
+        "tags.note = 'params.method'",
+        "params.method_x = '1'",
+    ):
         assert pareto.translate_filter(unchanged) == unchanged
     assert pareto.trial_filter("params.method = 'ard'", "abc") == (
-        "tags.`afm_ray.role` = 'trial' and tags.`mlflow.parentRunId` = 'abc' "
-        "and params.`method.name` = 'ard'"
+        "tags.`afm_ray.role` = 'trial' and tags.`mlflow.parentRunId` = 'abc' and params.`method.name` = 'ard'"
     )
 
 
@@ -145,15 +61,22 @@ def test_filters():
 T0 = 1_700_000_000_000  # start times (ms) fix the order of exact ties
 
 
-def _add_trial(client, exp_id, parent, name, metrics, *, status="FINISHED", trial_status="completed",
-               method="advfunmatch", step=0):
+def _add_trial(
+    client, exp_id, parent, name, metrics, *, status="FINISHED", trial_status="completed", method="advfunmatch", step=0
+):
     tags = {"mlflow.parentRunId": parent, "afm_ray.role": "trial", "afm_ray.trial_id": name}
     if trial_status is not None:
         tags["afm_ray.trial_status"] = trial_status
     run = client.create_run(exp_id, start_time=T0 + 1000 * step, tags=tags, run_name=name)
     rid = run.info.run_id
-    params = {"method.name": method, "attack.eps": "0.3", "attack.steps": "10", "method.tau": "1.0",
-              "augment.policy": "autoaugment", "data.name": "digits"}
+    params = {
+        "method.name": method,
+        "attack.eps": "0.3",
+        "attack.steps": "10",
+        "method.tau": "1.0",
+        "augment.policy": "autoaugment",
+        "data.name": "digits",
+    }
     client.log_batch(
         rid,
         metrics=[Metric(k, v, T0, 0) for k, v in metrics.items()],
@@ -195,8 +118,15 @@ def sweep_db(tmp_path_factory):
         if aa is not None:
             metrics["aa_acc"] = aa
         ids[name] = _add_trial(client, exp, p1, name, metrics, step=step, **kw)
-    ids["t12"] = _add_trial(client, exp, p2, "t12", {"aa_acc": 0.9, "clean_acc": 0.9, "params": 5 * M,
-                                                     "latency_ms": 3.0}, method="ard", step=20)
+    ids["t12"] = _add_trial(
+        client,
+        exp,
+        p2,
+        "t12",
+        {"aa_acc": 0.9, "clean_acc": 0.9, "params": 5 * M, "latency_ms": 3.0},
+        method="ard",
+        step=20,
+    )
     client.create_run(exp, run_name="stray")  # a run without role: never a trial
     return {"uri": uri, "client": client, "p1": p1, "p2": p2, "ids": ids, "root": root}
 
@@ -213,18 +143,23 @@ def test_front_from_mlflow_two_objectives(sweep_db):
     trials = load_trials("sweep-a", tracking_uri=sweep_db["uri"], sweep=sweep_db["p1"])
     assert len(trials) == 11  # sweep 2's trial, the parents and the stray run are not trials
     ranked = rank_trials(trials, ["aa_acc:max", "clean_acc:max"])
-    names = _names(sweep_db, [r.run_id for r in ranked])
+    names = _names(sweep_db, ranked["run_id"])
     # eligible: t1 t2 t3 t4 t5 t11. t6 (failed), t7 (early-stopped), t10 (running) would dominate
     # them all but never enter; t8/t9 lack aa_acc. Front: t2 (aa .50), t1 = t4 (.45, .80; tie,
     # by start), t3 (.40, .85). Layer 2: t5 (dominated by t1). Layer 3: t11 (dominated by t5).
-    front = [n for n, r in zip(names, ranked) if r.pareto]
+    front = [n for n, p in zip(names, ranked["pareto"], strict=True) if p]
     assert front == ["t2", "t1", "t4", "t3"]
-    assert [r.rank for r in ranked[:4]] == [1, 2, 3, 4]
-    layers = {n: r.front for n, r in zip(names, ranked)}
+    assert ranked["rank"].iloc[:4].tolist() == [1, 2, 3, 4]
+    layers = dict(zip(names, ranked["front"], strict=True))
     assert layers["t5"] == 2 and layers["t11"] == 3
-    reasons = {n: r.excluded for n, r in zip(names, ranked) if r.excluded}
-    assert reasons == {"t6": "failed", "t7": "early-stopped", "t8": "missing aa_acc",
-                       "t9": "missing aa_acc", "t10": "running"}
+    reasons = {n: r for n, r in zip(names, ranked["excluded"], strict=True) if r is not None}
+    assert reasons == {
+        "t6": "failed",
+        "t7": "early-stopped",
+        "t8": "missing aa_acc",
+        "t9": "missing aa_acc",
+        "t10": "running",
+    }
     assert names[:6] == ["t2", "t1", "t4", "t3", "t5", "t11"]  # front, layer 2, layer 3, excluded
 
 
@@ -232,32 +167,33 @@ def test_front_from_mlflow_three_objectives(sweep_db):
     trials = load_trials("sweep-a", tracking_uri=sweep_db["uri"], sweep="sweep-one")  # by run name
     ranked = rank_trials(trials, ["aa_acc:max", "clean_acc:max", "params:min"])
     # t11 has the fewest parameters, so it joins the front; t5 is worse than t1 on all three.
-    names = _names(sweep_db, [r.run_id for r in ranked if r.pareto])
+    names = _names(sweep_db, ranked.loc[ranked["pareto"], "run_id"])
     assert names == ["t2", "t1", "t4", "t3", "t11"]
-    t5 = next(r for r in ranked if r.run_id == sweep_db["ids"]["t5"])
-    assert t5.front == 2 and t5.rank is None
+    t5 = ranked[ranked["run_id"] == sweep_db["ids"]["t5"]].iloc[0]
+    assert t5["front"] == 2 and pd.isna(t5["rank"])
 
 
 def test_whole_experiment_filter_and_sweep_prefix(sweep_db):
     uri = sweep_db["uri"]
     ranked = rank_trials(load_trials("sweep-a", tracking_uri=uri), ["aa_acc:max", "clean_acc:max"])
-    assert _names(sweep_db, [r.run_id for r in ranked if r.pareto]) == ["t12"]  # sweep 2 wins all
+    assert _names(sweep_db, ranked.loc[ranked["pareto"], "run_id"]) == ["t12"]  # sweep 2 wins all
     # the user filter is ANDed with the trial selection; params.method means params.`method.name`
     rslad = load_trials("sweep-a", tracking_uri=uri, filter_string="params.method = 'rslad'")
-    assert _names(sweep_db, [t.run_id for t in rslad]) == ["t11"]
-    in_sweep2 = load_trials("sweep-a", tracking_uri=uri, sweep=sweep_db["p2"][:8],
-                            filter_string="params.`method.name` = 'ard'")
-    assert _names(sweep_db, [t.run_id for t in in_sweep2]) == ["t12"]
+    assert _names(sweep_db, rslad["run_id"]) == ["t11"]
+    in_sweep2 = load_trials(
+        "sweep-a", tracking_uri=uri, sweep=sweep_db["p2"][:8], filter_string="params.`method.name` = 'ard'"
+    )
+    assert _names(sweep_db, in_sweep2["run_id"]) == ["t12"]
 
 
-def test_arrow_table_and_csv(sweep_db, tmp_path):
+def test_table_and_csv(sweep_db, tmp_path):
     trials = load_trials("sweep-a", tracking_uri=sweep_db["uri"], sweep=sweep_db["p1"])
     objectives = ["aa_acc:max", "clean_acc:max"]
     ranked = rank_trials(trials, objectives)
     path = pareto.write_table(ranked, objectives, tmp_path / "front.csv")
     table = pacsv.read_csv(path).to_pydict()
     assert len(table["run_id"]) == 11
-    on_front = {r for r, p in zip(table["run_id"], table["pareto"]) if p}
+    on_front = {r for r, p in zip(table["run_id"], table["pareto"], strict=True) if p}
     assert _names(sweep_db, sorted(on_front, key=table["run_id"].index)) == ["t2", "t1", "t4", "t3"]
     assert table["excluded"][table["run_id"].index(sweep_db["ids"]["t6"])] == "failed"
     assert {"attack.eps", "method.name", "params", "latency_ms"} <= set(table)
@@ -282,8 +218,10 @@ def test_arrow_table_and_csv(sweep_db, tmp_path):
         (["--experiment", "sweep-a", "--objectives", "cw_acc:max"], "'cw_acc' was logged by none .*latency_ms"),
         (["--experiment", "sweep-a", "--objectives", "aa_acc"], "expected NAME:max or NAME:min"),
         (["--experiment", "sweep-a", "--sweep", "zzz"], "sweep 'zzz' not found .*sweep-one"),
-        (["--experiment", "sweep-a", "--filter", "params.method = 'nope'"],
-         "no trial run .* matches --filter .*method.name values: advfunmatch, ard, rslad"),
+        (
+            ["--experiment", "sweep-a", "--filter", "params.method = 'nope'"],
+            "no trial run .* matches --filter .*method.name values: advfunmatch, ard, rslad",
+        ),
         (["--experiment", "sweep-a", "--filter", "params.x ~ 3"], "invalid --filter"),
         (["--experiment", "sweep-a", "--out", "t.xlsx"], r"\.parquet or \.csv"),
     ],
@@ -308,20 +246,48 @@ def test_missing_database_is_not_created(tmp_path, capsys):
 
 def _run_cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "afm_ray.pareto", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "afm_ray.pareto", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_table_plot_and_parquet(sweep_db, tmp_path):
     png, out = tmp_path / "front.png", tmp_path / "front.parquet"
-    proc = _run_cli("--experiment", "sweep-a", "--tracking-uri", sweep_db["uri"],
-                    "--sweep", sweep_db["p1"][:8], "--objectives", "aa_acc:max", "clean_acc:max",
-                    "params:min", "--plot", str(png), "--out", str(out), cwd=tmp_path)
+    proc = _run_cli(
+        "--experiment",
+        "sweep-a",
+        "--tracking-uri",
+        sweep_db["uri"],
+        "--sweep",
+        sweep_db["p1"][:8],
+        "--objectives",
+        "aa_acc:max",
+        "clean_acc:max",
+        "params:min",
+        "--plot",
+        str(png),
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["rank", "front", "run", "method", "attack.eps", "attack.steps",
-                                "method.tau", "augment.policy", "aa_acc", "%", "clean_acc", "%",
-                                "params", "excluded"]
+    assert lines[0].split() == [
+        "rank",
+        "front",
+        "run",
+        "method",
+        "attack.eps",
+        "attack.steps",
+        "method.tau",
+        "augment.policy",
+        "aa_acc",
+        "%",
+        "clean_acc",
+        "%",
+        "params",
+        "excluded",
+    ]
     ids = sweep_db["ids"]
     assert [ln.split()[2] for ln in lines[2:7]] == [ids[n][:8] for n in ("t2", "t1", "t4", "t3", "t11")]
     assert "5 Pareto-optimal of 6 eligible trials" in proc.stdout
@@ -384,8 +350,9 @@ def _train(x, y, steps):
 
     torch.manual_seed(0)
     # BatchNorm makes the round trip mode-sensitive: logged in eval mode, it must come back so
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
-                                torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
@@ -409,12 +376,12 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
         model = _train(x_train, y_train, steps)
         with torch.no_grad():
             clean = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
-        rid = _add_trial(client, exp, parent, name, {"clean_acc": clean, "aa_acc": aa}, step=step,
-                         status="RUNNING")
+        rid = _add_trial(client, exp, parent, name, {"clean_acc": clean, "aa_acc": aa}, step=step, status="RUNNING")
         with mlflow.start_run(run_id=rid):
             # MLflow 3.17's default 'pt2' format needs an input example (batch > 1: dynamic batch dim)
-            mlflow.pytorch.log_model(model, name="student", input_example=x_test[:2].numpy(),
-                                     pip_requirements=["torch"])
+            mlflow.pytorch.log_model(
+                model, name="student", input_example=x_test[:2].numpy(), pip_requirements=["torch"]
+            )
         logged[name] = (rid, clean)
     assert logged["good"][1] > logged["robust"][1] > 0.3  # a real trade-off
 
@@ -434,7 +401,9 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
             again = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
         assert again == logged[name][1]
     assert pareto.verify_registered("afm-students", "pareto-2", data=(x_test, y_test)) == (
-        logged["good"][1], logged["good"][1])
+        logged["good"][1],
+        logged["good"][1],
+    )
 
     # again with one objective: the front is "good" alone; its version is reused, the stale
     # pareto-2 alias goes, and nothing new is registered
@@ -449,11 +418,51 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
     assert mlflow.get_tracking_uri() == global_uri  # the caller's global URI is restored
 
 
+def test_registry_uses_only_the_given_uri(global_uri, tmp_path, monkeypatch):
+    """register_front and verify_registered work from their tracking_uri alone: the process-wide
+    MLflow URIs (here another database) are neither used nor changed."""
+    import mlflow
+    import torch
+
+    x_train, y_train, x_test, y_test = _digits()
+    client = MlflowClient(global_uri, global_uri)
+    exp = client.create_experiment("uri-sweep", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp, tags={"afm_ray.role": "sweep"}).info.run_id
+    model = _train(x_train, y_train, 10)
+    with torch.no_grad():
+        clean = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
+    rid = _add_trial(client, exp, parent, "only", {"clean_acc": clean, "aa_acc": 0.1}, status="RUNNING")
+    with mlflow.start_run(run_id=rid):
+        mlflow.pytorch.log_model(model, name="student", input_example=x_test[:2].numpy(), pip_requirements=["torch"])
+
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_tracking_uri(elsewhere)
+    ranked = rank_trials(load_trials("uri-sweep", tracking_uri=global_uri), ["clean_acc:max"])
+    [mv] = pareto.register_front(ranked, ["clean_acc:max"], "uri-students", tracking_uri=global_uri)
+    assert mv.run_id == rid
+    assert pareto.verify_registered("uri-students", tracking_uri=global_uri, data=(x_test, y_test)) == (clean, clean)
+    assert mlflow.get_tracking_uri() == elsewhere and os.environ["MLFLOW_TRACKING_URI"] == elsewhere
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    assert not (tmp_path / "elsewhere.db").exists()  # nothing reached for the global URI
+
+
 def test_register_needs_a_student(sweep_db, capsys):
     # afm_ray.tracking keeps a trial whose student failed to log, with the reason as a tag
     sweep_db["client"].set_tag(sweep_db["ids"]["t2"], "afm_ray.model_error", "MlflowException: boom")
-    code = main(["--experiment", "sweep-a", "--tracking-uri", sweep_db["uri"], "--sweep", "sweep-one",
-                 "--register", "nothing-logged"])
+    code = main(
+        [
+            "--experiment",
+            "sweep-a",
+            "--tracking-uri",
+            sweep_db["uri"],
+            "--sweep",
+            "sweep-one",
+            "--register",
+            "nothing-logged",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert f"run {sweep_db['ids']['t2']} has no logged model named 'student'" in err
