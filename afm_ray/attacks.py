@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from afm_ray.names import ATTACKS, NORMS, RANDOM_STARTS
+
 __all__ = [
     "ATTACKS",
     "cw_margin_loss",
@@ -28,9 +30,6 @@ __all__ = [
     "robust_predictions",
 ]
 
-NORMS = ("linf", "l2")
-RANDOM_STARTS = ("uniform", "normal", "none")
-ATTACKS = ("clean", "pgd20", "pgd10", "cw", "aa")
 
 # Smallest per-sample gradient norm used when normalising an l2 step; a zero gradient then
 # gives a zero step instead of NaN.
@@ -147,7 +146,7 @@ def cw_margin_loss(logits: Tensor, y: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation protocol (DESIGN.md): clean, PGD-20/10 on CE (step eps/4, uniform start), CW-linf
+# Evaluation protocol (names.EVAL_PROTOCOLS): clean, PGD-20/10 on CE (step eps/4, uniform start), CW-linf
 # margin (20 steps, step eps/4), AutoAttack "standard".
 
 _PGD_STEPS = {"pgd20": 20, "pgd10": 10, "cw": 20}
@@ -248,11 +247,18 @@ def robust_predictions(
             with model_modes_for_attack((model,)), rng:
                 if attack == "aa":
                     return _autoattack_predictions(
-                        model, x, y, eps=eps, norm=norm, batch_size=batch_size,
-                        seed=0 if seed is None else seed, progress=progress,
+                        model,
+                        x,
+                        y,
+                        eps=eps,
+                        norm=norm,
+                        batch_size=batch_size,
+                        seed=0 if seed is None else seed,
+                        progress=progress,
                     )
-                return _pgd_predictions(model, x, y, attack=attack, eps=eps, norm=norm,
-                                        batch_size=batch_size, progress=progress)
+                return _pgd_predictions(
+                    model, x, y, attack=attack, eps=eps, norm=norm, batch_size=batch_size, progress=progress
+                )
         except torch.OutOfMemoryError:
             # A batch chosen to fill the device can still miss (fragmentation, another process):
             # halve it and start this attack again rather than lose the evaluation.
@@ -266,19 +272,35 @@ def robust_predictions(
             progress(f"{attack}: out of memory, retrying with batch {batch_size}")
 
 
-def _pgd_predictions(model: nn.Module, x: Tensor, y: Tensor, *, attack: str, eps: float, norm: str,
-                     batch_size: int, progress: Callable[[str], None] | None) -> Tensor:
+def _pgd_predictions(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    attack: str,
+    eps: float,
+    norm: str,
+    batch_size: int,
+    progress: Callable[[str], None] | None,
+) -> Tensor:
     correct = torch.empty(x.shape[0], dtype=torch.bool, device=x.device)
     n_batches = math.ceil(x.shape[0] / batch_size)
     started = last_report = time.monotonic()
     for i, start in enumerate(range(0, x.shape[0], batch_size)):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         if attack != "clean":
             loss_fn = cw_margin_loss if attack == "cw" else _ce_sum
-            xb = pgd(lambda z, yb=yb: loss_fn(model(z), yb), xb, eps=eps, step_size=eps / 4,
-                     steps=_PGD_STEPS[attack], norm=norm, random_start="uniform")
+            xb = pgd(
+                lambda z, yb=yb, loss_fn=loss_fn: loss_fn(model(z), yb),
+                xb,
+                eps=eps,
+                step_size=eps / 4,
+                steps=_PGD_STEPS[attack],
+                norm=norm,
+                random_start="uniform",
+            )
         with torch.no_grad():
-            correct[start:start + batch_size] = model(xb).argmax(dim=1) == yb
+            correct[start : start + batch_size] = model(xb).argmax(dim=1) == yb
         now = time.monotonic()
         if progress is not None and attack != "clean" and i + 1 < n_batches and now - last_report > _PROGRESS_EVERY_S:
             progress(f"{attack}: batch {i + 1}/{n_batches} ({now - started:.0f} s)")
@@ -290,14 +312,21 @@ def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="sum")
 
 
-def _autoattack_predictions(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str,
-                            batch_size: int, seed: int,
-                            progress: Callable[[str], None] | None) -> Tensor:
+def _autoattack_predictions(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str,
+    batch_size: int,
+    seed: int,
+    progress: Callable[[str], None] | None,
+) -> Tensor:
     from pyautoattack import AutoAttack  # heavy import, only when AA is asked for
 
     # eps always explicit: pyautoattack's default is 0.3, wrong for everything but MNIST.
-    adversary = AutoAttack(model, eps=eps, norm=_AA_NORMS[norm], version="standard",
-                           device=x.device, seed=seed)
+    adversary = AutoAttack(model, eps=eps, norm=_AA_NORMS[norm], version="standard", device=x.device, seed=seed)
     with _autoattack_logs_to(progress, "aa: "), _parameters_frozen(model):
         _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     return y_adv.to(y.device) == y
@@ -339,8 +368,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy of `model` under each of `attacks` (see `robust_predictions`), as fractions.
 
-    Keys "<split>/<attack>_acc", "<split>/<attack>_images_per_s" and "<split>/n_samples" for the full split (samples None or
-    >= len(x)); "<split>_n<samples>/..." for a fixed subset: the first `samples` of a
+    Keys "<split>/<attack>_acc", "<split>/<attack>_images_per_s" and "<split>/n_samples" for the full
+    split (samples None or >= len(x)); "<split>_n<samples>/..." for a fixed subset: the first `samples` of a
     permutation seeded by `seed`, so every model is evaluated on the same images. Each attack's
     randomness is seeded by `seed` (results do not depend on which attacks ran before) and the
     caller's RNG state is left untouched. The model is in eval mode during the call and every
@@ -368,8 +397,9 @@ def evaluate(
             started = time.monotonic()
             if progress is not None:
                 progress(f"{prefix}/{attack}: running on {n} samples (eps={eps:g}, {norm})")
-            correct = robust_predictions(model, x, y, attack=attack, eps=eps, norm=norm,
-                                         batch_size=batch_size, seed=seed, progress=progress)
+            correct = robust_predictions(
+                model, x, y, attack=attack, eps=eps, norm=norm, batch_size=batch_size, seed=seed, progress=progress
+            )
             acc = correct.float().mean().item()  # a host sync: the elapsed time is the attack's
             elapsed = time.monotonic() - started
             results[f"{prefix}/{attack}_acc"] = acc

@@ -115,8 +115,7 @@ def _crop_flip(image_shape: tuple[int, int, int]) -> nn.Module:
         # with the image side so 8x8 digits get 1 px, not a quarter of the image.
         return K.RandomCrop((h, w), padding=max(1, round(2 * h / 28)), p=1.0)
     # The standard CIFAR recipe: 4 px padding at 32x32 (scaled with the side), random crop, hflip.
-    return nn.Sequential(K.RandomCrop((h, w), padding=max(1, round(4 * h / 32)), p=1.0),
-                         K.RandomHorizontalFlip(p=0.5))
+    return nn.Sequential(K.RandomCrop((h, w), padding=max(1, round(4 * h / 32)), p=1.0), K.RandomHorizontalFlip(p=0.5))
 
 
 _IMAGE_POLICIES = {"autoaugment": _autoaugment, "randaugment": _randaugment, "trivialaugment": _trivialaugment}
@@ -151,9 +150,11 @@ class BatchAugment(nn.Module):
         self.image_ops = nn.ModuleList(image_ops)
         self.mixing = nn.ModuleList(
             # use_correct_lambda: lambda = 1 - pasted area, the CutMix paper's weight of the original.
-            K.RandomMixUpV2(p=1.0, data_keys=["input", "class"]) if part == "mixup"
+            K.RandomMixUpV2(p=1.0, data_keys=["input", "class"])
+            if part == "mixup"
             else K.RandomCutMixV2(p=1.0, data_keys=["input", "class"], use_correct_lambda=True)
-            for part in self.parts if part in MIXING
+            for part in self.parts
+            if part in MIXING
         )
         self._mix_kinds = [part for part in self.parts if part in MIXING]
         # kornia's auto-augment wrappers hold nn.Parameters (for learnable policies); this is a
@@ -173,7 +174,7 @@ class BatchAugment(nn.Module):
         y_soft = None if y is None else self._soft_labels(y, x)
         for op in self.image_ops:
             x = op(x)
-        for kind, mix in zip(self._mix_kinds, self.mixing):
+        for kind, mix in zip(self._mix_kinds, self.mixing, strict=True):
             x, y_soft = self._mix(kind, mix, x, y_soft)
         # Interpolating geometric ops and sharpness can overshoot by rounding; keep the contract.
         return x.clamp(0.0, 1.0), y_soft  # out of place: with no ops x is still the caller's tensor

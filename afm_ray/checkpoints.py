@@ -7,15 +7,18 @@ and scheduler state when it is a training checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from afm_ray.config import ExperimentConfig
-    from afm_ray.data import ImageDataset
+from afm_ray.config import ExperimentConfig, from_flat
+from afm_ray.data import ImageDataset
+from afm_ray.errors import ConfigError
+from afm_ray.models import build_model, model_kwargs
+from afm_ray.storage import is_uri, local_file
 
 FILENAME = "checkpoint.pt"
 
@@ -51,8 +54,11 @@ def save_training_state(
 
 def checkpoint_file(path: str | Path) -> Path:
     """Accept the checkpoint directory or the file itself, local or at a URI (s3://, gs://)."""
-    if "://" in str(path):
-        return _fetch(str(path))
+    if is_uri(path):
+        try:
+            return local_file(str(path), FILENAME)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"no checkpoint: {exc}") from None
     path = Path(path)
     file = path / FILENAME if path.is_dir() else path
     if not file.is_file():
@@ -67,30 +73,31 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as exc:  # a pickle of arbitrary objects, a truncated file, not torch at all
-        raise ValueError(f"{file}: not a loadable afm-ray checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise ValueError(
+            f"{file}: not a loadable afm-ray checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{file}: not an afm-ray checkpoint (expected keys 'model' and 'config')")
     return state
 
 
 def load_model(
-    path: str | Path, data: "ImageDataset", *, device: torch.device | str = "cpu", fallback: Any = None
-) -> tuple[nn.Module, "ExperimentConfig | None"]:
+    path: str | Path, data: ImageDataset, *, device: torch.device | str = "cpu", fallback: Any = None
+) -> tuple[nn.Module, ExperimentConfig | None]:
     """Rebuild the model a checkpoint holds, checked against `data`; returns it and its config.
 
     An afm-ray checkpoint names its architecture in its stored config (`student.*`); a bare
     state dict (from elsewhere) is built as `fallback` (an object with arch/width/depth) says.
     Loading always uses `weights_only=True`: a checkpoint can never run code.
     """
-    from afm_ray.config import from_flat
-    from afm_ray.models import build_model
-
     file = checkpoint_file(path)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"checkpoint {file}: cannot be loaded with weights_only=True "
-                         f"({type(exc).__name__}); save a state dict, not a pickled module") from None
+        raise ValueError(
+            f"checkpoint {file}: cannot be loaded with weights_only=True "
+            f"({type(exc).__name__}); save a state dict, not a pickled module"
+        ) from None
     stored = None
     if isinstance(state, dict) and "model" in state and "config" in state:
         stored = from_flat(state["config"])
@@ -101,54 +108,47 @@ def load_model(
         spec, weights = fallback, state
     else:
         raise ValueError(f"checkpoint {file}: expected an afm-ray checkpoint or a state dict of tensors")
-    kwargs: dict[str, Any] = dict(num_classes=data.num_classes, in_channels=data.image_shape[0], mean=data.mean, std=data.std)
-    if spec.width:
-        kwargs["width"] = spec.width
-    if spec.depth:
-        kwargs["depth"] = spec.depth
-    model = build_model(spec.arch, **kwargs)
+    model = build_model(spec.arch, **model_kwargs(spec, data))
     _check_state_dict(model.state_dict(), weights, file, spec.arch, data)
     model.load_state_dict(weights)
     return model.to(device), stored
 
 
-def _check_state_dict(expected: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], file: Path,
-                      arch: str, data: "ImageDataset") -> None:
+def _check_state_dict(
+    expected: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], file: Path, arch: str, data: ImageDataset
+) -> None:
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {file} does not match architecture {arch!r}: "
-                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"checkpoint {file} does not match architecture {arch!r}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for key, tensor in expected.items():
         if weights[key].shape != tensor.shape:
             hint = ""
             if tensor.ndim >= 1 and tensor.shape[0] == data.num_classes != weights[key].shape[0]:
-                hint = f" (the checkpoint has {weights[key].shape[0]} classes, dataset {data.name} has {data.num_classes})"
-            raise ValueError(f"checkpoint {file}: {key} has shape {tuple(weights[key].shape)}, "
-                             f"{arch!r} expects {tuple(tensor.shape)}{hint}")
+                hint = (
+                    f" (the checkpoint has {weights[key].shape[0]} classes, dataset {data.name} has {data.num_classes})"
+                )
+            raise ValueError(
+                f"checkpoint {file}: {key} has shape {tuple(weights[key].shape)}, "
+                f"{arch!r} expects {tuple(tensor.shape)}{hint}"
+            )
 
 
-def _fetch(uri: str) -> Path:
-    """A local copy of a checkpoint file at a pyarrow-filesystem URI, cached per URI."""
-    import hashlib
-    import tempfile
+def load_teacher(
+    path: str | Path, data: ImageDataset, *, device: torch.device | str = "cpu", cfg: ExperimentConfig | None = None
+) -> nn.Module:
+    """Load a frozen teacher (eval mode, no parameter gradients) and check it fits `data`.
 
-    import pyarrow.fs as pafs
-
-    try:
-        fs, remote = pafs.FileSystem.from_uri(uri)
-        info = fs.get_file_info(remote)
-    except Exception as exc:
-        raise FileNotFoundError(f"no checkpoint at {uri!r}: {str(exc).splitlines()[0]}") from None
-    if info.type == pafs.FileType.Directory:
-        remote, info = f"{remote.rstrip('/')}/{FILENAME}", fs.get_file_info(f"{remote.rstrip('/')}/{FILENAME}")
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"no checkpoint at {uri!r}: expected a directory containing {FILENAME} or the file itself")
-    local = Path(tempfile.gettempdir()) / "afm_ray_fetched" / hashlib.sha256(f"{uri}:{info.mtime_ns}:{info.size}".encode()).hexdigest()[:16] / FILENAME
-    if not local.is_file():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_suffix(".part")
-        with fs.open_input_stream(remote) as src, open(tmp, "wb") as dst:
-            dst.write(src.read())
-        tmp.replace(local)
-    return local
+    `path` is an afm-ray checkpoint (its stored config names the architecture, which must
+    agree with `cfg.teacher.arch`) or a bare state dict built as `cfg.teacher` describes.
+    """
+    model, stored = load_model(path, data, device=device, fallback=cfg.teacher if cfg is not None else None)
+    if stored is not None and cfg is not None and cfg.teacher.arch != stored.student.arch:
+        raise ConfigError(
+            f"teacher.checkpoint {path} holds a {stored.student.arch!r} but teacher.arch is "
+            f"{cfg.teacher.arch!r}; set teacher.arch={stored.student.arch}"
+        )
+    return model.eval().requires_grad_(False)

@@ -12,18 +12,32 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
+from afm_ray.augment import parse_policy
+from afm_ray.errors import ConfigError
+from afm_ray.methods import METHODS, build_method
+from afm_ray.models import MODELS
+from afm_ray.names import (
+    AMP_SETTINGS,
+    ATTACKS,
+    CONFIG_RANDOM_STARTS,
+    DATASETS,
+    HPARAM_NAMES,
+    LR_SCHEDULES,
+    NORMS,
+    TEACHER_METHODS,
+)
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming the key and what is valid."""
+__all__ = ["ConfigError", "ExperimentConfig", "from_flat", "to_flat", "parse_overrides", "load_yaml", "validate"]
 
 
-# Default l_inf budgets of the evaluation protocol (DESIGN.md). MNIST-like data uses 0.1,
+# Default l_inf budgets of the evaluation protocol (docs/methods.md). MNIST-like data uses 0.1,
 # the "small demo" budget: our embedded MNIST subset is a demo, and 0.3 needs far longer
 # training than a laptop demo allows.
 DEFAULT_EPS = {"mnist5k": 0.1, "digits": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255, "parquet": 8 / 255}
@@ -158,7 +172,9 @@ def default_eps(dataset: str, norm: str = "linf") -> float:
     return DEFAULT_L2_EPS if norm == "l2" else DEFAULT_EPS.get(dataset, 8 / 255)
 
 
-SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(ExperimentConfig)[f.name] for f in dataclasses.fields(ExperimentConfig)}
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(ExperimentConfig)[f.name] for f in dataclasses.fields(ExperimentConfig)
+}
 
 
 def _section_types(section: type) -> dict[str, Any]:
@@ -184,7 +200,16 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if base is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            if isinstance(value, str) and value.strip().lower() in (
+                "true",
+                "1",
+                "yes",
+                "on",
+                "false",
+                "0",
+                "no",
+                "off",
+            ):
                 return value.strip().lower() in ("true", "1", "yes", "on")
             if isinstance(value, int) and value in (0, 1):
                 return bool(value)
@@ -289,19 +314,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return flatten(loaded)
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """A YAML config with overrides; with no file, the embedded default (the fixed keys of
-    search_spaces/default.yaml, so a single run and the default sweep agree)."""
-    if path:
-        values = load_yaml(path)
-    else:
-        from afm_ray.search_space import embedded_default
-
-        values = embedded_default()
-    values.update(parse_overrides(overrides))
-    return from_flat(values)
-
-
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -314,21 +326,17 @@ def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Range and name checks, so a bad value fails before any data, model or Ray resource."""
-    # Imported here: the registries live next to their implementations.
-    from afm_ray.augment import parse_policy
-    from afm_ray.data import DATASETS
-    from afm_ray.methods import METHODS, build_method
-    from afm_ray.models import MODELS
-
     _check_choice("data.name", cfg.data.name, DATASETS)
     _check(0 < cfg.data.test_fraction < 1, f"data.test_fraction: got {cfg.data.test_fraction}, expected 0 < value < 1")
-    _check(cfg.data.image_size >= 0, f"data.image_size: got {cfg.data.image_size}, expected 0 (native) or a size in pixels")
+    _check(
+        cfg.data.image_size >= 0, f"data.image_size: got {cfg.data.image_size}, expected 0 (native) or a size in pixels"
+    )
     for section in ("student", "teacher"):
         model = getattr(cfg, section)
         _check_choice(f"{section}.arch", model.arch, MODELS)
         _check(model.width >= 0, f"{section}.width: got {model.width}, expected >= 0 (0 = architecture default)")
         _check(model.depth >= 0, f"{section}.depth: got {model.depth}, expected >= 0 (0 = architecture default)")
-    _check_choice("teacher.method", cfg.teacher.method, ("pgd_at", "trades"))
+    _check_choice("teacher.method", cfg.teacher.method, TEACHER_METHODS)
     _check(cfg.teacher.epochs >= 1, f"teacher.epochs: got {cfg.teacher.epochs}, expected >= 1")
     _check_choice("method.name", cfg.method.name, METHODS)
     m = cfg.method
@@ -336,18 +344,23 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(m.alpha is None or 0 <= m.alpha <= 1, f"method.alpha: got {m.alpha}, expected 0 <= alpha <= 1")
     _check(m.beta is None or m.beta >= 0, f"method.beta: got {m.beta}, expected beta >= 0")
     _check(m.lam is None or 0 <= m.lam <= 1, f"method.lam: got {m.lam}, expected 0 <= lam <= 1")
-    given = {k: getattr(m, k) for k in ("tau", "alpha", "beta", "lam") if getattr(m, k) is not None}
+    given = {k: getattr(m, k) for k in HPARAM_NAMES if getattr(m, k) is not None}
     try:  # a hyperparameter the method does not take is an error, not silently ignored
         build_method(m.name, **given)
     except ValueError as exc:
         raise ConfigError(f"method: {exc}") from None
     a = cfg.attack
-    _check_choice("attack.norm", a.norm, ("linf", "l2"))
+    _check_choice("attack.norm", a.norm, NORMS)
     _check(a.eps is None or a.eps >= 0, f"attack.eps: got {a.eps}, expected eps >= 0")
-    _check(a.norm != "linf" or a.eps is None or a.eps <= 1, f"attack.eps: got {a.eps}, expected <= 1 for linf (pixels are in [0,1])")
-    _check(a.step_size is None or a.step_size > 0, f"attack.step_size: got {a.step_size}, expected > 0 (or null for eps/4)")
+    _check(
+        a.norm != "linf" or a.eps is None or a.eps <= 1,
+        f"attack.eps: got {a.eps}, expected <= 1 for linf (pixels are in [0,1])",
+    )
+    _check(
+        a.step_size is None or a.step_size > 0, f"attack.step_size: got {a.step_size}, expected > 0 (or null for eps/4)"
+    )
     _check(a.steps >= 0, f"attack.steps: got {a.steps}, expected steps >= 0")
-    _check_choice("attack.random_start", a.random_start, ("default", "uniform", "normal", "none"))
+    _check_choice("attack.random_start", a.random_start, CONFIG_RANDOM_STARTS)
     try:
         parse_policy(cfg.augment.policy)
     except ValueError as exc:
@@ -358,17 +371,22 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(o.lr > 0, f"optim.lr: got {o.lr}, expected lr > 0")
     _check(0 <= o.momentum < 1, f"optim.momentum: got {o.momentum}, expected 0 <= momentum < 1")
     _check(o.weight_decay >= 0, f"optim.weight_decay: got {o.weight_decay}, expected >= 0")
-    _check_choice("optim.schedule", o.schedule, ("cosine", "step", "constant"))
-    _check(0 <= o.warmup_epochs < o.epochs, f"optim.warmup_epochs: got {o.warmup_epochs}, expected 0 <= value < optim.epochs ({o.epochs})")
+    _check_choice("optim.schedule", o.schedule, LR_SCHEDULES)
+    _check(
+        0 <= o.warmup_epochs < o.epochs,
+        f"optim.warmup_epochs: got {o.warmup_epochs}, expected 0 <= value < optim.epochs ({o.epochs})",
+    )
     e = cfg.eval
     _check(e.eps is None or e.eps >= 0, f"eval.eps: got {e.eps}, expected eps >= 0")
     _check(e.samples >= 0, f"eval.samples: got {e.samples}, expected >= 0 (0 = whole test split)")
     _check(e.val_samples >= 1, f"eval.val_samples: got {e.val_samples}, expected >= 1")
     _check(e.batch_size >= 0, f"eval.batch_size: got {e.batch_size}, expected >= 1, or 0 = chosen to fill the device")
     for attack in cfg.eval_attacks:
-        _check_choice("eval.attacks", attack, ("clean", "pgd20", "pgd10", "cw", "aa"))
+        _check_choice("eval.attacks", attack, ATTACKS)
     r = cfg.run
     _check(r.checkpoint_every >= 0, f"run.checkpoint_every: got {r.checkpoint_every}, expected >= 0")
-    _check_choice("run.amp", r.amp, ("auto", "off", "bf16"))
-    _check(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
-           f"run.device: got {r.device!r}, expected auto, cpu, cuda or cuda:N")
+    _check_choice("run.amp", r.amp, AMP_SETTINGS)
+    _check(
+        r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
+        f"run.device: got {r.device!r}, expected auto, cpu, cuda or cuda:N",
+    )

@@ -39,13 +39,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DATASETS", "ImageDataset", "load_dataset", "DeviceBatchLoader"]
+from afm_ray.attacks import fixed_subset
+from afm_ray.config import ExperimentConfig
+from afm_ray.names import DATASETS
 
-DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "parquet")
+__all__ = [
+    "DATASETS",
+    "DeviceBatchLoader",
+    "ImageDataset",
+    "fixed_test_subset",
+    "load_dataset",
+    "load_run_data",
+    "split_validation",
+    "to_unit",
+]
 
-_MNIST5K_LAYOUT = (
-    "785 comma-separated integers per row: 784 pixels 0..255 (28x28 row-major), then the label 0..9"
-)
+_MNIST5K_LAYOUT = "785 comma-separated integers per row: 784 pixels 0..255 (28x28 row-major), then the label 0..9"
 _CIFAR_LAYOUT = {
     "cifar10": "cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch}, each a pickled dict with "
     "b'data' uint8 (N, 3072) and b'labels'",
@@ -148,6 +157,43 @@ def load_dataset(
 
 # ---------------------------------------------------------------------------------------------
 # split and resize
+
+
+def load_run_data(cfg: ExperimentConfig) -> ImageDataset:
+    """The dataset a run's `data.*` keys describe."""
+    return load_dataset(
+        cfg.data.name,
+        cfg.data.root or None,
+        test_fraction=cfg.data.test_fraction,
+        seed=cfg.data.seed,
+        image_size=cfg.data.image_size or None,
+    )
+
+
+def split_validation(data: ImageDataset, n_val: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Hold out a fixed subset of the training split for per-epoch validation.
+
+    Validation never touches the test split, so early stopping and scheduling cannot leak
+    the numbers that the sweep finally reports.
+    """
+    n_val = min(n_val, len(data.y_train) // 5)
+    perm = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))
+    val, train = perm[:n_val], perm[n_val:]
+    return data.x_train[train], data.y_train[train], data.x_train[val], data.y_train[val]
+
+
+def fixed_test_subset(data: ImageDataset, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same `samples` test images for every trial and every model (0 = all)."""
+    n = len(data.y_test)
+    if not samples or samples >= n:
+        return data.x_test, data.y_test
+    idx = fixed_subset(n, samples, seed)
+    return data.x_test[idx], data.y_test[idx]
+
+
+def to_unit(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] on `device` (float images are only moved)."""
+    return x.to(device).float().div_(255.0) if x.dtype == torch.uint8 else x.to(device).float()
 
 
 def _seeded_split(

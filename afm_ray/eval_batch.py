@@ -57,8 +57,9 @@ def _probe_input(batch: int, image_shape: tuple[int, ...], device: torch.device,
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _cuda_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device: torch.device,
-                          channels_last: bool, probe: int = 16) -> float:
+def _cuda_bytes_per_image(
+    model: nn.Module, image_shape: tuple[int, ...], device: torch.device, channels_last: bool, probe: int = 16
+) -> float:
     # Warm-up first: cuBLAS/cuDNN allocate workspaces on their first call, which would
     # otherwise land in the first probe only and shrink the measured slope.
     _attack_pass(model, _probe_input(probe, image_shape, device, channels_last))
@@ -76,8 +77,9 @@ def _cuda_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device
     return slope if slope > 0 else peaks[1] / (2 * probe)  # no growth measured: the plain average
 
 
-def _saved_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device: torch.device,
-                           channels_last: bool, probe: int = 4) -> float:
+def _saved_bytes_per_image(
+    model: nn.Module, image_shape: tuple[int, ...], device: torch.device, channels_last: bool, probe: int = 4
+) -> float:
     """Bytes autograd saves per image for the backward pass: the activation footprint."""
     saved = [0]
 
@@ -134,20 +136,23 @@ def choose_eval_batch_size(
         return _choose_cpu(model, image_shape, device, cap, channels_last)
 
 
-def _choose_cuda(model: nn.Module, image_shape: tuple[int, ...], device: torch.device, cap: int,
-                 channels_last: bool) -> BatchChoice:
+def _choose_cuda(
+    model: nn.Module, image_shape: tuple[int, ...], device: torch.device, cap: int, channels_last: bool
+) -> BatchChoice:
     per_image = _cuda_bytes_per_image(model, image_shape, device, channels_last)
     free, _ = torch.cuda.mem_get_info(device)
     usable = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     fits = _floor_pow2(CUDA_MEMORY_SHARE * usable / max(per_image, 1.0))
     batch = min(cap, fits)
     bound = "all images in one batch" if batch == cap and cap < fits else f"{CUDA_MEMORY_SHARE:.0%} of free memory"
-    return BatchChoice(batch, f"batch {batch}: {bound} ({per_image / 2**20:.2f} MiB per image measured, "
-                              f"{usable / 2**30:.1f} GiB free)")
+    return BatchChoice(
+        batch, f"batch {batch}: {bound} ({per_image / 2**20:.2f} MiB per image measured, {usable / 2**30:.1f} GiB free)"
+    )
 
 
-def _choose_cpu(model: nn.Module, image_shape: tuple[int, ...], device: torch.device, cap: int,
-                channels_last: bool) -> BatchChoice:
+def _choose_cpu(
+    model: nn.Module, image_shape: tuple[int, ...], device: torch.device, cap: int, channels_last: bool
+) -> BatchChoice:
     # Saved activations, their gradients and the transients of one layer: ~3x the saved bytes.
     per_image = 3 * _saved_bytes_per_image(model, image_shape, device, channels_last)
     memory_cap = max(1, int(CPU_MEMORY_SHARE * _available_ram_bytes() / per_image))
@@ -191,8 +196,7 @@ def resolve_eval_batch_size(
     """`eval.batch_size` as configured (>= 1), or chosen for this model and device (0)."""
     if setting >= 1:
         return setting
-    choice = choose_eval_batch_size(model, image_shape, device, n_images=max(1, n_images),
-                                    channels_last=channels_last)
+    choice = choose_eval_batch_size(model, image_shape, device, n_images=max(1, n_images), channels_last=channels_last)
     if log is not None:
         log(f"evaluation {choice.reason}")
     return choice.batch_size

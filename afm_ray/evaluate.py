@@ -1,31 +1,26 @@
-"""`python -m afm_ray.evaluate --checkpoint PATH [--attacks clean,pgd20,cw,aa] [--samples N]`.
+"""Evaluate a checkpoint with the fixed protocol (afm_ray.names.EVAL_PROTOCOLS).
 
-Evaluates a checkpoint with the fixed protocol of DESIGN.md: the dataset, architecture and
-budget come from the config stored in the checkpoint (overridable with --set), so a model
-is always attacked on the test split it was never trained on.
+`python -m afm_ray.evaluate --checkpoint PATH [--attacks clean,pgd20,cw,aa] [--samples N]`
+(afm_ray.cli): the dataset, architecture and budget come from the config stored in the
+checkpoint (overridable with --set), so a model is always attacked on the test split it was
+never trained on.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from afm_ray import attacks
 from afm_ray.checkpoints import load_model, load_training_state
-from afm_ray.config import ConfigError, ExperimentConfig, from_flat, parse_overrides
+from afm_ray.config import ExperimentConfig, from_flat
+from afm_ray.data import load_run_data
+from afm_ray.devices import resolve_device
 from afm_ray.eval_batch import resolve_eval_batch_size
-from afm_ray.train import load_run_data, resolve_device
-
-PROTOCOLS = {
-    "clean": "clean",
-    "pgd20": "PGD-20 on CE, step eps/4, uniform random start",
-    "pgd10": "PGD-10 on CE, step eps/4, uniform random start",
-    "cw": "CW-linf: PGD-20 on the margin loss, step eps/4",
-    "aa": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square; pyautoattack)",
-}
+from afm_ray.models import count_parameters
+from afm_ray.names import EVAL_PROTOCOLS
 
 
 def evaluate_checkpoint(
@@ -55,12 +50,24 @@ def evaluate_checkpoint(
     y = data.y_test.to(device)
     started = time.monotonic()
     batch_size = resolve_eval_batch_size(
-        cfg.eval.batch_size, model, data.image_shape, device, n_images=min(n or len(y), len(y)),
+        cfg.eval.batch_size,
+        model,
+        data.image_shape,
+        device,
+        n_images=min(n or len(y), len(y)),
         log=lambda line: log(f"  {line}"),
     )
     results = attacks.evaluate(
-        model, x, y, eps=cfg.eval_eps, norm=cfg.attack.norm, attacks=names, samples=n or None,
-        batch_size=batch_size, seed=cfg.data.seed, progress=lambda line: log(f"  {line}"),
+        model,
+        x,
+        y,
+        eps=cfg.eval_eps,
+        norm=cfg.attack.norm,
+        attacks=names,
+        samples=n or None,
+        batch_size=batch_size,
+        seed=cfg.data.seed,
+        progress=lambda line: log(f"  {line}"),
     )
     for key, value in list(results.items()):
         if key.endswith("_acc"):
@@ -68,8 +75,6 @@ def evaluate_checkpoint(
         elif key.endswith("_images_per_s"):
             results[f"eval/{key.rsplit('/', 1)[1]}"] = value
     results["eval/batch_size"] = float(batch_size)
-    from afm_ray.models import count_parameters
-
     results["params"] = float(count_parameters(model))
     results["eval/eps"] = cfg.eval_eps
     results["eval/seconds"] = time.monotonic() - started
@@ -84,7 +89,7 @@ def format_results(results: Mapping[str, Any]) -> str:
     if "eval/batch_size" in results:
         header += f", batch {int(results['eval/batch_size'])}"
     lines.append(header)
-    for name, protocol in PROTOCOLS.items():
+    for name, protocol in EVAL_PROTOCOLS.items():
         key = f"{name}_acc"
         if key in results:
             speed = results.get(f"eval/{name}_images_per_s")
@@ -93,32 +98,9 @@ def format_results(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m afm_ray.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or checkpoint.pt")
-    parser.add_argument("--attacks", default=None, help="comma-separated: clean,pgd20,pgd10,cw,aa (default: eval.attacks)")
-    parser.add_argument("--samples", type=int, default=None, help="test images (fixed subset); 0 = whole test split")
-    parser.add_argument("--eps", default=None, help="budget, e.g. 8/255 (default: the checkpoint's eval.eps)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        stored = load_training_state(args.checkpoint)["config"]
-        overrides = parse_overrides(args.overrides)
-        if args.eps is not None:
-            overrides["eval.eps"] = args.eps
-        if args.attacks is not None:
-            overrides["eval.attacks"] = args.attacks
-        if args.samples is not None:
-            if args.samples < 0:
-                raise ConfigError(f"--samples: got {args.samples}, expected >= 0 (0 = whole test split)")
-            overrides["eval.samples"] = args.samples
-        cfg = from_flat({**stored, **overrides})
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    results = evaluate_checkpoint(args.checkpoint, cfg)
-    print(format_results(results))
-    return 0
+if __name__ == "__main__":  # python -m afm_ray.evaluate; as __main__ this is not the library module, so no cycle
+    import sys
 
+    from afm_ray.cli import evaluate_main
 
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(evaluate_main())

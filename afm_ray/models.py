@@ -43,7 +43,7 @@ __all__ = [
     "count_parameters",
     "measure_latency_ms",
     "model_spec",
-    "unwrap_model",
+    "unwrap",
     "small_cnn",
     "resnet18",
     "preact_resnet18",
@@ -441,9 +441,7 @@ def build_model(
     if arch not in MODELS:
         raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(MODELS)}")
     if len(mean) != in_channels or len(std) != in_channels:
-        raise ValueError(
-            f"mean={tuple(mean)} and std={tuple(std)} must have in_channels={in_channels} values each"
-        )
+        raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} must have in_channels={in_channels} values each")
     builder = MODELS[arch]
     kwargs = {k: v for k, v in arch_kwargs.items() if v is not None}
     valid = _arch_kwarg_names(builder)
@@ -461,7 +459,7 @@ def build_model(
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
     """Plain (YAML/JSON-able) description of a :func:`build_model` model: ``build_model(**spec)`` rebuilds it."""
-    m = unwrap_model(model)
+    m = unwrap(model)
     if not hasattr(m, "arch_name"):
         raise ValueError(f"{type(m).__name__} was not made by afm_ray.models.build_model: it has no arch_name")
     norm = m.normalize
@@ -475,20 +473,42 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DDP/DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
+def unwrap(model: nn.Module, *, keep_compiled: bool = False) -> nn.Module:
+    """The module inside DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
+
+    keep_compiled: stop at a compiled module (an attack wants the compiled forward), unless the
+    compiled thing is itself a DDP wrapper, which must always be bypassed.
+    """
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
+            continue
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module) and (
+            not keep_compiled or isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+        ):
+            model = inner
+            continue
+        return model
+
+
+def model_kwargs(section: Any, data: Any) -> dict[str, Any]:
+    """build_model's keyword arguments for a config section with arch/width/depth (``cfg.student``,
+    ``cfg.teacher``) on a dataset (an ImageDataset or anything with num_classes, image_shape,
+    mean and std): classes, channels and normalisation come from the data."""
+    kwargs: dict[str, Any] = dict(
+        num_classes=data.num_classes, in_channels=data.image_shape[0], mean=data.mean, std=data.std
+    )
+    if section.width:
+        kwargs["width"] = section.width
+    if section.depth:
+        kwargs["depth"] = section.depth
+    return kwargs
 
 
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not) of the unwrapped model."""
-    return sum(p.numel() for p in unwrap_model(model).parameters())
+    return sum(p.numel() for p in unwrap(model).parameters())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -528,8 +548,7 @@ def measure_latency_ms(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
     # DDP's forward broadcasts buffers (a collective that would hang if only one rank times it)
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
+    model = unwrap(model, keep_compiled=True)
     model_device = _model_device(model)
     dev = model_device if device is None else torch.device(device)
     if dev.type != model_device.type or (dev.index is not None and dev.index != model_device.index):

@@ -37,7 +37,6 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from afm_ray import names
-from afm_ray.front import non_dominated as non_dominated  # for callers of the old home; use afm_ray.front
 from afm_ray.front import nondominated_layers
 from afm_ray.names import Objective
 
@@ -583,10 +582,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m afm_ray.pareto``: `build_parser`, then `run`."""
-    return run(build_parser().parse_args(argv))
+if __name__ == "__main__":  # python -m afm_ray.pareto; as __main__ this is not the library module, so no cycle
+    from afm_ray.cli import pareto_main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(pareto_main())

@@ -31,16 +31,31 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
-from afm_ray.config import ConfigError, from_flat, valid_keys
+from afm_ray.config import from_flat, valid_keys
+from afm_ray.errors import ConfigError
 
-TOP_LEVEL_KEYS = ("name", "description", "experiment", "fixed", "search", "objectives", "num_samples",
-                  "sampler", "scheduler", "resources", "max_concurrent_trials", "max_failures", "seed")
+TOP_LEVEL_KEYS = (
+    "name",
+    "description",
+    "experiment",
+    "fixed",
+    "search",
+    "objectives",
+    "num_samples",
+    "sampler",
+    "scheduler",
+    "resources",
+    "max_concurrent_trials",
+    "max_failures",
+    "seed",
+)
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 OBJECTIVE_METRICS = ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc", "params", "latency_ms")
 PER_EPOCH_METRICS = ("val/clean_acc", "val/pgd_acc")
@@ -97,7 +112,7 @@ class SearchSpace:
     source: str = ""  # the YAML text, logged to the sweep's parent run
     path: str = ""
 
-    def define_by_run(self) -> "DefineByRun":
+    def define_by_run(self) -> DefineByRun:
         """Optuna define-by-run function: conditional keys are only asked when they apply."""
         return DefineByRun(dict(self.fixed), self.search)
 
@@ -147,12 +162,17 @@ def load_search_space(path: str | Path, overrides: Mapping[str, Any] | None = No
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
-    return parse_search_space(raw, source=text, path=str(path.resolve()), overrides=overrides,
-                              default_name=path.stem)
+    return parse_search_space(raw, source=text, path=str(path.resolve()), overrides=overrides, default_name=path.stem)
 
 
-def parse_search_space(raw: Mapping[str, Any], *, source: str = "", path: str = "", default_name: str = "sweep",
-                       overrides: Mapping[str, Any] | None = None) -> SearchSpace:
+def parse_search_space(
+    raw: Mapping[str, Any],
+    *,
+    source: str = "",
+    path: str = "",
+    default_name: str = "sweep",
+    overrides: Mapping[str, Any] | None = None,
+) -> SearchSpace:
     """Validate everything before any resource is reserved: one clear error per problem."""
     where = path or "search space"
     for key in raw:
@@ -185,10 +205,21 @@ def parse_search_space(raw: Mapping[str, Any], *, source: str = "", path: str = 
     seed = _non_negative_int(raw.get("seed", 0), f"{where}: seed")
 
     space = SearchSpace(
-        name=name, description=str(raw.get("description", "")), experiment=str(raw.get("experiment") or f"afm-ray-{name}"),
-        fixed=fixed, search=search, objectives=objectives, num_samples=num_samples, sampler=sampler, scheduler=scheduler,
-        resources=resources, max_concurrent_trials=max_concurrent, max_failures=max_failures, seed=seed,
-        source=source, path=path,
+        name=name,
+        description=str(raw.get("description", "")),
+        experiment=str(raw.get("experiment") or f"afm-ray-{name}"),
+        fixed=fixed,
+        search=search,
+        objectives=objectives,
+        num_samples=num_samples,
+        sampler=sampler,
+        scheduler=scheduler,
+        resources=resources,
+        max_concurrent_trials=max_concurrent,
+        max_failures=max_failures,
+        seed=seed,
+        source=source,
+        path=path,
     )
     _check_extremes(space, where)
     return space
@@ -197,8 +228,9 @@ def parse_search_space(raw: Mapping[str, Any], *, source: str = "", path: str = 
 def _parse_distribution(key: str, spec: Any, where: str, fixed: Mapping[str, Any], order: list[str]) -> Distribution:
     label = f"{where}: search.{key}"
     if not isinstance(spec, Mapping):
-        raise ConfigError(f"{label}: expected a distribution such as {{uniform: [low, high]}} or "
-                          f"{{choice: [a, b]}}, got {spec!r}")
+        raise ConfigError(
+            f"{label}: expected a distribution such as {{uniform: [low, high]}} or {{choice: [a, b]}}, got {spec!r}"
+        )
     kinds = [k for k in spec if k in DISTRIBUTIONS]
     extra = [k for k in spec if k not in DISTRIBUTIONS and k not in ("step", "when")]
     if extra:
@@ -275,15 +307,18 @@ def _parse_scheduler(raw: Any, objectives: tuple[Objective, ...], where: str) ->
             raise _unknown(f"{where}: unknown scheduler field", key, sorted(allowed))
     if name == "asha":
         if len(objectives) != 1:
-            raise ConfigError(f"{where}: scheduler asha needs a single objective (ASHA ranks trials on one metric); "
-                              f"got {len(objectives)} objectives")
+            raise ConfigError(
+                f"{where}: scheduler asha needs a single objective (ASHA ranks trials on one metric); "
+                f"got {len(objectives)} objectives"
+            )
         spec.setdefault("metric", "val/pgd_acc")
         spec.setdefault("mode", "max")
         spec.setdefault("grace_period", 1)
         spec.setdefault("reduction_factor", 2)
         if spec["metric"] not in PER_EPOCH_METRICS:
-            raise _unknown(f"{where}: scheduler.metric must be reported every epoch; unknown", spec["metric"],
-                           PER_EPOCH_METRICS)
+            raise _unknown(
+                f"{where}: scheduler.metric must be reported every epoch; unknown", spec["metric"], PER_EPOCH_METRICS
+            )
         _positive_int(spec["grace_period"], f"{where}: scheduler.grace_period")
         if not (_is_number(spec["reduction_factor"]) and spec["reduction_factor"] > 1):
             raise ConfigError(f"{where}: scheduler.reduction_factor must be > 1, got {spec['reduction_factor']!r}")
@@ -318,7 +353,7 @@ def _parse_sampler(raw: Any, num_samples: int, where: str) -> dict[str, Any]:
     return spec
 
 
-def build_sampler(space: "SearchSpace") -> Any:
+def build_sampler(space: SearchSpace) -> Any:
     """The Optuna sampler the space asks for, seeded with the space's seed."""
     import optuna
 
@@ -329,8 +364,9 @@ def build_sampler(space: "SearchSpace") -> Any:
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=spec["population_size"])
     # Multivariate, grouped TPE models the joint and the conditional keys (`when:`); the constant
     # liar keeps parallel trials from all being asked the same point.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec["n_startup_trials"], multivariate=True,
-                                      group=True, constant_liar=True)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=spec["n_startup_trials"], multivariate=True, group=True, constant_liar=True
+    )
 
 
 def _parse_resources(raw: Any, where: str) -> dict[str, float]:

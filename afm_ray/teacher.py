@@ -1,7 +1,8 @@
-"""The robust teacher: train one (PGD-AT or TRADES), cached by config hash, or load a checkpoint.
+"""The robust teacher: train one (PGD-AT or TRADES), cached by config hash, or use a checkpoint.
 
-`python -m afm_ray.teacher [--config FILE] [--set key=value ...]` trains the teacher that a
-config needs (once: later calls reuse the cache) and prints its path and robustness.
+`python -m afm_ray.teacher [--config FILE] [--set key=value ...]` (afm_ray.cli) trains the
+teacher that a config needs (once: later calls reuse the cache) and prints its path and
+robustness; afm_ray.checkpoints.load_teacher loads it, frozen.
 
 The teacher's training config depends only on the data, the `teacher.*` section and the
 evaluation budget, never on what a sweep varies for the student, so every trial of a sweep
@@ -10,45 +11,42 @@ distils the same teacher.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import torch
-from torch import nn
-
-from afm_ray.checkpoints import checkpoint_file, load_model
-from afm_ray.config import ConfigError, ExperimentConfig, from_flat, load_config, to_flat
-from afm_ray.data import ImageDataset
+from afm_ray.checkpoints import checkpoint_file
+from afm_ray.config import ExperimentConfig, from_flat, to_flat
+from afm_ray.train import LocalReporter, train_fn_per_worker
 
 
 def teacher_training_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The run that trains `cfg`'s teacher: adversarial training at the evaluation budget."""
     t = cfg.teacher
-    return from_flat({
-        **{k: v for k, v in to_flat(cfg).items() if k.startswith("data.")},
-        "student.arch": t.arch,
-        "student.width": t.width,
-        "student.depth": t.depth,
-        "method.name": t.method,
-        "optim.epochs": t.epochs,
-        # The usual recipe of adversarial training: standard augmentation, PGD-10 at the
-        # evaluation budget with step eps/4, SGD 0.1 with cosine decay.
-        "augment.policy": "crop_flip",
-        "attack.eps": cfg.eval_eps,
-        "attack.norm": cfg.attack.norm,
-        "attack.steps": 10,
-        "eval.eps": cfg.eval_eps,
-        "eval.attacks": "clean",
-        "run.seed": 0,
-        "run.device": cfg.run.device,
-    })
+    return from_flat(
+        {
+            **{k: v for k, v in to_flat(cfg).items() if k.startswith("data.")},
+            "student.arch": t.arch,
+            "student.width": t.width,
+            "student.depth": t.depth,
+            "method.name": t.method,
+            "optim.epochs": t.epochs,
+            # The usual recipe of adversarial training: standard augmentation, PGD-10 at the
+            # evaluation budget with step eps/4, SGD 0.1 with cosine decay.
+            "augment.policy": "crop_flip",
+            "attack.eps": cfg.eval_eps,
+            "attack.norm": cfg.attack.norm,
+            "attack.steps": 10,
+            "eval.eps": cfg.eval_eps,
+            "eval.attacks": "clean",
+            "run.seed": 0,
+            "run.device": cfg.run.device,
+        }
+    )
 
 
 def teacher_cache_key(cfg: ExperimentConfig) -> str:
@@ -75,11 +73,11 @@ def ensure_teacher(cfg: ExperimentConfig, *, log: Callable[[str], None] = print,
     if (target / "checkpoint.pt").is_file() and not force:
         log(f"teacher: reusing {target}")
         return target / "checkpoint.pt"
-    from afm_ray.train import LocalReporter, train_fn_per_worker
-
     tcfg = teacher_training_config(cfg)
-    log(f"teacher: training {tcfg.student.arch} with {tcfg.method.name} for {tcfg.optim.epochs} epochs "
-        f"(eps={tcfg.train_eps:.4g}); cached at {target}")
+    log(
+        f"teacher: training {tcfg.student.arch} with {tcfg.method.name} for {tcfg.optim.epochs} epochs "
+        f"(eps={tcfg.train_eps:.4g}); cached at {target}"
+    )
     with tempfile.TemporaryDirectory(prefix="afm_ray_teacher_") as tmp:
         reporter = LocalReporter(tmp, log=lambda line: log(f"teacher: {line}"))
         train_fn_per_worker(to_flat(tcfg), reporter)
@@ -93,40 +91,9 @@ def ensure_teacher(cfg: ExperimentConfig, *, log: Callable[[str], None] = print,
     return target / "checkpoint.pt"
 
 
-def load_teacher(path: str | Path, data: ImageDataset, *, device: torch.device | str = "cpu",
-                 cfg: ExperimentConfig | None = None) -> nn.Module:
-    """Load a frozen teacher (eval mode, no parameter gradients) and check it fits `data`.
+if __name__ == "__main__":  # python -m afm_ray.teacher; as __main__ this is not the library module, so no cycle
+    import sys
 
-    `path` is an afm-ray checkpoint (its stored config names the architecture, which must
-    agree with `cfg.teacher.arch`) or a bare state dict built as `cfg.teacher` describes.
-    """
-    model, stored = load_model(path, data, device=device, fallback=cfg.teacher if cfg is not None else None)
-    if stored is not None and cfg is not None and cfg.teacher.arch != stored.student.arch:
-        raise ConfigError(f"teacher.checkpoint {path} holds a {stored.student.arch!r} but teacher.arch is "
-                          f"{cfg.teacher.arch!r}; set teacher.arch={stored.student.arch}")
-    return model.eval().requires_grad_(False)
+    from afm_ray.cli import teacher_main
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m afm_ray.teacher",
-                                     description="Train (or reuse from cache) the robust teacher a config needs.")
-    parser.add_argument("--config", help="YAML config (default: the embedded default)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--force", action="store_true", help="retrain even if a cached teacher exists")
-    parser.add_argument("--no-eval", action="store_true", help="skip the robustness evaluation")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        parser.exit(2, f"error: {exc}\n")
-    path = ensure_teacher(cfg, force=args.force)
-    print(f"teacher checkpoint: {path}")
-    if not args.no_eval:
-        from afm_ray.evaluate import evaluate_checkpoint, format_results
-
-        print(format_results(evaluate_checkpoint(path, cfg)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(teacher_main())

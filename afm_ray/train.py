@@ -1,24 +1,22 @@
 """One distillation run: `train_fn_per_worker`, a plain training loop.
 
-The same function runs in a plain process (`python -m afm_ray.train`) and, unchanged, as
-a Ray Train worker: everything Ray-specific is behind the small `Reporter` hook (metrics +
+The same function runs in a plain process (`python -m afm_ray.train`, afm_ray.cli) and, unchanged,
+as a Ray Train worker: everything Ray-specific is behind the small `Reporter` hook (metrics +
 checkpoints out, a checkpoint to resume from in). Under DDP only the student is wrapped;
 the frozen teacher is a plain module on every worker.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import math
 import shutil
-import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -27,11 +25,21 @@ from torch import nn
 
 from afm_ray import attacks, checkpoints
 from afm_ray.augment import BatchAugment
-from afm_ray.config import ConfigError, ExperimentConfig, from_flat, load_config, to_flat
-from afm_ray.data import DeviceBatchLoader, ImageDataset, load_dataset
+from afm_ray.config import ExperimentConfig, from_flat, to_flat
+from afm_ray.data import (
+    DeviceBatchLoader,
+    ImageDataset,
+    fixed_test_subset,
+    load_run_data,
+    split_validation,
+    to_unit,
+)
+from afm_ray.devices import amp_dtype_for, resolve_device
+from afm_ray.errors import ConfigError
 from afm_ray.eval_batch import resolve_eval_batch_size
 from afm_ray.methods import AttackSpec, build_method
-from afm_ray.models import build_model, count_parameters, measure_latency_ms, unwrap_model
+from afm_ray.models import build_model, count_parameters, measure_latency_ms, model_kwargs, unwrap
+from afm_ray.names import HPARAM_NAMES
 
 
 class Reporter(Protocol):
@@ -93,15 +101,6 @@ def worker_context(device_setting: str, device: torch.device | None = None) -> W
     return WorkerContext(rank, world, device if device is not None else resolve_device(device_setting))
 
 
-def resolve_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {setting!r} requested but no CUDA device is available; use auto or cpu")
-    return device
-
-
 def lr_lambda(cfg: ExperimentConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Per-iteration multiplier: linear warm-up, then cosine, step (x0.1 at 50%/75%) or constant."""
     total = cfg.optim.epochs * steps_per_epoch
@@ -118,47 +117,6 @@ def lr_lambda(cfg: ExperimentConfig, steps_per_epoch: int) -> Callable[[int], fl
         return 0.01 if progress >= 0.75 else 0.1 if progress >= 0.5 else 1.0
 
     return factor
-
-
-def split_validation(data: ImageDataset, n_val: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """Hold out a fixed subset of the training split for per-epoch validation.
-
-    Validation never touches the test split, so early stopping and scheduling cannot leak
-    the numbers that the sweep finally reports.
-    """
-    n_val = min(n_val, len(data.y_train) // 5)
-    perm = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))
-    val, train = perm[:n_val], perm[n_val:]
-    return data.x_train[train], data.y_train[train], data.x_train[val], data.y_train[val]
-
-
-def to_unit(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.to(device).float().div_(255.0) if x.dtype == torch.uint8 else x.to(device).float()
-
-
-def build_student(cfg: ExperimentConfig, data: ImageDataset) -> nn.Module:
-    return build_model(cfg.student.arch, **model_kwargs(cfg.student, data))
-
-
-def model_kwargs(section: Any, data: ImageDataset) -> dict[str, Any]:
-    kwargs: dict[str, Any] = dict(
-        num_classes=data.num_classes, in_channels=data.image_shape[0], mean=data.mean, std=data.std
-    )
-    if section.width:
-        kwargs["width"] = section.width
-    if section.depth:
-        kwargs["depth"] = section.depth
-    return kwargs
-
-
-def load_run_data(cfg: ExperimentConfig) -> ImageDataset:
-    return load_dataset(
-        cfg.data.name,
-        cfg.data.root or None,
-        test_fraction=cfg.data.test_fraction,
-        seed=cfg.data.seed,
-        image_size=cfg.data.image_size or None,
-    )
 
 
 def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -200,14 +158,16 @@ def evaluate_sharded(
     total = _all_reduce_sum(torch.stack(counts + [torch.tensor(len(ys), device=ctx.device)]).float(), ctx.world_size)
     n = total[-1].item()
     results = {f"{name}_acc": (total[i] / n).item() for i, name in enumerate(attack_names)}
-    results.update({f"eval/{name}_images_per_s": n / max(s, 1e-9) for name, s in zip(attack_names, seconds)})
+    results.update(
+        {f"eval/{name}_images_per_s": n / max(s, 1e-9) for name, s in zip(attack_names, seconds, strict=True)}
+    )
     results["eval/batch_size"] = float(batch_size)
     return results
 
 
 @dataclass
 class TrainStep:
-    """One optimisation step of a distillation method; the training loop and afm_ray.bench both
+    """One optimisation step of a distillation method; the training loop and benchmarks/bench.py both
     call it, so the benchmark times exactly what training runs.
 
     The batch is augmented once and that one view goes to teacher and student alike (consistent
@@ -231,8 +191,11 @@ class TrainStep:
             x = x.contiguous(memory_format=torch.channels_last)
         targets = F.one_hot(y, self.num_classes).float() if self.method.uses_labels else None
         x_aug, y_aug = self.augment(x, targets)
-        autocast = (torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(x.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
         with autocast:
             parts = self.method(self.model, self.teacher, x_aug, y_aug, self.attack)
         self.optimizer.zero_grad(set_to_none=True)
@@ -241,25 +204,6 @@ class TrainStep:
         if self.scheduler is not None:
             self.scheduler.step()
         return {key: value.detach() for key, value in parts.items()}
-
-
-def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
-    """run.amp -> the autocast dtype of the training step (None = fp32); see RunConfig.amp."""
-    if setting == "bf16" or (setting == "auto" and (device.type == "cuda" or cpu_has_native_bf16())):
-        return torch.bfloat16
-    return None
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates
-    it, slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux: no way to tell here, stay on fp32
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
@@ -280,8 +224,15 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
     data = load_run_data(cfg)
     x_train, y_train, x_val, y_val = split_validation(data, cfg.eval.val_samples, cfg.data.seed)
     loader = DeviceBatchLoader(
-        x_train, y_train, cfg.optim.batch_size, device=ctx.device, shuffle=True, drop_last=True,
-        rank=ctx.rank, world_size=ctx.world_size, seed=cfg.run.seed,
+        x_train,
+        y_train,
+        cfg.optim.batch_size,
+        device=ctx.device,
+        shuffle=True,
+        drop_last=True,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=cfg.run.seed,
     )
     if len(loader) == 0:
         raise ConfigError(
@@ -292,23 +243,24 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
     method = build_method(cfg.method.name, **method_hparams(cfg))
     teacher = None
     if method.needs_teacher:
-        from afm_ray.teacher import load_teacher
-
         if not cfg.teacher.checkpoint:
             raise ConfigError(
                 f"method {cfg.method.name!r} needs a teacher but teacher.checkpoint is empty; "
                 "train one with `python -m afm_ray.teacher` or run through afm_ray.train/afm_ray.sweep"
             )
-        teacher = load_teacher(cfg.teacher.checkpoint, data, device=ctx.device, cfg=cfg)
+        teacher = checkpoints.load_teacher(cfg.teacher.checkpoint, data, device=ctx.device, cfg=cfg)
         if cfg.run.channels_last:  # the frozen teacher is most of a step's compute
             teacher = teacher.to(memory_format=torch.channels_last)
 
-    student = build_student(cfg, data).to(ctx.device)
+    student = build_model(cfg.student.arch, **model_kwargs(cfg.student, data)).to(ctx.device)
     if cfg.run.channels_last:
         student = student.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
-        student.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
+        student.parameters(),
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loader)))
 
@@ -316,7 +268,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
     resume_dir = reporter.resume_checkpoint_dir()
     if resume_dir:
         state = checkpoints.load_training_state(resume_dir)
-        unwrap_model(student).load_state_dict(state["model"])
+        unwrap(student).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
@@ -331,17 +283,30 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
 
     n_final = min(cfg.eval.samples or len(data.y_test), len(data.y_test))
     eval_batch_size = resolve_eval_batch_size(
-        cfg.eval.batch_size, student, data.image_shape, ctx.device, channels_last=cfg.run.channels_last,
-        n_images=max(len(y_val), math.ceil(n_final / ctx.world_size)), log=log,
+        cfg.eval.batch_size,
+        student,
+        data.image_shape,
+        ctx.device,
+        channels_last=cfg.run.channels_last,
+        n_images=max(len(y_val), math.ceil(n_final / ctx.world_size)),
+        log=log,
     )
     step = TrainStep(
-        method=method, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
+        method=method,
+        model=model,
+        teacher=teacher,
+        optimizer=optimizer,
+        scheduler=scheduler,
         augment=BatchAugment(cfg.augment.policy, image_shape=data.image_shape, num_classes=data.num_classes),
         attack=AttackSpec(
-            eps=cfg.train_eps, step_size=cfg.train_step_size, steps=cfg.attack.steps,
-            norm=cfg.attack.norm, random_start=cfg.attack.random_start,
+            eps=cfg.train_eps,
+            step_size=cfg.train_step_size,
+            steps=cfg.attack.steps,
+            norm=cfg.attack.norm,
+            random_start=cfg.attack.random_start,
         ),
-        num_classes=data.num_classes, channels_last=cfg.run.channels_last,
+        num_classes=data.num_classes,
+        channels_last=cfg.run.channels_last,
         amp_dtype=amp_dtype_for(cfg.run.amp, ctx.device),
     )
     x_val_dev, y_val_dev = to_unit(x_val, ctx.device), y_val.to(ctx.device)
@@ -361,14 +326,21 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         # run/start_epoch > 0 shows a run that resumed from a checkpoint (e.g. after a worker died).
         metrics = {"epoch": epoch + 1, "run/start_epoch": start_epoch, "run/world_size": ctx.world_size}
         for key, value in sums.items():
-            metrics[f"train/{key}"] = (_all_reduce_sum(value.clone(), ctx.world_size) / (n_batches * ctx.world_size)).item()
+            metrics[f"train/{key}"] = (
+                _all_reduce_sum(value.clone(), ctx.world_size) / (n_batches * ctx.world_size)
+            ).item()
         metrics["train/images_per_s"] = n_batches * cfg.optim.batch_size * ctx.world_size / epoch_time
         metrics["train/lr"] = scheduler.get_last_lr()[0]
         # Every worker validates the same small subset: cheaper than gathering.
-        val_model = unwrap_model(student)
+        val_model = unwrap(student)
         for name, key in (("clean", "val/clean_acc"), ("pgd10", "val/pgd_acc")):
             correct = attacks.robust_predictions(
-                val_model, x_val_dev, y_val_dev, attack=name, eps=cfg.eval_eps, norm=cfg.attack.norm,
+                val_model,
+                x_val_dev,
+                y_val_dev,
+                attack=name,
+                eps=cfg.eval_eps,
+                norm=cfg.attack.norm,
                 batch_size=eval_batch_size,
             )
             metrics[key] = correct.float().mean().item()
@@ -379,7 +351,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         _report_with_checkpoint(reporter, metrics, cfg, student, optimizer, scheduler, epoch + 1, ctx, save)
 
     eval_started = time.perf_counter()
-    final = final_evaluation(cfg, unwrap_model(student), data, ctx, log, batch_size=eval_batch_size)
+    final = final_evaluation(cfg, unwrap(student), data, ctx, log, batch_size=eval_batch_size)
     final["time/eval_s"] = time.perf_counter() - eval_started
     final["time/worker_s"] = time.perf_counter() - worker_started
     # The last epoch's metrics ride along, so a scheduler's metric is present in every result.
@@ -390,7 +362,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
 
 def method_hparams(cfg: ExperimentConfig) -> dict[str, float]:
     """Only the hyperparameters the user set; the method supplies its own defaults."""
-    return {k: getattr(cfg.method, k) for k in ("tau", "alpha", "beta", "lam") if getattr(cfg.method, k) is not None}
+    return {k: getattr(cfg.method, k) for k in HPARAM_NAMES if getattr(cfg.method, k) is not None}
 
 
 def _report_with_checkpoint(
@@ -409,22 +381,40 @@ def _report_with_checkpoint(
         return
     with tempfile.TemporaryDirectory(prefix="afm_ray_ckpt_") as tmp:
         checkpoints.save_training_state(
-            tmp, model=unwrap_model(student), optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-            config=to_flat(cfg), metrics=metrics,
+            tmp,
+            model=unwrap(student),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epoch=epoch,
+            config=to_flat(cfg),
+            metrics=metrics,
         )
         reporter.report(metrics, tmp)
 
 
 def final_evaluation(
-    cfg: ExperimentConfig, student: nn.Module, data: ImageDataset, ctx: WorkerContext, log: Callable[[str], None],
-    *, batch_size: int,
+    cfg: ExperimentConfig,
+    student: nn.Module,
+    data: ImageDataset,
+    ctx: WorkerContext,
+    log: Callable[[str], None],
+    *,
+    batch_size: int,
 ) -> dict[str, float]:
-    """The fixed protocol of DESIGN.md on `eval.samples` test images, sharded across workers."""
+    """The fixed evaluation protocol (afm_ray.names.EVAL_PROTOCOLS) on `eval.samples` test images,
+    sharded across workers."""
     x_test, y_test = fixed_test_subset(data, cfg.eval.samples, cfg.data.seed)
     log(f"final evaluation on {len(y_test)} test images at eps={cfg.eval_eps:.4g}: {', '.join(cfg.eval_attacks)}")
     final = evaluate_sharded(
-        student, x_test, y_test, eps=cfg.eval_eps, norm=cfg.attack.norm, attack_names=cfg.eval_attacks,
-        batch_size=batch_size, ctx=ctx, progress=None,
+        student,
+        x_test,
+        y_test,
+        eps=cfg.eval_eps,
+        norm=cfg.attack.norm,
+        attack_names=cfg.eval_attacks,
+        batch_size=batch_size,
+        ctx=ctx,
+        progress=None,
     )
     final["params"] = float(count_parameters(student))
     final["latency_ms"] = measure_latency_ms(student, data.image_shape, device=ctx.device)
@@ -434,52 +424,9 @@ def final_evaluation(
     return final
 
 
-def fixed_test_subset(data: ImageDataset, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same `samples` test images for every trial and every model (0 = all)."""
-    n = len(data.y_test)
-    if not samples or samples >= n:
-        return data.x_test, data.y_test
-    idx = attacks.fixed_subset(n, samples, seed)
-    return data.x_test[idx], data.y_test[idx]
+if __name__ == "__main__":  # python -m afm_ray.train; as __main__ this is not the library module, so no cycle
+    import sys
 
+    from afm_ray.cli import train_main
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m afm_ray.train",
-        description="Train one student (and, if needed, its robust teacher) and evaluate both.",
-    )
-    parser.add_argument("--config", help="YAML file with config sections (default: the embedded default)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one dotted key, e.g. --set attack.eps=0.1 (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        parser.exit(2, f"error: {exc}\n")
-
-    from afm_ray.evaluate import evaluate_checkpoint
-    from afm_ray.teacher import ensure_teacher
-
-    results = {}
-    if build_method(cfg.method.name, **method_hparams(cfg)).needs_teacher:
-        teacher_path = ensure_teacher(cfg, log=print)
-        cfg = from_flat({**to_flat(cfg), "teacher.checkpoint": str(teacher_path)})
-        results["teacher"] = evaluate_checkpoint(teacher_path, cfg, log=print)
-    print(f"training student {cfg.student.arch} with {cfg.method.name} for {cfg.optim.epochs} epochs")
-    results["student"] = train_fn_per_worker(to_flat(cfg))
-    print()
-    print(results_table(results))
-    return 0
-
-
-def results_table(results: Mapping[str, Mapping[str, float]]) -> str:
-    columns = [c for c in ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc") if any(c in r for r in results.values())]
-    lines = [f"{'model':<10}" + "".join(f"{c:>12}" for c in columns) + f"{'params':>12}"]
-    for name, r in results.items():
-        cells = "".join(f"{100 * r[c]:>11.2f}%" if c in r else f"{'-':>12}" for c in columns)
-        lines.append(f"{name:<10}{cells}{int(r.get('params', 0)):>12,}")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())

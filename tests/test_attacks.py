@@ -16,8 +16,6 @@ STARTS = ("uniform", "normal", "none")
 TOL = 1e-6
 
 
-
-
 def tiny_cnn(in_channels: int = 3, num_classes: int = 10, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(
@@ -70,8 +68,7 @@ def test_pgd_stays_in_ball_and_box(norm, random_start):
     x, y = batch()
     eps = 0.1 if norm == "linf" else 0.5
     # A step far larger than eps: only the projection keeps the point inside.
-    x_adv = pgd(ce_objective(model, y), x, eps=eps, step_size=3 * eps, steps=5, norm=norm,
-                random_start=random_start)
+    x_adv = pgd(ce_objective(model, y), x, eps=eps, step_size=3 * eps, steps=5, norm=norm, random_start=random_start)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
     assert_in_ball(x_adv, x, eps, norm)
 
@@ -166,8 +163,9 @@ def test_pgd_restores_exact_module_modes_and_sets_eval_during_attack():
 
     def objective(z):
         seen.append(module_flags(student, teacher))
-        return F.kl_div(F.log_softmax(student(z), 1), F.log_softmax(teacher(z), 1),
-                        reduction="batchmean", log_target=True)
+        return F.kl_div(
+            F.log_softmax(student(z), 1), F.log_softmax(teacher(z), 1), reduction="batchmean", log_target=True
+        )
 
     pgd(objective, x, eps=0.03, step_size=0.01, steps=2, models=(student, teacher))
     assert seen and all(not any(flags) for flags in seen)
@@ -291,8 +289,16 @@ def digits_model():
 def test_evaluate_orders_attacks_by_strength(digits_model):
     model, x, y = digits_model
     lines = []
-    res = evaluate(model, x, y, eps=0.2, attacks=("clean", "pgd20", "pgd10", "cw", "aa"),
-                   samples=64, batch_size=32, progress=lines.append)
+    res = evaluate(
+        model,
+        x,
+        y,
+        eps=0.2,
+        attacks=("clean", "pgd20", "pgd10", "cw", "aa"),
+        samples=64,
+        batch_size=32,
+        progress=lines.append,
+    )
     p = "test_n64/"
     assert res[p + "n_samples"] == 64
     names = ("clean", "pgd20", "pgd10", "cw", "aa")

@@ -19,8 +19,6 @@ ALL = [*POLICIES, *COMBOS]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-
-
 def images(shape, batch=32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand((batch, *shape), generator=g)
@@ -154,7 +152,7 @@ def _is_translation(out: torch.Tensor, x: torch.Tensor, pad: int) -> bool:
     padded = F.pad(x, (pad,) * 4)
     h, w = x.shape[-2:]
     return any(
-        torch.equal(out, padded[..., i:i + h, j:j + w]) for i in range(2 * pad + 1) for j in range(2 * pad + 1)
+        torch.equal(out, padded[..., i : i + h, j : j + w]) for i in range(2 * pad + 1) for j in range(2 * pad + 1)
     )
 
 
@@ -168,7 +166,7 @@ def test_crop_flip_grey_never_flips_and_rgb_flips_some():
     out, _ = BatchAugment("crop_flip", image_shape=(3, 32, 32), num_classes=NUM_CLASSES)(rgb, None)
     shifted = [_is_translation(o, rgb[0], 4) for o in out]
     flipped = [_is_translation(o, rgb[0].flip(-1), 4) for o in out]
-    assert all(s or f for s, f in zip(shifted, flipped))
+    assert all(s or f for s, f in zip(shifted, flipped, strict=True))
     assert 4 < sum(flipped) < 28 and 4 < sum(shifted) < 28
 
 
@@ -215,8 +213,12 @@ def test_parse_policy():
 
 @pytest.mark.parametrize(
     "policy, match",
-    [("autoaug", "valid: none, crop_flip, autoaugment"), ("mixup+mixup", "repeats"), ("none+cutmix", "alone"),
-     ("", "unknown")],
+    [
+        ("autoaug", "valid: none, crop_flip, autoaugment"),
+        ("mixup+mixup", "repeats"),
+        ("none+cutmix", "alone"),
+        ("", "unknown"),
+    ],
 )
 def test_parse_policy_rejects(policy, match):
     with pytest.raises(ValueError, match=match):

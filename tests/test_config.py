@@ -2,7 +2,8 @@
 
 import pytest
 
-from afm_ray.config import ConfigError, ExperimentConfig, from_flat, load_config, parse_overrides, to_flat, valid_keys
+from afm_ray.cli import load_config
+from afm_ray.config import ConfigError, ExperimentConfig, from_flat, parse_overrides, to_flat, valid_keys
 
 
 def test_defaults_round_trip_through_flat_strings():

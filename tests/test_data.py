@@ -46,7 +46,7 @@ def test_digits_split_and_scale() -> None:
     ref_x = np.rint(ref.images * 255 / 16).astype(np.uint8)
     ours = torch.cat([d.x_train, d.x_test])[:, 0].numpy()
     ours_y = torch.cat([d.y_train, d.y_test]).numpy()
-    key = lambda x, y: sorted(a.tobytes() + bytes([b]) for a, b in zip(x, y))  # noqa: E731
+    key = lambda x, y: sorted(a.tobytes() + bytes([b]) for a, b in zip(x, y, strict=True))  # noqa: E731
     assert key(ours, ours_y) == key(ref_x, ref.target)
 
 
@@ -202,12 +202,20 @@ def _digits_u8() -> tuple[np.ndarray, np.ndarray]:
     return np.rint(d.images[:60] * 255 / 16).astype(np.uint8), d.target[:60].astype(np.int64)
 
 
-def _hub_table(images: np.ndarray, labels: np.ndarray, image_col: str = "image", label_col: str = "label",
-               struct: bool = True, metadata: dict | None = None) -> pa.Table:
+def _hub_table(
+    images: np.ndarray,
+    labels: np.ndarray,
+    image_col: str = "image",
+    label_col: str = "label",
+    struct: bool = True,
+    metadata: dict | None = None,
+) -> pa.Table:
     blobs = [_png(a) for a in images]
     if struct:
-        img = pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(blobs)],
-                       type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        img = pa.array(
+            [{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(blobs)],
+            type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+        )
     else:
         img = pa.array(blobs, type=pa.binary())
     table = pa.table({image_col: img, label_col: pa.array(labels, type=pa.int64())})
@@ -283,7 +291,7 @@ def _indexed(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _epoch_indices(loader: DeviceBatchLoader) -> list[int]:
     out = []
-    for xb, yb in loader:
+    for xb, _ in loader:
         out += [round(v * 255) for v in xb[:, 0, 0, 0].tolist()]
     return out
 

@@ -77,5 +77,11 @@ def test_cuda_choice_is_memory_bound_power_of_two():
     choice = choose_eval_batch_size(model, (3, 32, 32), "cuda", n_images=100_000)
     assert choice.batch_size & (choice.batch_size - 1) == 0 and "free memory" in choice.reason
     x = torch.rand(choice.batch_size, 3, 32, 32, device="cuda")
-    robust_predictions(model, x, torch.zeros(len(x), dtype=torch.long, device="cuda"), attack="pgd10",
-                       eps=8 / 255, batch_size=choice.batch_size)  # it fits
+    robust_predictions(
+        model,
+        x,
+        torch.zeros(len(x), dtype=torch.long, device="cuda"),
+        attack="pgd10",
+        eps=8 / 255,
+        batch_size=choice.batch_size,
+    )  # it fits

@@ -103,8 +103,15 @@ def test_bf16_attack_is_as_strong_as_fp32(name):
         for precision in reached:
             torch.manual_seed(100 + seed)  # the same random start for both precisions
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                x_adv = pgd(method.inner_objective(student, t, x, labels), x, eps=0.1, step_size=0.025,
-                            steps=5, random_start="uniform", models=(student,))
+                x_adv = pgd(
+                    method.inner_objective(student, t, x, labels),
+                    x,
+                    eps=0.1,
+                    step_size=0.025,
+                    steps=5,
+                    random_start="uniform",
+                    models=(student,),
+                )
             assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
             with torch.no_grad(), model_modes_for_attack((student,)):
                 reached[precision].append(objective(x_adv).item())
@@ -153,6 +160,8 @@ def test_channels_last_float32_logits_agree(name):
         a, b = out["contiguous"][which], out["channels_last"][which]
         scale = a.abs().max()
         assert (a - b).abs().max() <= LAYERS_OF_ROUNDING * 2**4 * FP32_U * scale
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("policy", ["crop_flip", "autoaugment+cutmix"])
 def test_training_step_never_waits_for_the_gpu(policy):
@@ -161,11 +170,16 @@ def test_training_step_never_waits_for_the_gpu(policy):
     from afm_ray.train import TrainStep
 
     student, teacher = (m.cuda() for m in _models())
-    step = TrainStep(method=build_method("advfunmatch"), model=student, teacher=teacher,
-                     augment=BatchAugment(policy, image_shape=(1, 14, 14), num_classes=10),
-                     attack=AttackSpec(eps=0.1, step_size=0.025, steps=3),
-                     optimizer=torch.optim.SGD(student.parameters(), lr=0.1), num_classes=10,
-                     amp_dtype=torch.bfloat16)
+    step = TrainStep(
+        method=build_method("advfunmatch"),
+        model=student,
+        teacher=teacher,
+        augment=BatchAugment(policy, image_shape=(1, 14, 14), num_classes=10),
+        attack=AttackSpec(eps=0.1, step_size=0.025, steps=3),
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+        num_classes=10,
+        amp_dtype=torch.bfloat16,
+    )
     x, y = torch.rand(32, 1, 14, 14, device="cuda"), torch.arange(32, device="cuda") % 10
     step(x, y)  # warm-up: lazy initialisation may synchronise once
     torch.cuda.synchronize()
@@ -177,7 +191,7 @@ def test_training_step_never_waits_for_the_gpu(policy):
 
 
 def test_amp_auto_is_bf16_exactly_where_measured_fast():
-    from afm_ray.train import amp_dtype_for, cpu_has_native_bf16
+    from afm_ray.devices import amp_dtype_for, cpu_has_native_bf16
 
     assert amp_dtype_for("off", torch.device("cpu")) is None
     assert amp_dtype_for("bf16", torch.device("cpu")) is torch.bfloat16

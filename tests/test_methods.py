@@ -10,11 +10,12 @@ from torch import nn
 
 from afm_ray.attacks import pgd
 from afm_ray.methods import (
-    METHODS,
-    AdaAD,
     AKD,
     ARD,
+    METHODS,
+    AdaAD,
     AttackSpec,
+    _attack_model,
     adaad_loss,
     advfunmatch_loss,
     akd_loss,
@@ -25,7 +26,6 @@ from afm_ray.methods import (
     rslad_loss,
     trades_loss,
 )
-from afm_ray.methods import _attack_model
 
 NUM_CLASSES = 5
 LABEL_FREE = ("advfunmatch", "funmatch", "rslad", "adaad")
@@ -36,6 +36,7 @@ ATTACKED = tuple(name for name, cls in METHODS.items() if cls.uses_attack)
 # --------------------------------------------------------------------------------------------
 # Pure losses: fixed logits, an independent computation from the formula, a stored value.
 
+
 def _fixed_logits() -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     return tuple(torch.randn(4, NUM_CLASSES, generator=g) * 3 for _ in range(4))
@@ -43,8 +44,10 @@ def _fixed_logits() -> tuple[torch.Tensor, ...]:
 
 S_ADV, S_CLEAN, T_ADV, T_CLEAN = _fixed_logits()
 # Mixup-style soft labels; the last row is one-hot.
-Y_SOFT = (0.7 * F.one_hot(torch.tensor([0, 2, 4, 1]), NUM_CLASSES).float()
-          + 0.3 * F.one_hot(torch.tensor([3, 3, 0, 1]), NUM_CLASSES).float())
+Y_SOFT = (
+    0.7 * F.one_hot(torch.tensor([0, 2, 4, 1]), NUM_CLASSES).float()
+    + 0.3 * F.one_hot(torch.tensor([3, 3, 0, 1]), NUM_CLASSES).float()
+)
 
 
 def ref_kl(target_logits, input_logits, tau=1.0):
@@ -146,7 +149,8 @@ def test_pure_losses_take_class_indices_as_one_hot():
     one_hot = F.one_hot(idx, NUM_CLASSES).float()
     assert pgd_at_loss(S_ADV, idx)["loss"].item() == pytest.approx(pgd_at_loss(S_ADV, one_hot)["loss"].item())
     assert akd_loss(S_ADV, T_CLEAN, idx, 2.0, 0.3)["loss"].item() == pytest.approx(
-        akd_loss(S_ADV, T_CLEAN, one_hot, 2.0, 0.3)["loss"].item())
+        akd_loss(S_ADV, T_CLEAN, one_hot, 2.0, 0.3)["loss"].item()
+    )
 
 
 def test_soft_labels_of_the_wrong_shape_are_refused():
@@ -164,12 +168,17 @@ def test_weight_zero_terms_may_be_omitted():
 # --------------------------------------------------------------------------------------------
 # Method units on a tiny seeded student and teacher.
 
+
 def tiny_cnn(width: int, seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(width * 16, NUM_CLASSES),  # no global pooling: input-sensitive
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(width * 16, NUM_CLASSES),  # no global pooling: input-sensitive
     )
 
 
@@ -198,7 +207,10 @@ ATTACK = AttackSpec(eps=0.1, step_size=0.025, steps=3)
 
 # Default instances plus non-default ones that switch on the alpha < 1 branches.
 UNITS = [build_method(name) for name in METHODS] + [
-    AdaAD(alpha=0.7, tau=2.0), ARD(alpha=0.5, tau=4.0), AKD(lam=0.2, tau=3.0), build_method("rslad", alpha=0.5),
+    AdaAD(alpha=0.7, tau=2.0),
+    ARD(alpha=0.5, tau=4.0),
+    AKD(lam=0.2, tau=3.0),
+    build_method("rslad", alpha=0.5),
 ]
 
 
@@ -253,8 +265,13 @@ def test_inner_maximisation_increases_its_objective(name, student, teacher, batc
     x, y = batch
     method = build_method(name)
     objective = method.inner_objective(student, teacher, x, y)
-    kwargs = dict(eps=0.3, step_size=0.05, norm="linf", models=(student, teacher),
-                  random_start=method.random_start(AttackSpec(eps=0.3, step_size=0.05, steps=10)))
+    kwargs = dict(
+        eps=0.3,
+        step_size=0.05,
+        norm="linf",
+        models=(student, teacher),
+        random_start=method.random_start(AttackSpec(eps=0.3, step_size=0.05, steps=10)),
+    )
     torch.manual_seed(4)  # the same random start twice: 0 steps, then 10
     x_start = pgd(objective, x, steps=0, **kwargs)
     torch.manual_seed(4)
@@ -286,10 +303,26 @@ def test_teacher_frozen_modes_restored_student_trained(name, student, teacher, b
 # Student forwards in the final loss (through the wrapper) and teacher forwards per batch, at
 # the defaults; the attack adds `steps` student forwards (TRADES one more for p(x)) and, for
 # the methods whose inner objective evaluates T(x'), `steps` teacher forwards.
-FINAL_STUDENT_FORWARDS = {"advfunmatch": 1, "rslad": 2, "adaad": 1, "akd": 1, "ard": 1,
-                          "pgd_at": 1, "trades": 2, "funmatch": 1}
-TEACHER_FORWARDS = {"advfunmatch": ATTACK.steps + 1, "rslad": 1, "adaad": ATTACK.steps + 1,
-                    "akd": 1, "ard": 1, "pgd_at": 0, "trades": 0, "funmatch": 1}
+FINAL_STUDENT_FORWARDS = {
+    "advfunmatch": 1,
+    "rslad": 2,
+    "adaad": 1,
+    "akd": 1,
+    "ard": 1,
+    "pgd_at": 1,
+    "trades": 2,
+    "funmatch": 1,
+}
+TEACHER_FORWARDS = {
+    "advfunmatch": ATTACK.steps + 1,
+    "rslad": 1,
+    "adaad": ATTACK.steps + 1,
+    "akd": 1,
+    "ard": 1,
+    "pgd_at": 0,
+    "trades": 0,
+    "funmatch": 1,
+}
 
 
 def _count_calls(module: nn.Module) -> list[int]:
@@ -379,13 +412,21 @@ def test_teacher_problems_are_reported(student, teacher, batch):
 # --------------------------------------------------------------------------------------------
 # Registry and hyperparameters.
 
+
 def test_registry_and_defaults():
     assert set(METHODS) == {"advfunmatch", "rslad", "adaad", "akd", "ard", "funmatch", "pgd_at", "trades"}
     assert build_method("rslad").tau == 1.0 and build_method("rslad").alpha == pytest.approx(5 / 6)
     assert (build_method("ard").tau, build_method("ard").alpha) == (30.0, 1.0)
     assert build_method("adaad").alpha == 1.0
     assert build_method("trades").beta == 6.0
-    assert {n for n, c in METHODS.items() if c.needs_teacher} == {"advfunmatch", "rslad", "adaad", "akd", "ard", "funmatch"}
+    assert {n for n, c in METHODS.items() if c.needs_teacher} == {
+        "advfunmatch",
+        "rslad",
+        "adaad",
+        "akd",
+        "ard",
+        "funmatch",
+    }
     assert build_method("ard", tau=4, alpha=0.5).tau == 4.0
 
 
@@ -407,27 +448,33 @@ def test_none_means_the_default():
     assert build_method("trades", tau=None, alpha=None, beta=None, lam=None).beta == 6.0
 
 
-@pytest.mark.parametrize("name, hparams, bad", [
-    ("advfunmatch", {"tau": 0.0}, "tau=0.0"),
-    ("ard", {"tau": -1.0}, "tau=-1.0"),
-    ("adaad", {"alpha": 1.5}, "alpha=1.5"),
-    ("rslad", {"alpha": -0.1}, "alpha=-0.1"),
-    ("trades", {"beta": -6.0}, "beta=-6.0"),
-    ("akd", {"lam": 1.2}, "lam=1.2"),
-    ("akd", {"lam": float("nan")}, "lam=nan"),
-    ("funmatch", {"tau": "2"}, "tau='2'"),
-])
+@pytest.mark.parametrize(
+    "name, hparams, bad",
+    [
+        ("advfunmatch", {"tau": 0.0}, "tau=0.0"),
+        ("ard", {"tau": -1.0}, "tau=-1.0"),
+        ("adaad", {"alpha": 1.5}, "alpha=1.5"),
+        ("rslad", {"alpha": -0.1}, "alpha=-0.1"),
+        ("trades", {"beta": -6.0}, "beta=-6.0"),
+        ("akd", {"lam": 1.2}, "lam=1.2"),
+        ("akd", {"lam": float("nan")}, "lam=nan"),
+        ("funmatch", {"tau": "2"}, "tau='2'"),
+    ],
+)
 def test_invalid_hyperparameter_values(name, hparams, bad):
     with pytest.raises(ValueError, match=f"{name}: {bad} is invalid"):
         build_method(name, **hparams)
 
 
-@pytest.mark.parametrize("kwargs, bad", [
-    ({"eps": -0.1}, "eps=-0.1"),
-    ({"steps": 2.5}, "steps=2.5"),
-    ({"norm": "l1"}, "norm='l1'"),
-    ({"random_start": "gaussian"}, "random_start='gaussian'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [
+        ({"eps": -0.1}, "eps=-0.1"),
+        ({"steps": 2.5}, "steps=2.5"),
+        ({"norm": "l1"}, "norm='l1'"),
+        ({"random_start": "gaussian"}, "random_start='gaussian'"),
+    ],
+)
 def test_attack_spec_validation(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         AttackSpec(**{"eps": 0.1, "step_size": 0.01, "steps": 1, **kwargs})

@@ -13,7 +13,7 @@ from afm_ray.models import (
     count_parameters,
     measure_latency_ms,
     model_spec,
-    unwrap_model,
+    unwrap,
 )
 
 MEAN3, STD3 = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -113,12 +113,12 @@ def test_model_spec_rebuilds() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
-def test_unwrap_model() -> None:
+def test_unwrap() -> None:
     model = _build("small_cnn", in_channels=1)
-    assert unwrap_model(model) is model
-    assert unwrap_model(nn.DataParallel(model)) is model
+    assert unwrap(model) is model
+    assert unwrap(nn.DataParallel(model)) is model
     compiled = torch.compile(model)  # wraps lazily; nothing is compiled until called
-    assert unwrap_model(compiled) is model
+    assert unwrap(compiled) is model
     assert model_spec(compiled)["arch"] == "small_cnn"
     assert count_parameters(compiled) == count_parameters(model)
 

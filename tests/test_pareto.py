@@ -22,8 +22,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from afm_ray import pareto
+from afm_ray.cli import pareto_main as main
 from afm_ray.names import Objective
-from afm_ray.pareto import load_trials, main, parse_objectives, rank_trials
+from afm_ray.pareto import load_trials, parse_objectives, rank_trials
 
 REPO = Path(__file__).resolve().parents[1]
 # SQLAlchemy 2 deprecation inside MLflow's own store; nothing this module can act on.

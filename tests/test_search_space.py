@@ -65,9 +65,15 @@ def test_define_by_run_suggests_conditional_keys_only_when_they_apply():
         ({"search": {"attack.eps": {"uniform": [-0.1, 0.1]}}}, "attack.eps: got -0.1, expected eps >= 0"),
         ({"search": {"attack.steps": {"int": [-2, 3]}}}, "attack.steps: got -2, expected steps >= 0"),
         ({"search": {"augment.policy": {"choice": []}}}, "choice needs a non-empty list"),
-        ({"search": {"augment.policy": {"choice": ["crop_flip", "autoaugmnt"]}}}, "search.augment.policy = 'autoaugmnt'"),
+        (
+            {"search": {"augment.policy": {"choice": ["crop_flip", "autoaugmnt"]}}},
+            "search.augment.policy = 'autoaugmnt'",
+        ),
         ({"search": {"method.tau": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
-        ({"search": {"method.tau": {"uniform": [1, 2], "when": {"method.nam": ["rslad"]}}}}, "when refers to 'method.nam'"),
+        (
+            {"search": {"method.tau": {"uniform": [1, 2], "when": {"method.nam": ["rslad"]}}}},
+            "when refers to 'method.nam'",
+        ),
         ({"objectives": [{"metric": "robust_acc", "mode": "max"}]}, "unknown objective metric 'robust_acc'"),
         ({"objectives": [{"metric": "aa_acc", "mode": "up"}]}, "mode 'up'; expected max or min"),
         ({"scheduler": {"name": "asha"}}, "asha needs a single objective"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ray_head import RAY, free_port, ray_head, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -72,15 +72,30 @@ def sweep_env(tmp_path: Path) -> dict[str, str]:
 
 def sweep_args(tmp_path: Path, space: Path, *extra: str, tracking: str | None = None) -> list[str]:
     return [
-        sys.executable, "-m", "afm_ray.sweep", "--space", str(space), "--storage", str(tmp_path / "ray_results"),
-        "--tracking-uri", tracking or f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--optuna-storage", f"sqlite:///{tmp_path / 'optuna.db'}", *extra,
+        sys.executable,
+        "-m",
+        "afm_ray.sweep",
+        "--space",
+        str(space),
+        "--storage",
+        str(tmp_path / "ray_results"),
+        "--tracking-uri",
+        tracking or f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--optuna-storage",
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        *extra,
     ]
 
 
 def run_sweep(tmp_path: Path, space: Path, *extra: str, tracking: str | None = None, timeout: int = 420):
-    proc = subprocess.run(sweep_args(tmp_path, space, *extra, tracking=tracking), cwd=tmp_path,
-                          env=sweep_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        sweep_args(tmp_path, space, *extra, tracking=tracking),
+        cwd=tmp_path,
+        env=sweep_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -114,7 +129,9 @@ def test_two_trial_sweep_end_to_end(tmp_path):
         assert run.data.tags["afm_ray.trial_status"] == "completed" and run.info.status == "FINISHED"
         for metric in ("clean_acc", "pgd20_acc", "aa_acc", "params", "latency_ms"):
             assert metric in run.data.metrics
-        assert run.data.metrics["aa_acc"] <= run.data.metrics["pgd20_acc"] + 1e-9 <= run.data.metrics["clean_acc"] + 1e-9
+        assert (
+            run.data.metrics["aa_acc"] <= run.data.metrics["pgd20_acc"] + 1e-9 <= run.data.metrics["clean_acc"] + 1e-9
+        )
         # Params are what Optuna suggested, under the same dotted names, plus the full config.
         for key, value in suggested[run.data.tags["afm_ray.trial_id"]].items():
             assert float(run.data.params[key]) == pytest.approx(value)
@@ -127,7 +144,7 @@ def test_two_trial_sweep_end_to_end(tmp_path):
     student = mlflow.pytorch.load_model(f"runs:/{best.info.run_id}/student")
     from afm_ray.attacks import evaluate
     from afm_ray.config import from_flat
-    from afm_ray.train import fixed_test_subset, load_run_data
+    from afm_ray.data import fixed_test_subset, load_run_data
 
     cfg = from_flat({k: v for k, v in best.data.params.items() if k != "eval.protocol"})
     x, y = fixed_test_subset(load_run_data(cfg), cfg.eval.samples, cfg.data.seed)
@@ -135,36 +152,33 @@ def test_two_trial_sweep_end_to_end(tmp_path):
     assert clean["test/clean_acc"] == pytest.approx(best.data.metrics["clean_acc"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float = 60) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
-
-
 def test_sweep_through_a_real_mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "artifacts"), "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         uri = f"http://127.0.0.1:{port}"
-        _wait_http(uri + "/health")
+        wait_http(uri + "/health")
         run_sweep(tmp_path, write_space(tmp_path, num_samples=1), "--name", "srv", tracking=uri)
         runs = trial_runs(uri)
         assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
@@ -175,9 +189,15 @@ def test_sweep_through_a_real_mlflow_server(tmp_path):
 
 
 def test_unreachable_tracking_fails_before_any_trial(tmp_path):
-    port = _free_port()  # nothing listens there
-    proc = subprocess.run(sweep_args(tmp_path, write_space(tmp_path), tracking=f"http://127.0.0.1:{port}"),
-                          cwd=tmp_path, env=sweep_env(tmp_path), capture_output=True, text=True, timeout=120)
+    port = free_port()  # nothing listens there
+    proc = subprocess.run(
+        sweep_args(tmp_path, write_space(tmp_path), tracking=f"http://127.0.0.1:{port}"),
+        cwd=tmp_path,
+        env=sweep_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in proc.stderr
     assert not (tmp_path / "ray_results").exists()  # nothing was reserved or written
@@ -185,8 +205,9 @@ def test_unreachable_tracking_fails_before_any_trial(tmp_path):
 
 def test_bad_space_fails_before_ray_starts(tmp_path):
     space = write_space(tmp_path, fixed={"attack.steps": -3})
-    proc = subprocess.run(sweep_args(tmp_path, space), cwd=tmp_path, env=sweep_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        sweep_args(tmp_path, space), cwd=tmp_path, env=sweep_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "attack.steps: got -3, expected steps >= 0" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -194,8 +215,14 @@ def test_bad_space_fails_before_ray_starts(tmp_path):
 def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, num_samples=3, max_concurrent_trials=1, fixed={"optim.epochs": 3})
-    proc = subprocess.Popen(sweep_args(tmp_path, space, "--name", "res"), cwd=tmp_path, env=sweep_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        sweep_args(tmp_path, space, "--name", "res"),
+        cwd=tmp_path,
+        env=sweep_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:  # interrupt once the first trial is done and the second has started
         lines.append(line)
@@ -231,11 +258,21 @@ def _train_worker_pids() -> list[int]:
 def test_killed_worker_resumes_from_its_checkpoint_under_ddp(tmp_path):
     """Two gloo (DDP) workers; one is killed after the first checkpoint; the trial finishes."""
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    space = write_space(tmp_path, num_samples=1, fixed={"optim.epochs": 4, "eval.attacks": "clean,pgd20"},
-                        objectives=[{"metric": "clean_acc", "mode": "max"}, {"metric": "pgd20_acc", "mode": "max"}],
-                        resources={"num_workers": 2, "cpus_per_worker": 0.5, "gpus_per_worker": 0})
-    proc = subprocess.Popen(sweep_args(tmp_path, space, "--name", "kill"), cwd=tmp_path, env=sweep_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    space = write_space(
+        tmp_path,
+        num_samples=1,
+        fixed={"optim.epochs": 4, "eval.attacks": "clean,pgd20"},
+        objectives=[{"metric": "clean_acc", "mode": "max"}, {"metric": "pgd20_acc", "mode": "max"}],
+        resources={"num_workers": 2, "cpus_per_worker": 0.5, "gpus_per_worker": 0},
+    )
+    proc = subprocess.Popen(
+        sweep_args(tmp_path, space, "--name", "kill"),
+        cwd=tmp_path,
+        env=sweep_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -259,25 +296,44 @@ def test_ray_job_submit_to_a_token_authenticated_head(tmp_path):
     home = tmp_path / "home"  # Ray keeps the token in ~/.ray/auth_token
     home.mkdir()
     env = {**sweep_env(tmp_path), "HOME": str(home), "RAY_AUTH_MODE": "token"}
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
-    subprocess.run([ray_bin, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
-                    "--num-cpus=2", "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
-    try:
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    with ray_head(env) as head:
         workdir = tmp_path / "job"
         workdir.mkdir()
         space = write_space(workdir, num_samples=1)
         tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
         proc = subprocess.run(
-            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--working-dir", str(workdir),
-             "--", "python", "-m", "afm_ray.sweep", "--space", space.name, "--storage", str(tmp_path / "ray_results"),
-             "--tracking-uri", tracking, "--optuna-storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--name", "job"],
-            env=env, capture_output=True, text=True, timeout=420,
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                head["dashboard"],
+                "--working-dir",
+                str(workdir),
+                "--",
+                "python",
+                "-m",
+                "afm_ray.sweep",
+                "--space",
+                space.name,
+                "--storage",
+                str(tmp_path / "ray_results"),
+                "--tracking-uri",
+                tracking,
+                "--optuna-storage",
+                f"sqlite:///{tmp_path / 'optuna.db'}",
+                "--name",
+                "job",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=420,
         )
-        assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-2000:]
+        assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, (
+            proc.stdout[-3000:] + proc.stderr[-2000:]
+        )
         assert "1/1 trials completed" in proc.stdout
         runs = trial_runs(tracking)
         assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from afm_ray import checkpoints
+from afm_ray.checkpoints import load_teacher
+from afm_ray.cli import train_main
 from afm_ray.config import ConfigError, from_flat
+from afm_ray.data import load_run_data
 from afm_ray.evaluate import evaluate_checkpoint
-from afm_ray.teacher import ensure_teacher, load_teacher, teacher_cache_key
-from afm_ray.train import LocalReporter, load_run_data, main, train_fn_per_worker
+from afm_ray.teacher import ensure_teacher, teacher_cache_key
+from afm_ray.train import LocalReporter, train_fn_per_worker
 
 TINY = {
     "data.name": "digits",
@@ -45,7 +48,7 @@ def test_teacher_is_robust_and_frozen(teacher_path):
     data = load_run_data(cfg)
     teacher = load_teacher(teacher_path, data, cfg=cfg)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    scores = evaluate_checkpoint(teacher_path, cfg, attack_names=("clean", "pgd20"), samples=128, log=lambda l: None)
+    scores = evaluate_checkpoint(teacher_path, cfg, attack_names=("clean", "pgd20"), samples=128, log=lambda line: None)
     assert scores["clean_acc"] > 0.5 and scores["pgd20_acc"] > 0.2  # well above chance (0.1)
     assert scores["pgd20_acc"] <= scores["clean_acc"]
 
@@ -68,8 +71,8 @@ def test_student_trains_reports_checkpoints_and_resumes(teacher_path, tmp_path, 
     config = {**TINY, "teacher.checkpoint": str(teacher_path), "method.name": "advfunmatch"}
     reporter = LocalReporter(tmp_path / "run", log=lines.append)
     final = train_fn_per_worker(config, reporter)
-    epochs = [l for l in lines if l.startswith("epoch=")]
-    assert len(epochs) == 2 and all("val/pgd_acc" in l and "train/kl_adv" in l for l in epochs)
+    epochs = [line for line in lines if line.startswith("epoch=")]
+    assert len(epochs) == 2 and all("val/pgd_acc" in line and "train/kl_adv" in line for line in epochs)
     assert 0 <= final["pgd20_acc"] <= final["clean_acc"] <= 1 and final["params"] > 0
     # eval.batch_size 0 (default): chosen once, logged, and every attack reports its speed.
     assert 1 <= final["eval/batch_size"] <= 64
@@ -82,20 +85,23 @@ def test_student_trains_reports_checkpoints_and_resumes(teacher_path, tmp_path, 
     more = []
     resumed = LocalReporter(tmp_path / "run2", resume_from=str(reporter.latest_checkpoint), log=more.append)
     train_fn_per_worker({**config, "optim.epochs": 3}, resumed)
-    assert [l.split()[0] for l in more if l.startswith("epoch=")] == ["epoch=3"]
+    assert [line.split()[0] for line in more if line.startswith("epoch=")] == ["epoch=3"]
 
 
 def test_label_free_method_accepts_mixing_policy(teacher_path, tmp_path):
-    config = {**TINY, "teacher.checkpoint": str(teacher_path), "method.name": "rslad",
-              "augment.policy": "crop_flip+mixup", "optim.epochs": 1}
-    final = train_fn_per_worker(config, LocalReporter(tmp_path, log=lambda l: None))
+    config = {
+        **TINY,
+        "teacher.checkpoint": str(teacher_path),
+        "method.name": "rslad",
+        "augment.policy": "crop_flip+mixup",
+        "optim.epochs": 1,
+    }
+    final = train_fn_per_worker(config, LocalReporter(tmp_path, log=lambda line: None))
     assert final["done"] == 1.0
 
 
 def test_cli_rejects_bad_values_before_training(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--set", "attack.eps=-1"])
-    assert exit_info.value.code == 2
+    assert train_main(["--set", "attack.eps=-1"]) == 2  # `python -m afm_ray.train` exits with it
     assert "attack.eps: got -1.0, expected eps >= 0" in capsys.readouterr().err
 
 
@@ -103,7 +109,7 @@ def test_compiled_student_trains_and_saves_plain_weights(tmp_path):
     """run.compile: the step runs through torch.compile; the checkpoint holds the plain module's
     weights (no `_orig_mod.` prefix), so it loads into an uncompiled model."""
     config = {**TINY, "method.name": "pgd_at", "optim.epochs": 1, "run.compile": True}
-    reporter = LocalReporter(tmp_path, log=lambda l: None)
+    reporter = LocalReporter(tmp_path, log=lambda line: None)
     final = train_fn_per_worker(config, reporter)
     assert final["clean_acc"] > 0.3  # one epoch on digits: well above chance (0.1)
     state = checkpoints.load_training_state(reporter.latest_checkpoint)

@@ -15,6 +15,7 @@ import torch
 
 from afm_ray.train import train_fn_per_worker
 
+
 class RayTrainReporter:
     """`Reporter` for Ray Train workers: metrics and checkpoints go to `ray.train.report`."""
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ray.tune import Callback
 
@@ -25,13 +26,18 @@ class TrialProgress(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get("done"):
-            finals = "  ".join(f"{m}={result[m]:.3f}" for m in ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc") if m in result)
+            finals = "  ".join(
+                f"{m}={result[m]:.3f}" for m in ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc") if m in result
+            )
             self._print(trial, f"final    {finals}")
         elif "epoch" in result:
-            self._print(trial, f"epoch {int(result['epoch']):>3}  loss={result.get('train/loss', float('nan')):.4f}  "
-                               f"val/clean={result.get('val/clean_acc', float('nan')):.3f}  "
-                               f"val/pgd={result.get('val/pgd_acc', float('nan')):.3f}  "
-                               f"{result.get('train/images_per_s', 0):.0f} img/s")
+            self._print(
+                trial,
+                f"epoch {int(result['epoch']):>3}  loss={result.get('train/loss', float('nan')):.4f}  "
+                f"val/clean={result.get('val/clean_acc', float('nan')):.3f}  "
+                f"val/pgd={result.get('val/pgd_acc', float('nan')):.3f}  "
+                f"{result.get('train/images_per_s', 0):.0f} img/s",
+            )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         took = time.monotonic() - self._started.get(trial.trial_id, time.monotonic())
@@ -39,8 +45,10 @@ class TrialProgress(Callback):
         state = "completed" if last.get("done") else "stopped early"
         detail = ""
         if "time/worker_s" in last:  # what Ray itself added: start-up, placement, tear-down
-            detail = (f" (training {last['time/worker_s'] - last['time/eval_s']:.0f} s, final evaluation "
-                      f"{last['time/eval_s']:.0f} s, Ray overhead {took - last['time/worker_s']:.0f} s)")
+            detail = (
+                f" (training {last['time/worker_s'] - last['time/eval_s']:.0f} s, final evaluation "
+                f"{last['time/eval_s']:.0f} s, Ray overhead {took - last['time/worker_s']:.0f} s)"
+            )
         self._print(trial, f"{state} in {took:.0f} s{detail}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

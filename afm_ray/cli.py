@@ -1,0 +1,242 @@
+"""Every command's `main`, and the one exit path they share.
+
+    python -m afm_ray.train | teacher | evaluate | sweep | pareto   (each module's __main__ calls here)
+
+A command parses its arguments, validates everything it can before it starts work, and runs.
+An expected failure (afm_ray.errors.UserError) prints one line on stderr, `error: ...`, and
+exits with status 2; `--debug` shows the traceback instead. Anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from afm_ray.checkpoints import load_training_state
+from afm_ray.config import ExperimentConfig, from_flat, load_yaml, parse_overrides, to_flat
+from afm_ray.errors import ConfigError, UserError
+from afm_ray.evaluate import evaluate_checkpoint, format_results
+from afm_ray.methods import build_method
+from afm_ray.names import ACCURACY_METRICS, default_tracking_uri
+from afm_ray.search_space import embedded_default, find_default_space, load_search_space
+from afm_ray.sweep.plan import check_tracking_uri, newest_sweep, storage_root
+from afm_ray.teacher import ensure_teacher
+from afm_ray.train import method_hparams, train_fn_per_worker
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """A YAML config with --set overrides; with no file, the embedded default (the fixed keys of
+    search_spaces/default.yaml, so a single run and the default sweep agree)."""
+    values = load_yaml(path) if path else embedded_default()
+    values.update(parse_overrides(overrides))
+    return from_flat(values)
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m afm_ray.{prog}", description=description)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with config sections (default: the embedded default)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one dotted key, e.g. --set attack.eps=0.1 (repeatable)",
+    )
+
+
+def _run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """The one exit path: a UserError is one line and status 2, unless --debug."""
+    try:
+        return body(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------------------------
+# python -m afm_ray.train
+
+
+def results_table(results: Mapping[str, Mapping[str, float]]) -> str:
+    columns = [c for c in ACCURACY_METRICS if any(c in r for r in results.values())]
+    lines = [f"{'model':<10}" + "".join(f"{c:>12}" for c in columns) + f"{'params':>12}"]
+    for name, r in results.items():
+        cells = "".join(f"{100 * r[c]:>11.2f}%" if c in r else f"{'-':>12}" for c in columns)
+        lines.append(f"{name:<10}{cells}{int(r.get('params', 0)):>12,}")
+    return "\n".join(lines)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    results = {}
+    if build_method(cfg.method.name, **method_hparams(cfg)).needs_teacher:
+        teacher_path = ensure_teacher(cfg, log=print)
+        cfg = from_flat({**to_flat(cfg), "teacher.checkpoint": str(teacher_path)})
+        results["teacher"] = evaluate_checkpoint(teacher_path, cfg, log=print)
+    print(f"training student {cfg.student.arch} with {cfg.method.name} for {cfg.optim.epochs} epochs")
+    results["student"] = train_fn_per_worker(to_flat(cfg))
+    print()
+    print(results_table(results))
+    return 0
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser("train", "Train one student (and, if needed, its robust teacher) and evaluate both.")
+    _add_config_args(parser)
+    return _run(_train, parser.parse_args(argv))
+
+
+# --------------------------------------------------------------------------------------------
+# python -m afm_ray.teacher
+
+
+def _teacher(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    path = ensure_teacher(cfg, force=args.force)
+    print(f"teacher checkpoint: {path}")
+    if not args.no_eval:
+        print(format_results(evaluate_checkpoint(path, cfg)))
+    return 0
+
+
+def teacher_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser("teacher", "Train (or reuse from cache) the robust teacher a config needs.")
+    _add_config_args(parser)
+    parser.add_argument("--force", action="store_true", help="retrain even if a cached teacher exists")
+    parser.add_argument("--no-eval", action="store_true", help="skip the robustness evaluation")
+    return _run(_teacher, parser.parse_args(argv))
+
+
+# --------------------------------------------------------------------------------------------
+# python -m afm_ray.evaluate
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    try:
+        stored = load_training_state(args.checkpoint)["config"]
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    overrides = parse_overrides(args.overrides)
+    if args.eps is not None:
+        overrides["eval.eps"] = args.eps
+    if args.attacks is not None:
+        overrides["eval.attacks"] = args.attacks
+    if args.samples is not None:
+        if args.samples < 0:
+            raise ConfigError(f"--samples: got {args.samples}, expected >= 0 (0 = whole test split)")
+        overrides["eval.samples"] = args.samples
+    cfg = from_flat({**stored, **overrides})
+    print(format_results(evaluate_checkpoint(args.checkpoint, cfg)))
+    return 0
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser("evaluate", "Evaluate a checkpoint with the fixed protocol (clean, PGD-20, CW, AutoAttack).")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or checkpoint.pt")
+    parser.add_argument(
+        "--attacks", default=None, help="comma-separated: clean,pgd20,pgd10,cw,aa (default: eval.attacks)"
+    )
+    parser.add_argument("--samples", type=int, default=None, help="test images (fixed subset); 0 = whole test split")
+    parser.add_argument("--eps", default=None, help="budget, e.g. 8/255 (default: the checkpoint's eval.eps)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return _run(_evaluate, parser.parse_args(argv))
+
+
+# --------------------------------------------------------------------------------------------
+# python -m afm_ray.sweep
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    space_path = Path(args.space) if args.space else find_default_space()
+    space = load_search_space(space_path, overrides=parse_overrides(args.overrides))
+    if args.num_samples is not None:
+        if args.num_samples < 1:
+            raise ConfigError(f"--num-samples: got {args.num_samples}, expected >= 1")
+        space = dataclasses.replace(space, num_samples=args.num_samples)
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    check_tracking_uri(tracking_uri)
+    root = storage_root(args.storage)
+    name = args.name
+    if args.resume and not name:
+        name = newest_sweep(root, space.name)
+        if name is None:
+            raise ConfigError(f"--resume: no sweep of space {space.name!r} under {root}; pass --name")
+    name = name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    optuna_url = args.optuna_storage or f"sqlite:///{Path('optuna.db').resolve()}"
+    experiment = args.experiment or space.experiment
+
+    from afm_ray.sweep.run import run_sweep  # Ray is imported only once the plan is valid
+
+    return run_sweep(
+        space,
+        name=name,
+        experiment=experiment,
+        tracking_uri=tracking_uri,
+        storage_root=root,
+        optuna_url=optuna_url,
+        resume=args.resume,
+        address=args.address,
+    )
+
+
+def sweep_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser("sweep", "Search space -> Optuna (via Ray Tune) -> Ray Train -> MLflow.")
+    parser.add_argument("--space", help="search space YAML (default: search_spaces/default.yaml, the embedded default)")
+    parser.add_argument("--experiment", help="MLflow experiment (default: the space's `experiment`)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)"
+    )
+    parser.add_argument(
+        "--storage",
+        help="where Ray keeps trial results and checkpoints: a path or s3://, gs:// URI (default: ./ray_results)",
+    )
+    parser.add_argument(
+        "--optuna-storage", help="Optuna study storage, any SQLAlchemy URL (default: sqlite:///<cwd>/optuna.db)"
+    )
+    parser.add_argument(
+        "--name", help="sweep name (default: <space name>-<timestamp>; with --resume: the newest sweep of the space)"
+    )
+    parser.add_argument("--num-samples", type=int, help="number of trials (default: the space's num_samples)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep (same --storage and --name)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pin a config key in every trial, e.g. --set optim.epochs=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)",
+    )
+    return _run(_sweep, parser.parse_args(argv))
+
+
+# --------------------------------------------------------------------------------------------
+# python -m afm_ray.pareto
+
+
+def pareto_main(argv: Sequence[str] | None = None) -> int:
+    from afm_ray import pareto  # MLflow, pandas and matplotlib: only for this command
+
+    parser = pareto.build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return _run(pareto.run, parser.parse_args(argv))

@@ -1,0 +1,88 @@
+"""Files that may live on a local disk or behind a URI (s3://, gs://, file://, ...): one place
+that speaks pyarrow's filesystems, so the rest of the code reads and writes paths alike."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(uri: str) -> tuple[Any, str]:
+    """(pyarrow FileSystem, path inside it) of a URI."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
+
+
+def write_bytes(target: str, payload: bytes) -> None:
+    """Write a file, creating its folder, locally or at a URI."""
+    if is_uri(target):
+        fs, path = filesystem(target)
+        fs.create_dir(str(Path(path).parent), recursive=True)
+        with fs.open_output_stream(path) as out:
+            out.write(payload)
+        return
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{target}.tmp")
+    tmp.write_bytes(payload)
+    tmp.replace(target)  # atomic: a reader never sees half a file
+
+
+def list_dirs(root: str) -> list[str]:
+    """Names of the folders directly under `root` (none if it does not exist)."""
+    if is_uri(root):
+        import pyarrow.fs as pafs
+
+        fs, path = filesystem(root)
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return [Path(i.path).name for i in infos if i.type == pafs.FileType.Directory]
+    return [p.name for p in Path(root).glob("*") if p.is_dir()] if Path(root).is_dir() else []
+
+
+def local_directory(uri_or_path: str, destination: str) -> str:
+    """A local folder with the contents of `uri_or_path`: the path itself if it is local,
+    else a copy made under `destination`."""
+    if not is_uri(uri_or_path) and Path(uri_or_path).exists():
+        return uri_or_path
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(uri_or_path)
+    pafs.copy_files(root, destination, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return destination
+
+
+def local_file(uri: str, filename_in_directory: str) -> Path:
+    """A local copy of the file at `uri` (or of `filename_in_directory` when `uri` is a folder),
+    cached per URI, modification time and size, so a second call reads no bytes.
+
+    Raises FileNotFoundError with a one-line reason when nothing is there.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        fs, remote = filesystem(uri)
+        info = fs.get_file_info(remote)
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"nothing at {uri!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    if info.type == pafs.FileType.Directory:
+        remote = f"{remote.rstrip('/')}/{filename_in_directory}"
+        info = fs.get_file_info(remote)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"nothing at {uri!r}: expected a folder holding {filename_in_directory} or the file")
+    key = hashlib.sha256(f"{uri}:{info.mtime_ns}:{info.size}".encode()).hexdigest()[:16]
+    local = Path(tempfile.gettempdir()) / "afm_ray_fetched" / key / Path(remote).name
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_suffix(".part")
+        with fs.open_input_stream(remote) as src, open(tmp, "wb") as dst:
+            dst.write(src.read())
+        tmp.replace(local)
+    return local

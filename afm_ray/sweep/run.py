@@ -1,0 +1,262 @@
+"""Run a sweep: search space -> Optuna (via Ray Tune) -> Ray Train -> MLflow.
+
+`python -m afm_ray.sweep` (afm_ray.cli) validates the space and the plan (afm_ray.sweep.plan),
+then calls `run_sweep`: a robust teacher is trained (or reused from cache), then each trial
+distils it into a student, reporting per-epoch curves and the final clean / PGD-20 / AutoAttack
+accuracy to MLflow. The same command runs unchanged under `ray job submit` on a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from afm_ray.config import ExperimentConfig, from_flat, to_flat
+from afm_ray.errors import ConfigError
+from afm_ray.evaluate import evaluate_checkpoint
+from afm_ray.front import non_dominated
+from afm_ray.methods import build_method
+from afm_ray.search_space import SearchSpace, build_sampler
+from afm_ray.storage import write_bytes
+from afm_ray.sweep.progress import TrialProgress
+from afm_ray.sweep.tracking import TrialTracker, start_or_resume_sweep_run
+from afm_ray.sweep.trial import train_driver_fn
+from afm_ray.teacher import ensure_teacher, teacher_cache_dir
+
+
+def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """Train (or reuse) the teacher every trial distils, as a Ray task on a worker's resources.
+
+    Returns the fixed keys to add (teacher.checkpoint) and the teacher's evaluation.
+    """
+    methods = {space.fixed.get("method.name", ExperimentConfig().method.name)}
+    for dist in space.search:
+        if dist.key == "method.name":
+            methods |= set(dist.choices)
+    if not any(build_method(m).needs_teacher for m in methods):
+        return {}, {}
+    base = from_flat(space.fixed)
+    if base.teacher.checkpoint:
+        return {}, {}
+
+    cpus = runtime["cpus_per_worker"] * runtime["num_workers"]
+    if runtime["gpus_per_worker"] == 0:  # no trial runs yet: a CPU teacher may use the whole node
+        cpus = max(cpus, min(int(ray.available_resources().get("CPU", 1)), 16))
+
+    @ray.remote(num_cpus=cpus, num_gpus=runtime["gpus_per_worker"])
+    def train_teacher(flat: dict[str, Any]) -> tuple[bytes, dict[str, float]]:
+        cfg = from_flat(flat)
+        path = ensure_teacher(cfg, log=lambda line: print(line, flush=True))
+        scores = evaluate_checkpoint(path, cfg, attack_names=("clean", "pgd20"), log=lambda line: None)
+        return Path(path).read_bytes(), {k: v for k, v in scores.items() if "/" not in k}
+
+    cache = teacher_cache_dir(base) / "checkpoint.pt"
+    if cache.is_file():
+        log(f"teacher: reusing {cache}")
+        payload, scores = cache.read_bytes(), {}
+    else:
+        log(
+            f"teacher: training {base.teacher.arch} ({base.teacher.method}, {base.teacher.epochs} epochs) as a Ray task"
+        )
+        payload, scores = ray.get(train_teacher.remote(to_flat(base)))
+        write_bytes(str(cache), payload)
+    # Trials may run on other nodes: they read the teacher from the sweep's storage.
+    target = f"{runtime['storage_path']}/teacher/checkpoint.pt"
+    write_bytes(target, payload)
+    log(
+        f"teacher: {target}"
+        + (f" (clean {scores['clean_acc']:.3f}, pgd20 {scores['pgd20_acc']:.3f})" if scores else "")
+    )
+    return {"teacher.checkpoint": target}, scores
+
+
+def max_concurrent_trials(space: SearchSpace, cluster: dict[str, float]) -> int | None:
+    """As many trials as the cluster fits now; None (no cap) when it has no GPU node yet but
+    trials need GPUs: an autoscaling cluster starts from zero GPU workers and grows."""
+    if space.max_concurrent_trials:
+        return space.max_concurrent_trials
+    r = space.resources
+    if r["gpus_per_worker"] > 0 and cluster.get("GPU", 0) == 0:
+        return None
+    fits = [cluster.get("CPU", 1) / max(r["num_workers"] * r["cpus_per_worker"], 1e-9)]
+    if r["gpus_per_worker"] > 0:
+        fits.append(cluster.get("GPU", 0) / (r["num_workers"] * r["gpus_per_worker"]))
+    return max(1, math.floor(min(fits) + 1e-9))
+
+
+def run_sweep(
+    space: SearchSpace,
+    *,
+    name: str,
+    experiment: str,
+    tracking_uri: str,
+    storage_root: str,
+    optuna_url: str,
+    resume: bool = False,
+    address: str | None = None,
+) -> int:
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    started = time.monotonic()
+    sweep_dir = f"{storage_root}/{name}"
+    if resume and not tune.Tuner.can_restore(sweep_dir):
+        raise ConfigError(f"--resume: nothing to resume at {sweep_dir}")
+    if not resume and "://" not in storage_root and Path(sweep_dir).exists():
+        raise ConfigError(f"sweep {sweep_dir} already exists; pass --resume to continue it or --name for a new one")
+
+    # Objectives are final metrics, absent from per-epoch results; Tune's strict check would
+    # reject every epoch's result. Our searcher reads them only from the final result.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Worker output stays in Ray's logs; the terminal gets one line per trial event.
+    ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    # Train runs live inside the sweep's folder, next to Tune's own trial folders.
+    runtime = {**space.resources, "storage_path": sweep_dir, "name": name, "max_failures": space.max_failures}
+    log(f"sweep {name}: {space.num_samples} trials of {space.path or 'space'}; Ray {ray.cluster_resources()}")
+
+    teacher_keys, teacher_scores = prepare_teacher(space, runtime, log)
+    space = dataclasses.replace(space, fixed={**space.fixed, **teacher_keys})
+
+    client = MlflowClient(tracking_uri)
+    parent_params = {
+        "sweep.space": space.path,
+        "sweep.name": name,
+        "sweep.storage": sweep_dir,
+        "sweep.optuna_storage": optuna_url,
+        "sweep.study_name": name,
+        "sweep.objectives": ",".join(f"{o.metric}:{o.mode}" for o in space.objectives),
+        "teacher.checkpoint": space.fixed.get("teacher.checkpoint", ""),
+    }
+    parent_id = start_or_resume_sweep_run(client, experiment, name, parent_params, space.source, resume)
+    for key, value in teacher_scores.items():
+        client.log_metric(parent_id, f"teacher/{key}", value)
+
+    # The Tune function only waits on its Train run: it takes no CPU (a token of memory keeps
+    # its bundle non-empty), so on a 2-CPU laptop the trial drivers cannot starve the workers.
+    trainable = tune.with_resources(
+        tune.with_parameters(train_driver_fn, runtime=runtime), {"CPU": 0, "memory": 64 * 1024**2}
+    )
+    if resume:
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        multi = len(space.objectives) > 1
+        sampler = build_sampler(space)
+        searcher = CompletedOnlyOptunaSearch(
+            space=space.define_by_run(),
+            metric=[o.metric for o in space.objectives] if multi else space.objectives[0].metric,
+            mode=[o.mode for o in space.objectives] if multi else space.objectives[0].mode,
+            sampler=sampler,
+            study_name=name,
+            storage=optuna.storages.RDBStorage(optuna_url),
+        )
+        scheduler = None
+        if space.scheduler["name"] == "asha":
+            s = space.scheduler
+            scheduler = tune.schedulers.ASHAScheduler(
+                metric=s["metric"],
+                mode=s["mode"],
+                time_attr="training_iteration",
+                max_t=int(from_flat(space.fixed).optim.epochs) + 1,
+                grace_period=s["grace_period"],
+                reduction_factor=s["reduction_factor"],
+            )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=space.num_samples,
+                max_concurrent_trials=max_concurrent_trials(space, ray.cluster_resources()),
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_root,
+                verbose=0,
+                callbacks=[
+                    TrialTracker(tracking_uri, experiment_name=experiment, parent_run_id=parent_id, sweep_name=name),
+                    TrialProgress(space.objectives),
+                ],
+                failure_config=tune.FailureConfig(max_failures=1),
+            ),
+        )
+    results = tuner.fit()
+    elapsed = time.monotonic() - started
+    interrupted = results.num_terminated < len(results) or len(results) < space.num_samples
+    # An interrupted sweep's parent run stays open for --resume; a finished one is closed.
+    client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
+    client.log_metric(parent_id, "sweep/wall_s", elapsed)
+    print_summary(
+        results,
+        space,
+        name=name,
+        experiment=experiment,
+        tracking_uri=tracking_uri,
+        optuna_url=optuna_url,
+        elapsed=elapsed,
+    )
+    if interrupted:
+        print(
+            f"interrupted: continue with  python -m afm_ray.sweep --resume --name {name} --storage {storage_root}"
+            + (f" --space {space.path}" if space.path else "")
+        )
+        return 130
+    return 0
+
+
+class CompletedOnlyOptunaSearch(OptunaSearch):
+    """OptunaSearch that never tells Optuna a truncated result as complete.
+
+    A trial a scheduler stopped early ends with its last per-epoch result, which lacks the
+    final metrics: Optuna records it as pruned, so it can never enter the Pareto front.
+    Each Optuna trial also records its Tune trial id, which MLflow runs carry as a tag.
+    """
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        return params
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result is not None and not result.get("done"):
+            result = None
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def print_summary(
+    results: Any, space: SearchSpace, *, name: str, experiment: str, tracking_uri: str, optuna_url: str, elapsed: float
+) -> None:
+    rows = []
+    for result in results:
+        m = dict(result.metrics or {})
+        if m.get("done") and all(isinstance(m.get(o.metric), (int, float)) for o in space.objectives):
+            m["config"] = result.config or {}
+            rows.append(m)
+    print()
+    print(f"sweep {name}: {len(rows)}/{len(results)} trials completed in {elapsed / 60:.1f} min")
+    if rows:
+        objectives = [(o.metric, o.mode) for o in space.objectives]
+        front = non_dominated([[r[m] for m, _ in objectives] for r in rows], [mode for _, mode in objectives])
+        best = sorted(
+            (rows[i] for i in front),
+            key=lambda r: -r[objectives[-1][0]] if objectives[-1][1] == "max" else r[objectives[-1][0]],
+        )
+        print("Pareto-optimal trials:")
+        keys = ["method.name", "attack.eps", "attack.steps", "method.tau", "augment.policy"]
+        for r in best:
+            cfg = r.get("config", {})
+            desc = "  ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
+            objs = "  ".join(f"{m}={r[m]:.3f}" for m, _ in objectives)
+            print(f"  {r.get('trial_id', '?')}: {objs}  {desc}")
+    print()
+    print(f"MLflow:  mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r})")
+    print(f"Pareto:  python -m afm_ray.pareto --experiment {experiment!r} --tracking-uri {tracking_uri}")
+    print(f"Optuna:  optuna-dashboard {optuna_url}   (study {name!r})")

@@ -1,0 +1,144 @@
+"""The shape of the code base: imports form a one-way graph, modules stay small, the installed
+package holds no benchmark code, and the repository cites only documents it contains."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "afm_ray"
+MAX_MODULE_LINES = 600
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _is_main_guard(node: ast.AST) -> bool:
+    """`if __name__ == "__main__":` -- code that runs only when the module is the program, i.e.
+    as `__main__` and not as the package module, so its imports cannot close a cycle."""
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators)
+    )
+
+
+def package_imports(path: Path, known: set[str]) -> set[str]:
+    """Every afm_ray module `path` imports, wherever the import statement sits (module level,
+    inside functions, under TYPE_CHECKING), except in a `__main__` guard."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if _is_main_guard(node):
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "afm_ray")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "afm_ray":
+            for alias in node.names:  # `from afm_ray import attacks` imports a module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in known else node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for m in found if m in known}
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    known = set(files)
+    # A package's __init__ is imported with each of its submodules; ours hold docstrings only.
+    return {name: package_imports(path, known) - {name} for name, path in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := dfs(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := dfs(node)):
+            return cycle
+    return None
+
+
+def test_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path):
+    """The checker itself: an import inside a function closes a cycle; one in a __main__ guard does not."""
+    pkg = tmp_path / "afm_ray"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from afm_ray import b\n")
+    (pkg / "b.py").write_text("def f():\n    from afm_ray.a import x\n")
+    (pkg / "c.py").write_text("from afm_ray import a\nif __name__ == '__main__':\n    from afm_ray import c2\n")
+    (pkg / "c2.py").write_text("from afm_ray import c\n")
+    known = {"afm_ray.a", "afm_ray.b", "afm_ray.c", "afm_ray.c2"}
+    graph = {f"afm_ray.{p.stem}": package_imports(p, known) for p in pkg.glob("*.py")}
+    assert find_cycle(graph) in (["afm_ray.a", "afm_ray.b", "afm_ray.a"], ["afm_ray.b", "afm_ray.a", "afm_ray.b"])
+    del graph["afm_ray.b"], graph["afm_ray.a"]
+    assert find_cycle(graph) is None
+
+
+def test_imports_form_a_one_way_graph():
+    graph = import_graph()
+    assert len(graph) >= 15
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_names_module_is_standard_library_only():
+    tree = ast.parse((PACKAGE / "names.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "os", "dataclasses", "pathlib"}
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_module_is_small(path):
+    assert len(path.read_text().splitlines()) <= MAX_MODULE_LINES
+
+
+def test_no_benchmark_code_in_the_package():
+    names = {p.stem for p in PACKAGE.rglob("*.py")}
+    assert not names & {"bench", "fidelity", "search_bench"}
+    for path in PACKAGE.rglob("*.py"):
+        assert "benchmarks" not in package_imports(path, {"benchmarks"}), path
+
+
+def test_every_cited_document_is_in_the_repository():
+    """Documents named like README.md / ARCHITECTURE.md, or by a docs/ path, exist in the repository
+    (output files a test writes, like bench.md in a tmp folder, are neither)."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    names = {Path(f).name for f in tracked}
+    cited: dict[str, str] = {}
+    for file in tracked:
+        if Path(file).suffix in (".py", ".md", ".yaml", ".toml") and (ROOT / file).is_file():
+            text = (ROOT / file).read_text(errors="replace")
+            for doc in re.findall(r"\b(?:docs/[\w.-]+\.md|[A-Z][A-Za-z_]+\.md)\b", text):
+                cited.setdefault(doc, file)
+    missing = {
+        doc: where
+        for doc, where in cited.items()
+        if (doc not in tracked if doc.startswith("docs/") else doc not in names)
+    }
+    assert not missing, f"documents cited but not in the repository: {missing}"
