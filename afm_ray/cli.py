@@ -25,7 +25,13 @@ from afm_ray.evaluate import evaluate_checkpoint, format_results
 from afm_ray.methods import build_method
 from afm_ray.names import ACCURACY_METRICS, default_tracking_uri
 from afm_ray.search_space import embedded_default, find_default_space, load_search_space
-from afm_ray.sweep.plan import check_tracking_uri, newest_sweep, storage_root
+from afm_ray.sweep.plan import (
+    check_dataset_reachable,
+    check_storage_writable,
+    check_tracking_uri,
+    newest_sweep,
+    storage_root,
+)
 from afm_ray.teacher import ensure_teacher
 from afm_ray.train import method_hparams, train_fn_per_worker
 
@@ -167,9 +173,13 @@ def _sweep(args: argparse.Namespace) -> int:
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples: got {args.num_samples}, expected >= 1")
         space = dataclasses.replace(space, num_samples=args.num_samples)
+    root = storage_root(args.storage)
+    # Before Ray starts or a teacher trains: the workers' data is there, the storage takes writes,
+    # the tracking server answers (the cheapest checks first: the last may create an empty store).
+    check_dataset_reachable(from_flat(space.fixed))
+    check_storage_writable(root)
     tracking_uri = args.tracking_uri or default_tracking_uri()
     check_tracking_uri(tracking_uri)
-    root = storage_root(args.storage)
     name = args.name
     if args.resume and not name:
         name = newest_sweep(root, space.name)

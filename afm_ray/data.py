@@ -159,6 +159,24 @@ def load_dataset(
 # split and resize
 
 
+def check_available(name: str, root: str | None = None) -> None:
+    """Raise FileNotFoundError/ValueError (as load_dataset would) if dataset `name` is not at
+    `root`, reading no images: a sweep checks its data this way before it reserves anything."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {list(DATASETS)}")
+    if name == "digits":
+        return
+    if name == "mnist5k":
+        _mnist5k_path(root)
+    elif root is None:
+        layout = _PARQUET_LAYOUT if name == "parquet" else _CIFAR_LAYOUT[name]
+        raise ValueError(f"dataset {name!r} needs root= a folder or URI holding {layout}")
+    elif name == "parquet":
+        _parquet_files(root)
+    else:
+        _cifar_files(name, Path(root))
+
+
 def load_run_data(cfg: ExperimentConfig) -> ImageDataset:
     """The dataset a run's `data.*` keys describe."""
     return load_dataset(
@@ -271,18 +289,23 @@ def _read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
 # CIFAR pickles
 
 
-def _read_cifar(name: str, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _cifar_files(name: str, root: Path) -> tuple[Path, list[str], list[str]]:
+    """The CIFAR folder under `root` and its train/test batch files; FileNotFoundError if any is missing."""
     folder_name = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
     train_files = [f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"]
     test_files = ["test_batch"] if name == "cifar10" else ["test"]
-    label_key = b"labels" if name == "cifar10" else b"fine_labels"
-
     folder = root / folder_name if (root / folder_name).is_dir() else root
     missing = [f for f in train_files + test_files if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{name}: {', '.join(missing)} not found in {folder}: expected {_CIFAR_LAYOUT[name]} in root={root}"
         )
+    return folder, train_files, test_files
+
+
+def _read_cifar(name: str, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    folder, train_files, test_files = _cifar_files(name, root)
+    label_key = b"labels" if name == "cifar10" else b"fine_labels"
 
     def read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
@@ -319,9 +342,9 @@ def _read_cifar_pickle(path: Path, label_key: bytes, layout: str) -> tuple[np.nd
 # Parquet (local or any pyarrow filesystem)
 
 
-def _read_parquet(
-    root: str, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+def _parquet_files(root: str) -> tuple[Any, str, list[str], list[str]]:
+    """(filesystem, path, train files, test files) of a Parquet dataset; a single file has
+    itself as "train" and no test files (it is split like mnist5k). Reads no data."""
     import pyarrow.fs as pafs
 
     uri = root if "://" in root else os.path.abspath(root)
@@ -335,9 +358,7 @@ def _read_parquet(
         raise FileNotFoundError(f"{root} does not exist: expected a directory with {_PARQUET_LAYOUT}")
 
     if info.type == pafs.FileType.File:
-        x, y, n_cls = _read_parquet_files(fs, [path], root)
-        x_tr, y_tr, x_te, y_te = _seeded_split(x, y, test_fraction, seed)
-        return x_tr, y_tr, x_te, y_te, n_cls
+        return fs, path, [path], []
 
     files = sorted(
         f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
@@ -353,6 +374,17 @@ def _read_parquet(
         found = [f[len(path) :].lstrip("/") for f in files][:10]
         missing = "train" if not train else "test"
         raise FileNotFoundError(f"{root}: no {missing} split among Parquet files {found}: expected {_PARQUET_LAYOUT}")
+    return fs, path, train, test
+
+
+def _read_parquet(
+    root: str, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    fs, _, train, test = _parquet_files(root)
+    if not test:  # one file: split it
+        x, y, n_cls = _read_parquet_files(fs, train, root)
+        x_tr, y_tr, x_te, y_te = _seeded_split(x, y, test_fraction, seed)
+        return x_tr, y_tr, x_te, y_te, n_cls
     x_tr, y_tr, n_tr = _read_parquet_files(fs, train, root)
     x_te, y_te, n_te = _read_parquet_files(fs, test, root)
     if x_tr.shape[1:] != x_te.shape[1:]:

@@ -10,3 +10,11 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A bad configuration value; the message is one line naming the key and what is valid."""
+
+
+class DataError(UserError):
+    """The dataset a config names is missing or malformed."""
+
+
+class StorageError(UserError):
+    """A storage location (--storage, a checkpoint URI) cannot be read or written."""

@@ -4,7 +4,9 @@ that speaks pyarrow's filesystems, so the rest of the code reads and writes path
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +88,23 @@ def local_file(uri: str, filename_in_directory: str) -> Path:
             dst.write(src.read())
         tmp.replace(local)
     return local
+
+
+def probe_writable(root: str) -> None:
+    """Write and delete a small probe object under `root`, locally or at a URI; raises OSError
+    (or pyarrow's error) with the reason when that is not possible. A local `root` that does not
+    exist yet is probed in its nearest existing parent, and nothing is left behind."""
+    name = f".afm-ray-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if is_uri(root):
+        fs, path = filesystem(root)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path.rstrip('/')}/{name}") as out:
+            out.write(b"probe")
+        fs.delete_file(f"{path.rstrip('/')}/{name}")
+        return
+    folder = Path(root)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    probe = folder / name
+    probe.write_bytes(b"probe")
+    probe.unlink()

@@ -352,3 +352,21 @@ def test_loader_errors() -> None:
         DeviceBatchLoader(x, y, 2, device="cpu", rank=2, world_size=2)
     with pytest.raises(ValueError, match="y has 9"):
         DeviceBatchLoader(x, y[:9], 2, device="cpu")
+
+
+def test_check_available_lists_files_without_reading_images(tmp_path):
+    from afm_ray.data import check_available
+
+    check_available("digits")
+    check_available("mnist5k")
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        check_available("cifar10", str(tmp_path))
+    with pytest.raises(ValueError, match="needs root="):
+        check_available("cifar100", None)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_available("parquet", str(tmp_path / "nowhere"))
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(b"not read by the check")
+    check_available("cifar10", str(tmp_path))  # present: the check lists, it does not unpickle

@@ -212,6 +212,37 @@ def test_bad_space_fails_before_ray_starts(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("problem", ["read-only storage", "missing dataset"])
+def test_unusable_storage_or_data_fails_in_seconds_before_ray(tmp_path, problem):
+    """Preflight: a storage that refuses writes, or data that is not where the workers will read
+    it, is one line and exit 2 before Ray starts, the teacher trains, or anything is recorded."""
+    extra = []
+    if problem == "read-only storage":
+        space = write_space(tmp_path)
+        storage = tmp_path / "readonly"
+        storage.mkdir()
+        storage.chmod(0o500)
+        if os.access(storage, os.W_OK):  # root ignores permission bits: use a path under a file
+            storage = tmp_path / "space.yaml" / "results"
+        expected = f"--storage {storage}: not writable"
+    else:
+        space = write_space(tmp_path, fixed={"data.name": "cifar10", "data.root": str(tmp_path / "nowhere")})
+        storage = tmp_path / "ray_results"
+        expected = "data.root: cifar10: data_batch_1"
+    args = sweep_args(tmp_path, space, *extra)
+    args[args.index("--storage") + 1] = str(storage)
+    started = time.monotonic()
+    proc = subprocess.run(args, cwd=tmp_path, env=sweep_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - started < 60  # seconds of imports, nothing trained
+    assert "Ray" not in proc.stdout and not (tmp_path / "ray_results").exists()
+    assert not (tmp_path / "optuna.db").exists()
+    if (tmp_path / "mlflow.db").exists():  # the tracking check may create the empty store, nothing in it
+        assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["0"]) == []
+
+
 def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, num_samples=3, max_concurrent_trials=1, fixed={"optim.epochs": 3})

@@ -11,8 +11,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from afm_ray.errors import ConfigError
-from afm_ray.storage import is_uri, list_dirs
+from afm_ray.config import ExperimentConfig
+from afm_ray.data import check_available
+from afm_ray.errors import ConfigError, DataError, StorageError
+from afm_ray.storage import is_uri, list_dirs, probe_writable
 
 
 def storage_root(storage: str | None) -> str:
@@ -59,3 +61,24 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
         raise ConfigError(f"tracking URI {uri!r} is not usable: {str(exc).splitlines()[0]}") from None
+
+
+def check_storage_writable(root: str) -> None:
+    """--storage must take writes before a teacher trains or a trial starts: write and delete a
+    probe object there (local folder or s3://, gs://, ... through pyarrow)."""
+    try:
+        probe_writable(root)
+    except Exception as exc:  # PermissionError, pyarrow's OSError for a bucket, a missing scheme
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageError(
+            f"--storage {root}: not writable ({reason}); pass a folder or bucket you can write"
+        ) from None
+
+
+def check_dataset_reachable(cfg: ExperimentConfig) -> None:
+    """The dataset is where the workers will read it (data.name / data.root), checked by listing
+    its files, not by reading its images."""
+    try:
+        check_available(cfg.data.name, cfg.data.root or None)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"data.root: {str(exc).splitlines()[0]}") from None
