@@ -28,6 +28,7 @@ from afm_ray.front import non_dominated
 from afm_ray.methods import build_method
 from afm_ray.search_space import SearchSpace, build_sampler
 from afm_ray.storage import write_bytes
+from afm_ray.sweep.local_ray import connect_or_start
 from afm_ray.sweep.progress import TrialProgress
 from afm_ray.sweep.tracking import TrialTracker, start_or_resume_sweep_run
 from afm_ray.sweep.trial import train_driver_fn
@@ -117,7 +118,7 @@ def run_sweep(
     # reject every epoch's result. Our searcher reads them only from the final result.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # Worker output stays in Ray's logs; the terminal gets one line per trial event.
-    ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    connect_or_start(address)
     # Train runs live inside the sweep's folder, next to Tune's own trial folders.
     runtime = {**space.resources, "storage_path": sweep_dir, "name": name, "max_failures": space.max_failures}
     log(f"sweep {name}: {space.num_samples} trials of {space.path or 'space'}; Ray {ray.cluster_resources()}")
@@ -224,6 +225,13 @@ class CompletedOnlyOptunaSearch(OptunaSearch):
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
         return params
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Optuna records a single objective's intermediate values, but our objectives are final
+        # metrics that per-epoch results lack (OptunaSearch would raise KeyError on them).
+        if isinstance(self.metric, str) and self.metric not in result:
+            return
+        super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if result is not None and not result.get("done"):

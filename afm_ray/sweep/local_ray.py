@@ -1,0 +1,33 @@
+"""Join the Ray cluster a sweep runs on, or start a local one that other Rays cannot confuse.
+
+Ray Train's placement-group cleaner finds its cluster through the State API's default address:
+$RAY_ADDRESS, else `<ray temp dir>/ray_current_cluster`, else the only GCS process on the
+machine. `ray.init()` starting a local Ray sets neither, so as soon as a second Ray runs on
+the same machine (a test, another sweep, a notebook) the cleaner's lookup fails, its monitor
+thread dies, and every finished trial's CPUs stay reserved: the next trial waits forever.
+A local sweep therefore runs its Ray under a temp dir of its own whose `ray_current_cluster`
+names it; Ray's processes inherit RAY_TMPDIR from this driver, so their lookups land here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import ray
+
+
+def connect_or_start(address: str | None) -> None:
+    """ray.init: join `address` (a running cluster), or start a local Ray isolated as above."""
+    options = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    if address:
+        ray.init(address=address, **options)
+        return
+    # Short: Ray's Unix socket paths below it must fit in 107 bytes.
+    root = tempfile.mkdtemp(prefix="afm-ray-")
+    os.environ["RAY_TMPDIR"] = root
+    ray.init(address="local", **options)
+    ray_dir = Path(root) / "ray"
+    ray_dir.mkdir(exist_ok=True)
+    (ray_dir / "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
