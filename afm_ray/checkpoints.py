@@ -118,6 +118,15 @@ def load_model(
     state dict (from elsewhere) is built as `fallback` (an object with arch/width/depth) says.
     Loading always uses `weights_only=True`: a checkpoint can never run code.
     """
+    file, spec, weights, stored = _model_state(path, fallback)
+    model = build_model(spec.arch, **model_kwargs(spec, data))
+    _check_state_dict(model.state_dict(), weights, file, spec.arch, data)
+    model.load_state_dict(weights)
+    return model.to(device), stored
+
+
+def _model_state(path: str | Path, fallback: Any) -> tuple[Path, Any, Mapping[str, torch.Tensor], Any]:
+    """(file, architecture spec, weights, stored config or None) of a checkpoint; see load_model."""
     file = checkpoint_file(path)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -142,10 +151,22 @@ def load_model(
         raise CheckpointError(f"checkpoint {file}: expected an afm-ray checkpoint or a state dict of tensors")
     if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"checkpoint {file}: its 'model' entry is not a state dict of tensors")
-    model = build_model(spec.arch, **model_kwargs(spec, data))
-    _check_state_dict(model.state_dict(), weights, file, spec.arch, data)
-    model.load_state_dict(weights)
-    return model.to(device), stored
+    return file, spec, weights, stored
+
+
+def check_teacher_checkpoint(cfg: ExperimentConfig) -> None:
+    """teacher.checkpoint loads (weights only) and holds the architecture teacher.arch names:
+    checked before a run computes anything; the shapes are checked once the data is loaded."""
+    _, _, _, stored = _model_state(cfg.teacher.checkpoint, cfg.teacher)
+    _check_teacher_arch(cfg.teacher.checkpoint, stored, cfg)
+
+
+def _check_teacher_arch(path: str | Path, stored: ExperimentConfig | None, cfg: ExperimentConfig | None) -> None:
+    if stored is not None and cfg is not None and cfg.teacher.arch != stored.student.arch:
+        raise ConfigError(
+            f"teacher.checkpoint {path} holds a {stored.student.arch!r} but teacher.arch is "
+            f"{cfg.teacher.arch!r}; set teacher.arch={stored.student.arch}"
+        )
 
 
 def _check_state_dict(
@@ -180,9 +201,5 @@ def load_teacher(
     agree with `cfg.teacher.arch`) or a bare state dict built as `cfg.teacher` describes.
     """
     model, stored = load_model(path, data, device=device, fallback=cfg.teacher if cfg is not None else None)
-    if stored is not None and cfg is not None and cfg.teacher.arch != stored.student.arch:
-        raise ConfigError(
-            f"teacher.checkpoint {path} holds a {stored.student.arch!r} but teacher.arch is "
-            f"{cfg.teacher.arch!r}; set teacher.arch={stored.student.arch}"
-        )
+    _check_teacher_arch(path, stored, cfg)
     return model.eval().requires_grad_(False)

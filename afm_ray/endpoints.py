@@ -18,15 +18,27 @@ from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlparse
 
-from afm_ray.errors import ClusterError, TrackingError, one_line
+from afm_ray.errors import ClusterError, ConfigError, TrackingError, one_line
 
 T = TypeVar("T")
 
-#: Seconds a probe may take, name resolution included.
+#: Seconds a probe may take, name resolution included, unless $AFM_RAY_PROBE_TIMEOUT_S says otherwise.
 PROBE_TIMEOUT_S = 5.0
 #: What every HTTP/2 server, gRPC included, sends first: a SETTINGS frame (RFC 9113, 3.4).
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _SETTINGS_FRAME = 0x4
+
+
+def probe_timeout_s() -> float:
+    """$AFM_RAY_PROBE_TIMEOUT_S (seconds, > 0), else PROBE_TIMEOUT_S."""
+    text = os.environ.get("AFM_RAY_PROBE_TIMEOUT_S", "")
+    try:
+        value = float(text) if text else PROBE_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"$AFM_RAY_PROBE_TIMEOUT_S: got {text!r}, expected a number of seconds > 0")
+    return value
 
 
 def bounded(fn: Callable[[], T], timeout_s: float) -> T:
@@ -50,8 +62,10 @@ def bounded(fn: Callable[[], T], timeout_s: float) -> T:
     return outcome["value"]  # type: ignore[return-value]
 
 
-def check_mlflow_server(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """An http(s) tracking URI answers MLflow's /health with 200 within `timeout_s`."""
+def check_mlflow_server(uri: str, timeout_s: float | None = None) -> None:
+    """An http(s) tracking URI answers MLflow's /health with 200 within `timeout_s` (default:
+    probe_timeout_s())."""
+    timeout_s = timeout_s or probe_timeout_s()
     url = uri.rstrip("/") + "/health"
 
     def get() -> int:
@@ -104,9 +118,10 @@ def _port(parsed: object, default: int, address: str, hint: str) -> int:
         raise ClusterError(f"--address {address}: {hint}") from None
 
 
-def check_ray_address(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+def check_ray_address(address: str | None, timeout_s: float | None = None) -> None:
     """A Ray address answers, and speaks gRPC (as Ray's GCS and client server do), within
-    `timeout_s`: `ray.init` itself would wait for ever on a closed or foreign port."""
+    `timeout_s` (default: probe_timeout_s()): `ray.init` would wait for ever on a foreign port."""
+    timeout_s = timeout_s or probe_timeout_s()
     endpoint = parse_ray_address(address) if address else None
     if endpoint is None:
         return

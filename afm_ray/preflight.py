@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from afm_ray.checkpoints import checkpoint_file
+from afm_ray.checkpoints import check_teacher_checkpoint, checkpoint_file
 from afm_ray.config import ExperimentConfig
 from afm_ray.data import check_available
 from afm_ray.devices import resolve_device
@@ -42,6 +42,8 @@ def check_run(
                 checkpoint_file(path)
             except CheckpointNotFoundError as exc:
                 raise CheckpointNotFoundError(f"{key}: {one_line(exc)}") from None
+            if key == "teacher.checkpoint":
+                check_teacher_checkpoint(cfg)
     if writes_output:
         try:
             probe_writable(cfg.run.output_dir)

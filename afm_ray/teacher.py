@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import socket
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,11 +86,11 @@ def ensure_teacher(cfg: ExperimentConfig, *, log: Callable[[str], None] = print,
         f"(eps={tcfg.train_eps:.4g}); cached at {target}"
     )
     remove_stale_staging(target.parent)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Trained inside a staging folder next to the cache entry, named by host and process: an
-    # interrupted run leaves nothing in the cache, and what a killed one leaves is removed by the
-    # next ensure_teacher on this host (remove_stale_staging).
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=target.parent))
+    # Trained inside a staging folder next to the cache entry, named by host and process and
+    # created by the first checkpoint (a run that fails on its data writes nothing): an interrupted
+    # run leaves nothing in the cache, and what a killed one leaves is removed by the next
+    # ensure_teacher on this host (remove_stale_staging).
+    staging = target.parent / f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         reporter = LocalReporter(staging / "run", log=lambda line: log(f"teacher: {line}"))
         train_fn_per_worker(to_flat(tcfg), reporter)

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from afm_ray.config import ExperimentConfig
 from afm_ray.data import check_available
-from afm_ray.endpoints import PROBE_TIMEOUT_S, bounded, check_mlflow_server
+from afm_ray.endpoints import bounded, check_mlflow_server, probe_timeout_s
 from afm_ray.errors import ConfigError, DataError, StorageError, TrackingError, UserError, one_line
 from afm_ray.storage import is_uri, list_dirs, probe_writable
 
@@ -41,7 +41,7 @@ def check_sweep_name(root: str, name: str, resume: bool) -> None:
         raise ConfigError(f"sweep {root}/{name} already exists; pass --resume to continue it or --name for a new one")
 
 
-def check_tracking_uri(uri: str, timeout_s: float = PROBE_TIMEOUT_S, experiment: str | None = None) -> None:
+def check_tracking_uri(uri: str, timeout_s: float | None = None, experiment: str | None = None) -> None:
     """Fail fast, before Ray starts, if the tracking backend cannot be reached; creates nothing
     (a SQLite store that does not exist yet is only checked for a writable folder)."""
     parsed = urlparse(uri)
@@ -117,7 +117,8 @@ def check_optuna_storage(url: str) -> None:
     if parsed.host:
         port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(parsed.get_backend_name(), 0)
         try:
-            bounded(lambda: socket.create_connection((parsed.host, port), timeout=PROBE_TIMEOUT_S).close(), 6)
+            timeout_s = probe_timeout_s()
+            bounded(lambda: socket.create_connection((parsed.host, port), timeout=timeout_s).close(), timeout_s + 1)
         except (OSError, TimeoutError) as exc:
             raise StorageError(f"{label}: no database answers at {parsed.host}:{port} ({one_line(exc)})") from None
 
