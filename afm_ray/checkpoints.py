@@ -16,7 +16,7 @@ from torch import nn
 
 from afm_ray.config import ExperimentConfig, from_flat
 from afm_ray.data import ImageDataset
-from afm_ray.errors import ConfigError
+from afm_ray.errors import CheckpointError, CheckpointNotFoundError, ConfigError, one_line
 from afm_ray.models import build_model, model_kwargs
 from afm_ray.storage import is_uri, local_file
 
@@ -58,11 +58,11 @@ def checkpoint_file(path: str | Path) -> Path:
         try:
             return local_file(str(path), FILENAME)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"no checkpoint: {exc}") from None
+            raise CheckpointNotFoundError(f"no checkpoint: {exc}") from None
     path = Path(path)
     file = path / FILENAME if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"no checkpoint at {str(path)!r}: expected a directory containing {FILENAME} or the file itself"
         )
     return file
@@ -72,13 +72,41 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
     file = checkpoint_file(path)
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as exc:  # a pickle of arbitrary objects, a truncated file, not torch at all
-        raise ValueError(
-            f"{file}: not a loadable afm-ray checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    except Exception as exc:  # a pickle of arbitrary objects, a truncated or empty file, not torch at all
+        raise CheckpointError(
+            f"{file}: not a loadable afm-ray checkpoint ({type(exc).__name__}: {one_line(exc)})"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{file}: not an afm-ray checkpoint (expected keys 'model' and 'config')")
+        raise CheckpointError(f"{file}: not an afm-ray checkpoint (expected keys 'model' and 'config')")
+    if not isinstance(state["config"], Mapping):
+        raise CheckpointError(f"{file}: its stored config is a {type(state['config']).__name__}, expected a mapping")
     return state
+
+
+def stored_config(state: Mapping[str, Any], file: str | Path) -> ExperimentConfig:
+    """The config a checkpoint was trained with; a bad one is blamed on the checkpoint."""
+    try:
+        return from_flat(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{file}: its stored config is invalid ({exc})") from None
+
+
+def load_resume_state(path: str | Path, model: nn.Module, optimizer: Any, scheduler: Any) -> int:
+    """Load a training checkpoint into `model`, `optimizer` and `scheduler`; returns its epoch."""
+    file = checkpoint_file(path)
+    state = load_training_state(file)
+    missing = [k for k in ("optimizer", "scheduler", "epoch") if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"run.resume_from {path}: {file} holds no {', '.join(missing)}; resume needs a training checkpoint"
+        )
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return int(state["epoch"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"run.resume_from {path}: does not fit this run's model ({one_line(exc)})") from None
 
 
 def load_model(
@@ -90,28 +118,55 @@ def load_model(
     state dict (from elsewhere) is built as `fallback` (an object with arch/width/depth) says.
     Loading always uses `weights_only=True`: a checkpoint can never run code.
     """
-    file = checkpoint_file(path)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"checkpoint {file}: cannot be loaded with weights_only=True "
-            f"({type(exc).__name__}); save a state dict, not a pickled module"
-        ) from None
-    stored = None
-    if isinstance(state, dict) and "model" in state and "config" in state:
-        stored = from_flat(state["config"])
-        spec, weights = stored.student, state["model"]
-    elif isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        if fallback is None:
-            raise ValueError(f"checkpoint {file} is a bare state dict: say which architecture it is (teacher.arch)")
-        spec, weights = fallback, state
-    else:
-        raise ValueError(f"checkpoint {file}: expected an afm-ray checkpoint or a state dict of tensors")
+    file, spec, weights, stored = _model_state(path, fallback)
     model = build_model(spec.arch, **model_kwargs(spec, data))
     _check_state_dict(model.state_dict(), weights, file, spec.arch, data)
     model.load_state_dict(weights)
     return model.to(device), stored
+
+
+def _model_state(path: str | Path, fallback: Any) -> tuple[Path, Any, Mapping[str, torch.Tensor], Any]:
+    """(file, architecture spec, weights, stored config or None) of a checkpoint; see load_model."""
+    file = checkpoint_file(path)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {file}: cannot be loaded with weights_only=True "
+            f"({type(exc).__name__}: {one_line(exc)}); save a state dict, not a pickled module"
+        ) from None
+    stored = None
+    if isinstance(state, dict) and "model" in state and "config" in state:
+        if not isinstance(state["config"], Mapping):
+            raise CheckpointError(f"checkpoint {file}: its stored config is not a mapping")
+        stored = stored_config(state, file)
+        spec, weights = stored.student, state["model"]
+    elif isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        if fallback is None:
+            raise CheckpointError(
+                f"checkpoint {file} is a bare state dict: say which architecture it is (teacher.arch)"
+            )
+        spec, weights = fallback, state
+    else:
+        raise CheckpointError(f"checkpoint {file}: expected an afm-ray checkpoint or a state dict of tensors")
+    if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"checkpoint {file}: its 'model' entry is not a state dict of tensors")
+    return file, spec, weights, stored
+
+
+def check_teacher_checkpoint(cfg: ExperimentConfig) -> None:
+    """teacher.checkpoint loads (weights only) and holds the architecture teacher.arch names:
+    checked before a run computes anything; the shapes are checked once the data is loaded."""
+    _, _, _, stored = _model_state(cfg.teacher.checkpoint, cfg.teacher)
+    _check_teacher_arch(cfg.teacher.checkpoint, stored, cfg)
+
+
+def _check_teacher_arch(path: str | Path, stored: ExperimentConfig | None, cfg: ExperimentConfig | None) -> None:
+    if stored is not None and cfg is not None and cfg.teacher.arch != stored.student.arch:
+        raise ConfigError(
+            f"teacher.checkpoint {path} holds a {stored.student.arch!r} but teacher.arch is "
+            f"{cfg.teacher.arch!r}; set teacher.arch={stored.student.arch}"
+        )
 
 
 def _check_state_dict(
@@ -120,7 +175,7 @@ def _check_state_dict(
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {file} does not match architecture {arch!r}: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
@@ -131,7 +186,7 @@ def _check_state_dict(
                 hint = (
                     f" (the checkpoint has {weights[key].shape[0]} classes, dataset {data.name} has {data.num_classes})"
                 )
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {file}: {key} has shape {tuple(weights[key].shape)}, "
                 f"{arch!r} expects {tuple(tensor.shape)}{hint}"
             )
@@ -146,9 +201,5 @@ def load_teacher(
     agree with `cfg.teacher.arch`) or a bare state dict built as `cfg.teacher` describes.
     """
     model, stored = load_model(path, data, device=device, fallback=cfg.teacher if cfg is not None else None)
-    if stored is not None and cfg is not None and cfg.teacher.arch != stored.student.arch:
-        raise ConfigError(
-            f"teacher.checkpoint {path} holds a {stored.student.arch!r} but teacher.arch is "
-            f"{cfg.teacher.arch!r}; set teacher.arch={stored.student.arch}"
-        )
+    _check_teacher_arch(path, stored, cfg)
     return model.eval().requires_grad_(False)

@@ -3,9 +3,10 @@
     python -m afm_ray.train | teacher | evaluate | sweep | pareto   (each module's __main__ calls here)
 
 A command parses its arguments, validates everything it can before it starts work, and runs.
-An expected failure (afm_ray.errors.UserError) prints one line on stderr, `error: ...`, and
-exits with status 2; `--debug` shows the traceback instead. Anything else is a bug and keeps
-its traceback.
+An expected failure (afm_ray.errors.UserError, a bad argument included) prints one line on
+stderr, `error: ...`, and exits with status 2; `--debug` shows the traceback instead. Ctrl-C or
+SIGTERM prints `interrupted` and exits with 130. Anything else is a bug and keeps its
+traceback. A new command builds its parser with `_parser` and runs its body through `_run`.
 """
 
 from __future__ import annotations
@@ -17,17 +18,23 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
-from afm_ray.checkpoints import load_training_state
-from afm_ray.config import ExperimentConfig, from_flat, load_yaml, parse_overrides, to_flat
-from afm_ray.errors import ConfigError, UserError
+from afm_ray.checkpoints import load_training_state, stored_config
+from afm_ray.config import ExperimentConfig, apply_overrides, from_flat, load_yaml, parse_overrides, to_flat
+from afm_ray.endpoints import check_ray_address
+from afm_ray.errors import ConfigError, UserError, one_line
 from afm_ray.evaluate import evaluate_checkpoint, format_results
 from afm_ray.methods import build_method
 from afm_ray.names import ACCURACY_METRICS, default_tracking_uri
+from afm_ray.preflight import check_run
 from afm_ray.search_space import embedded_default, find_default_space, load_search_space
+from afm_ray.signals import install_sigterm_as_sigint, restore_sigterm
 from afm_ray.sweep.plan import (
     check_dataset_reachable,
+    check_optuna_storage,
     check_storage_writable,
+    check_sweep_name,
     check_tracking_uri,
     newest_sweep,
     storage_root,
@@ -40,12 +47,19 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     """A YAML config with --set overrides; with no file, the embedded default (the fixed keys of
     search_spaces/default.yaml, so a single run and the default sweep agree)."""
     values = load_yaml(path) if path else embedded_default()
-    values.update(parse_overrides(overrides))
-    return from_flat(values)
+    source = f"config file {str(path)!r}" if path else "the embedded default (search_spaces/default.yaml: fixed)"
+    return apply_overrides(values, parse_overrides(overrides), source=source)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the one-line error of every other failure (argparse prints its usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m afm_ray.{prog}", description=description)
+    parser = OneLineParser(prog=f"python -m afm_ray.{prog}", description=description)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
@@ -63,14 +77,23 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """The one exit path: a UserError is one line and status 2, unless --debug."""
+    """The one exit path: a UserError is one line and status 2, an interrupt (Ctrl-C or SIGTERM)
+    one line and 130; --debug shows their tracebacks. Any other exception is a bug: traceback."""
+    previous = install_sigterm_as_sigint()
     try:
         return body(args)
     except UserError as exc:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        restore_sigterm(previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,8 +111,15 @@ def results_table(results: Mapping[str, Mapping[str, float]]) -> str:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    needs_teacher = build_method(cfg.method.name, **method_hparams(cfg)).needs_teacher
+    check_run(
+        cfg,
+        reads=("teacher.checkpoint", "run.resume_from") if needs_teacher else ("run.resume_from",),
+        writes_output=True,
+        trains_teacher=needs_teacher,
+    )
     results = {}
-    if build_method(cfg.method.name, **method_hparams(cfg)).needs_teacher:
+    if needs_teacher:
         teacher_path = ensure_teacher(cfg, log=print)
         cfg = from_flat({**to_flat(cfg), "teacher.checkpoint": str(teacher_path)})
         results["teacher"] = evaluate_checkpoint(teacher_path, cfg, log=print)
@@ -112,6 +142,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def _teacher(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_run(cfg, reads=("teacher.checkpoint",), trains_teacher=not cfg.teacher.checkpoint)
     path = ensure_teacher(cfg, force=args.force)
     print(f"teacher checkpoint: {path}")
     if not args.no_eval:
@@ -132,20 +163,22 @@ def teacher_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    try:
-        stored = load_training_state(args.checkpoint)["config"]
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
-    overrides = parse_overrides(args.overrides)
-    if args.eps is not None:
-        overrides["eval.eps"] = args.eps
-    if args.attacks is not None:
-        overrides["eval.attacks"] = args.attacks
+    state = load_training_state(args.checkpoint)
+    stored = stored_config(state, args.checkpoint)  # the data and model the checkpoint was trained for
+    cfg = apply_overrides(
+        to_flat(stored), parse_overrides(args.overrides), source=f"checkpoint {args.checkpoint}: stored config"
+    )
+    if args.samples is not None and args.samples < 0:
+        raise ConfigError(f"--samples: got {args.samples}, expected >= 0 (0 = whole test split)")
+    for flag, key, value in (("--eps", "eval.eps", args.eps), ("--attacks", "eval.attacks", args.attacks)):
+        if value is not None:
+            try:
+                cfg = from_flat({**to_flat(cfg), key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"{flag}: {exc}") from None
     if args.samples is not None:
-        if args.samples < 0:
-            raise ConfigError(f"--samples: got {args.samples}, expected >= 0 (0 = whole test split)")
-        overrides["eval.samples"] = args.samples
-    cfg = from_flat({**stored, **overrides})
+        cfg = from_flat({**to_flat(cfg), "eval.samples": args.samples})
+    check_run(from_flat({**to_flat(stored), "run.device": cfg.run.device}), reads=())
     print(format_results(evaluate_checkpoint(args.checkpoint, cfg)))
     return 0
 
@@ -174,20 +207,23 @@ def _sweep(args: argparse.Namespace) -> int:
             raise ConfigError(f"--num-samples: got {args.num_samples}, expected >= 1")
         space = dataclasses.replace(space, num_samples=args.num_samples)
     root = storage_root(args.storage)
-    # Before Ray starts or a teacher trains: the workers' data is there, the storage takes writes,
-    # the tracking server answers (the cheapest checks first: the last may create an empty store).
-    check_dataset_reachable(from_flat(space.fixed))
-    check_storage_writable(root)
+    optuna_url = args.optuna_storage or f"sqlite:///{Path('optuna.db').resolve()}"
+    experiment = args.experiment or space.experiment
     tracking_uri = args.tracking_uri or default_tracking_uri()
-    check_tracking_uri(tracking_uri)
+    # Before Ray starts or a teacher trains: the workers' data is there, the cluster answers, the
+    # stores take writes, the tracking server answers. None of these checks creates anything.
+    check_dataset_reachable(from_flat(space.fixed))
+    check_ray_address(args.address)
+    check_optuna_storage(optuna_url)
+    check_storage_writable(root)
+    check_tracking_uri(tracking_uri, experiment=experiment)
     name = args.name
     if args.resume and not name:
         name = newest_sweep(root, space.name)
         if name is None:
             raise ConfigError(f"--resume: no sweep of space {space.name!r} under {root}; pass --name")
     name = name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    optuna_url = args.optuna_storage or f"sqlite:///{Path('optuna.db').resolve()}"
-    experiment = args.experiment or space.experiment
+    check_sweep_name(root, name, args.resume)
 
     from afm_ray.sweep.run import run_sweep  # Ray is imported only once the plan is valid
 
@@ -247,6 +283,6 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
 def pareto_main(argv: Sequence[str] | None = None) -> int:
     from afm_ray import pareto  # MLflow, pandas and matplotlib: only for this command
 
-    parser = pareto.build_parser()
+    parser = pareto.build_parser(OneLineParser)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return _run(pareto.run, parser.parse_args(argv))

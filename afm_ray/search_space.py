@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from afm_ray.config import from_flat, valid_keys
+from afm_ray.config import apply_overrides, from_flat, valid_keys
 from afm_ray.errors import ConfigError
+from afm_ray.yaml_loading import load_yaml_mapping
 
 TOP_LEVEL_KEYS = (
     "name",
@@ -152,16 +151,10 @@ def embedded_default() -> dict[str, Any]:
 
 
 def load_search_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).exists() and not Path(path).is_symlink():
         raise ConfigError(f"search space {str(path)!r} does not exist; see search_spaces/ for examples")
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    raw, text = load_yaml_mapping(path, "search space")
+    path = Path(path)
     return parse_search_space(raw, source=text, path=str(path.resolve()), overrides=overrides, default_name=path.stem)
 
 
@@ -180,7 +173,12 @@ def parse_search_space(
             raise _unknown(f"{where}: unknown top-level key", key, TOP_LEVEL_KEYS)
     name = str(raw.get("name") or default_name)
     fixed = _mapping(raw.get("fixed", {}), f"{where}: fixed")
-    search_raw = _mapping(raw.get("search", {}), f"{where}: search")
+    search_raw = _mapping(raw.get("search") or {}, f"{where}: search")
+    if not search_raw:
+        raise ConfigError(
+            f"{where}: search is empty; give at least one distribution, e.g. search: {{attack.eps: {{uniform: "
+            "[0.05, 0.15]}}}} (for one run with fixed keys: python -m afm_ray.train)"
+        )
     known = valid_keys()
     for key in list(fixed) + list(search_raw):
         if key not in known:
@@ -188,7 +186,7 @@ def parse_search_space(
     both = sorted(set(fixed) & set(search_raw))
     if both:
         raise ConfigError(f"{where}: {both[0]!r} is both fixed and searched; keep it in one of the two")
-    fixed = {**fixed, **dict(overrides or {})}
+    file_fixed, fixed = fixed, {**fixed, **dict(overrides or {})}
     for key in overrides or {}:
         if key not in known:
             raise _unknown("--set: unknown config key", key, known)
@@ -221,7 +219,7 @@ def parse_search_space(
         source=source,
         path=path,
     )
-    _check_extremes(space, where)
+    _check_extremes(space, where, file_fixed, dict(overrides or {}))
     return space
 
 
@@ -382,14 +380,12 @@ def _parse_resources(raw: Any, where: str) -> dict[str, float]:
     return out
 
 
-def _check_extremes(space: SearchSpace, where: str) -> None:
+def _check_extremes(space: SearchSpace, where: str, file_fixed: dict[str, Any], overrides: dict[str, Any]) -> None:
     """Build the worker config at the corners of every distribution: a value the engine
-    rejects (eps < 0, steps < 0, tau <= 0, an unknown policy) fails now, not in trial 17."""
+    rejects (eps < 0, steps < 0, tau <= 0, an unknown policy) fails now, not in trial 17.
+    A bad fixed value is blamed on the file, or on --set when the override brings it."""
+    apply_overrides(file_fixed, overrides, source=f"{where}: fixed")
     base = dict(space.fixed)
-    try:
-        from_flat(base)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: fixed: {exc}") from None
     for dist in space.search:
         values = dist.choices if dist.kind == "choice" else (dist.low, dist.high)
         for value in values:

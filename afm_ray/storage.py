@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
+
+from afm_ray.errors import StorageError, one_line
 
 
 def is_uri(path: str | Path) -> bool:
@@ -108,3 +111,26 @@ def probe_writable(root: str) -> None:
     probe = folder / name
     probe.write_bytes(b"probe")
     probe.unlink()
+
+
+def check_writable_file(path: str, label: str) -> None:
+    """`path` can be written as a file: it is no directory and its folder takes writes (probed
+    without leaving anything). A StorageError names `label` (the option that gave the path)."""
+    if Path(path).is_dir():
+        raise StorageError(f"{label} {path}: is a directory; expected a file name")
+    try:
+        probe_writable(str(Path(path).parent))
+    except OSError as exc:
+        raise StorageError(f"{label} {path}: its folder cannot be written ({one_line(exc)})") from None
+
+
+def remove_tree(path: str) -> None:
+    """Delete a folder and everything in it, locally or at a URI; nothing there is no error."""
+    if is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, inner = filesystem(path)
+        if fs.get_file_info(inner).type != pafs.FileType.NotFound:
+            fs.delete_dir(inner)
+        return
+    shutil.rmtree(path, ignore_errors=True)

@@ -15,13 +15,19 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
+import socket
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from afm_ray.checkpoints import checkpoint_file
 from afm_ray.config import ExperimentConfig, from_flat, to_flat
+from afm_ray.errors import StorageError, one_line
+from afm_ray.storage import probe_writable
 from afm_ray.train import LocalReporter, train_fn_per_worker
+
+#: Names of the folders a teacher trains in, beside its cache entry: .staging-<host>-<pid>-<random>.
+STAGING_PREFIX = ".staging-"
 
 
 def teacher_training_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -73,22 +79,66 @@ def ensure_teacher(cfg: ExperimentConfig, *, log: Callable[[str], None] = print,
     if (target / "checkpoint.pt").is_file() and not force:
         log(f"teacher: reusing {target}")
         return target / "checkpoint.pt"
+    check_cache_writable(cfg)
     tcfg = teacher_training_config(cfg)
     log(
         f"teacher: training {tcfg.student.arch} with {tcfg.method.name} for {tcfg.optim.epochs} epochs "
         f"(eps={tcfg.train_eps:.4g}); cached at {target}"
     )
-    with tempfile.TemporaryDirectory(prefix="afm_ray_teacher_") as tmp:
-        reporter = LocalReporter(tmp, log=lambda line: log(f"teacher: {line}"))
+    remove_stale_staging(target.parent)
+    # Trained inside a staging folder next to the cache entry, named by host and process and
+    # created by the first checkpoint (a run that fails on its data writes nothing): an interrupted
+    # run leaves nothing in the cache, and what a killed one leaves is removed by the next
+    # ensure_teacher on this host (remove_stale_staging).
+    staging = target.parent / f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        reporter = LocalReporter(staging / "run", log=lambda line: log(f"teacher: {line}"))
         train_fn_per_worker(to_flat(tcfg), reporter)
         assert reporter.latest_checkpoint is not None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
         shutil.copy2(reporter.latest_checkpoint / "checkpoint.pt", staging / "checkpoint.pt")
+        shutil.rmtree(staging / "run")
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)  # atomic: a half-written teacher is never picked up from the cache
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target / "checkpoint.pt"
+
+
+def check_cache_writable(cfg: ExperimentConfig) -> None:
+    """The teacher cache takes writes: checked before a teacher trains, not after."""
+    folder = teacher_cache_dir(cfg).parent
+    try:
+        probe_writable(str(folder))
+    except OSError as exc:
+        raise StorageError(
+            f"teacher cache {folder}: not writable ({one_line(exc)}); set teacher.cache_dir "
+            "(or $AFM_RAY_CACHE) to a folder you can write"
+        ) from None
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Remove the staging folders that teacher trainings of this host left when they were killed
+    (their process is gone); returns what was removed."""
+    removed = []
+    prefix = f"{STAGING_PREFIX}{socket.gethostname()}-"
+    for path in folder.glob(f"{STAGING_PREFIX}*") if folder.is_dir() else ():
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if path.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 if __name__ == "__main__":  # python -m afm_ray.teacher; as __main__ this is not the library module, so no cycle

@@ -267,11 +267,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
     start_epoch = 0
     resume_dir = reporter.resume_checkpoint_dir()
     if resume_dir:
-        state = checkpoints.load_training_state(resume_dir)
-        unwrap(student).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
+        start_epoch = checkpoints.load_resume_state(resume_dir, unwrap(student), optimizer, scheduler)
         log(f"resumed from {resume_dir} at epoch {start_epoch}")
 
     model = student

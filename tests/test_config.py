@@ -74,3 +74,20 @@ def test_yaml_off_stays_a_word_for_string_keys():
     # YAML 1.1 turns a bare `off` into False; a string key gets the word back.
     assert load_config(None, ["run.amp=off"]).run.amp == "off"
     assert from_flat({"run.amp": False}).run.amp == "off"
+
+
+def test_strict_yaml_allows_merge_overrides_but_not_repeated_keys(tmp_path):
+    from afm_ray.yaml_loading import parse_yaml
+
+    # A merge (<<) brings keys a mapping may override: YAML's intent, not a repeated key.
+    merged = parse_yaml("base: &b {eps: 0.1, steps: 3}\nattack:\n  <<: *b\n  eps: 0.2\n", "x.yaml")
+    assert merged["attack"] == {"eps": 0.2, "steps": 3}
+    with pytest.raises(ConfigError, match=r"x.yaml: not valid YAML at line 3, column 3: key 'eps' is given twice"):
+        parse_yaml("attack:\n  eps: 0.1\n  eps: 0.2\n", "x.yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text("\ufeffattack:\n  eps: 0.05\n", encoding="utf-8")  # a byte-order mark is still UTF-8
+    assert load_config(path).attack.eps == 0.05
+    # 10^5 nodes is the bound: a config of a few hundred keys is far below, a bomb far above
+    wide = "a: &a [" + ", ".join(["1"] * 400) + "]\nb: [" + ", ".join(["*a"] * 400) + "]\n"
+    with pytest.raises(ConfigError, match="expand to more than 100,000 values"):
+        parse_yaml(wide, "wide.yaml")

@@ -17,6 +17,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from afm_ray.data import DATASETS, DeviceBatchLoader, ImageDataset, load_dataset
+from afm_ray.safe_pickle import UnsafePickleError
 
 
 def _check_dataset(d: ImageDataset, shape: tuple[int, int, int], n_train: int, n_test: int, num_classes: int) -> None:
@@ -185,6 +186,101 @@ def test_cifar_malformed(tmp_path: Path) -> None:
     batch.write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match=r"data_batch_2 is not a CIFAR python pickle"):
         load_dataset("cifar10", str(tmp_path))
+
+
+def _py2_pickle(obj: object) -> bytes:
+    """`obj` pickled the way Python 2's cPickle wrote the official CIFAR batches: protocol 2,
+    str (bytes) as BINSTRING, numpy arrays through numpy.core.multiarray._reconstruct."""
+    import struct
+
+    class Py2Pickler(pickle._Pickler):  # the pure-Python pickler, whose opcodes can be chosen
+        dispatch = dict(pickle._Pickler.dispatch)
+
+        def save_bytes(self, obj: bytes) -> None:
+            head = pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else pickle.BINSTRING
+            self.write(head if len(obj) < 256 else head + struct.pack("<i", len(obj)))
+            self.write(obj)
+            self.memoize(obj)
+
+        dispatch[bytes] = save_bytes
+
+        def save_global(self, obj: object, name: str | None = None) -> None:
+            module = {"_reconstruct": "numpy.core.multiarray"}.get(obj.__name__, obj.__module__)
+            self.write(pickle.GLOBAL + f"{module}\n{obj.__name__}\n".encode())
+            self.memoize(obj)
+
+        dispatch[type] = save_global
+
+    out = io.BytesIO()
+    Py2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["python2", "protocol-2", "protocol-latest"])
+def test_real_cifar_pickles_load_through_the_restricted_unpickler(tmp_path: Path, fmt: str) -> None:
+    """Batches in the official layout (dict with b'data' uint8 (N, 3072), b'labels', b'batch_label',
+    b'filenames'), written as Python 2 did and by numpy 2 with old and new protocols, all load."""
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(v) for v in rng.integers(0, 10, 3)],
+            b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+            b"filenames": [b"a.png", b"b.png", b"c.png"],
+        }
+        dump = {"python2": _py2_pickle, "protocol-2": lambda b: pickle.dumps(b, protocol=2)}.get(
+            fmt, lambda b: pickle.dumps(b, protocol=pickle.HIGHEST_PROTOCOL)
+        )
+        (folder / name).write_bytes(dump(batch))
+        batches[name] = batch
+    if fmt == "python2":  # the file holds what Python 2 wrote: the numpy 1 module name, no _codecs
+        raw = (folder / "test_batch").read_bytes()
+        assert b"numpy.core.multiarray\n_reconstruct" in raw and b"_codecs" not in raw
+    d = load_dataset("cifar10", str(tmp_path))
+    train = [batches[f"data_batch_{i}"] for i in range(1, 6)]
+    assert torch.equal(d.x_train.reshape(15, 3072), torch.from_numpy(np.concatenate([b[b"data"] for b in train])))
+    assert d.y_train.tolist() == [y for b in train for y in b[b"labels"]]
+    assert d.y_test.tolist() == batches["test_batch"][b"labels"]
+
+
+class _Payload:
+    def __init__(self, call: object, *args: object):
+        self.call, self.args = call, args
+
+    def __reduce__(self) -> tuple:
+        return self.call, self.args
+
+
+@pytest.mark.parametrize("gadget", ["os.system", "builtins.exec", "subprocess.Popen", "builtins.getattr"])
+def test_crafted_cifar_pickle_is_refused_before_it_runs(tmp_path: Path, gadget: str) -> None:
+    """A batch that runs a command when unpickled: plain pickle.load runs it (the file really is
+    an attack), load_dataset refuses it by name and the command never runs."""
+    import os
+    import subprocess
+
+    marker = tmp_path / "marker"
+    payload = {
+        "os.system": _Payload(os.system, f"touch {marker}"),
+        "builtins.exec": _Payload(exec, f"open({str(marker)!r}, 'w').close()"),
+        "subprocess.Popen": _Payload(subprocess.Popen, ["touch", str(marker)]),
+        "builtins.getattr": _Payload(getattr, 1, "real"),  # harmless, but getattr reaches anything
+    }[gadget]
+    _fake_cifar10(tmp_path)
+    crafted = pickle.dumps({b"data": payload, b"labels": [0]})
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(crafted)
+    refused = {"os.system": "posix.system"}.get(gadget, gadget)
+    with pytest.raises(UnsafePickleError, match=rf"data_batch_3: refused to unpickle {re.escape(refused)}: a CIFAR"):
+        load_dataset("cifar10", str(tmp_path))
+    assert not marker.exists()
+    if gadget != "builtins.getattr":  # the control: unrestricted, the same bytes run the command
+        pickle.loads(crafted)
+        deadline = __import__("time").monotonic() + 10
+        while not marker.exists() and __import__("time").monotonic() < deadline:  # Popen runs in the background
+            __import__("time").sleep(0.05)
+        assert marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,7 +231,7 @@ def test_cli_errors_are_one_clear_line(sweep_db, capsys, args, expected):
     assert main([*args, "--tracking-uri", sweep_db["uri"]]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert err.startswith("afm_ray.pareto: error: ")
+    assert err.startswith("error: ")
     assert re.search(expected, err), err
 
 
@@ -305,7 +305,7 @@ def test_cli_error_exit_status(tmp_path):
     proc = _run_cli("--experiment", "x", cwd=tmp_path)  # default URI: <cwd>/mlflow.db
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        f"afm_ray.pareto: error: no MLflow database at {tmp_path / 'mlflow.db'} (tracking URI "
+        f"error: no MLflow database at {tmp_path / 'mlflow.db'} (tracking URI "
         f"sqlite:///{tmp_path / 'mlflow.db'}); pass --tracking-uri or set MLFLOW_TRACKING_URI"
     )
 

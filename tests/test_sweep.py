@@ -19,7 +19,7 @@ import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from ray_head import RAY, free_port, ray_head, wait_http
+from ray_head import RAY, free_port, ray_head, session_processes, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -243,7 +243,10 @@ def test_unusable_storage_or_data_fails_in_seconds_before_ray(tmp_path, problem)
         assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["0"]) == []
 
 
-def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path, sig):
+    """Ctrl-C, or the SIGTERM of `kill`, a preemption or `ray job stop`: Tune saves its state, the
+    parent run is marked KILLED (never left RUNNING), and --resume finishes the sweep."""
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, num_samples=3, max_concurrent_trials=1, fixed={"optim.epochs": 3})
     proc = subprocess.Popen(
@@ -265,10 +268,17 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path):
         lines.append(line)
         if "epoch   1" in line:
             break
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C does: Tune saves its state and stops
+    proc.send_signal(sig)  # Tune saves its state and stops (SIGTERM takes the same path as Ctrl-C)
     rest, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, "".join(lines) + rest
     assert "--resume --name res" in rest
+    client = MlflowClient(tracking)
+    parent = client.search_runs(
+        [client.get_experiment_by_name("tiny-tests").experiment_id], filter_string="tags.`afm_ray.role` = 'sweep'"
+    )
+    assert [p.info.status for p in parent] == ["KILLED"]
+    study = optuna.load_study(study_name="res", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 1
     before = trial_runs(tracking)
     assert 1 <= sum(r.data.tags.get("afm_ray.trial_status") == "completed" for r in before) < 3
 
@@ -279,6 +289,86 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path):
     assert len(after) == 3 and len(set(trial_ids)) == 3  # no MLflow run duplicated
     assert all(r.data.tags["afm_ray.trial_status"] == "completed" for r in after)
     assert {r.info.run_id for r in before} <= {r.info.run_id for r in after}
+
+
+def _assert_nothing_recorded(tmp_path: Path, name: str) -> None:
+    assert not (tmp_path / "ray_results" / name).exists()
+    if (tmp_path / "optuna.db").exists():
+        assert optuna.get_all_study_names(storage=f"sqlite:///{tmp_path / 'optuna.db'}") == []
+    if (tmp_path / "mlflow.db").exists():
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        assert [r for r in client.search_runs(experiments) if r.info.status == "RUNNING"] == []
+    cache = tmp_path / "cache"
+    assert not list(cache.rglob("checkpoint.pt")) and not list(cache.rglob(".staging-*"))
+
+
+def test_sigterm_while_the_teacher_trains_leaves_nothing(tmp_path):
+    """A kill (SIGTERM) while the teacher trains as a Ray task: the task is cancelled, its staging
+    folder removed, no parent run, study or sweep folder exists, and no process of the sweep is left."""
+    space = write_space(tmp_path, fixed={"teacher.epochs": 30})  # still training when the signal comes
+    proc = subprocess.Popen(
+        sweep_args(tmp_path, space, "--name", "teach"),
+        cwd=tmp_path,
+        env=sweep_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "teacher: training" in line:
+            break
+    deadline = time.monotonic() + 120  # until the task has begun its first epoch
+    while time.monotonic() < deadline and not list((tmp_path / "cache").rglob(".staging-*")):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=180)
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out
+    assert "interrupted before its first trial; nothing was kept" in out and "Traceback" not in out
+    _assert_nothing_recorded(tmp_path, "teach")
+    deadline = time.monotonic() + 30  # Ray's own processes end with the driver
+    while session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not session_processes(proc.pid)
+
+
+def test_crafted_data_stops_the_sweep_in_the_teacher_task_with_one_line(tmp_path):
+    """A CIFAR folder whose first batch would run a command: the check before Ray only lists the
+    files, so the teacher task meets it; the sweep reports it in one line and records nothing."""
+    import pickle
+
+    import numpy as np
+
+    marker = tmp_path / "marker"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+        (folder / name).write_bytes(pickle.dumps({**batch, b"data": Evil()} if name == "data_batch_1" else batch))
+    space = write_space(tmp_path, fixed={"data.name": "cifar10", "data.root": str(tmp_path / "cifar")})
+    proc = subprocess.run(
+        sweep_args(tmp_path, space, "--name", "evil"),
+        cwd=tmp_path,
+        env=sweep_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: teacher: ") and "refused to unpickle posix.system" in last, proc.stderr
+    assert "Traceback" not in proc.stderr and "failed before its first trial" in proc.stdout
+    assert not marker.exists()
+    _assert_nothing_recorded(tmp_path, "evil")
 
 
 def _train_worker_pids() -> list[int]:

@@ -22,17 +22,19 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from afm_ray.config import ExperimentConfig, from_flat, to_flat
-from afm_ray.errors import ConfigError
+from afm_ray.errors import ClusterError, ConfigError, UserError, one_line
 from afm_ray.evaluate import evaluate_checkpoint
 from afm_ray.front import non_dominated
 from afm_ray.methods import build_method
 from afm_ray.search_space import SearchSpace, build_sampler
-from afm_ray.storage import write_bytes
+from afm_ray.signals import install_sigterm_as_sigint
+from afm_ray.storage import list_dirs, write_bytes
+from afm_ray.sweep.lifecycle import SweepRecords
 from afm_ray.sweep.local_ray import connect_or_start
 from afm_ray.sweep.progress import TrialProgress
 from afm_ray.sweep.tracking import TrialTracker, start_or_resume_sweep_run
 from afm_ray.sweep.trial import train_driver_fn
-from afm_ray.teacher import ensure_teacher, teacher_cache_dir
+from afm_ray.teacher import STAGING_PREFIX, ensure_teacher, remove_stale_staging, teacher_cache_dir
 
 
 def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tuple[dict[str, Any], dict[str, float]]:
@@ -69,7 +71,7 @@ def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tu
         log(
             f"teacher: training {base.teacher.arch} ({base.teacher.method}, {base.teacher.epochs} epochs) as a Ray task"
         )
-        payload, scores = ray.get(train_teacher.remote(to_flat(base)))
+        payload, scores = _get_teacher(train_teacher.remote(to_flat(base)), cache.parent.parent)
         write_bytes(str(cache), payload)
     # Trials may run on other nodes: they read the teacher from the sweep's storage.
     target = f"{runtime['storage_path']}/teacher/checkpoint.pt"
@@ -79,6 +81,25 @@ def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tu
         + (f" (clean {scores['clean_acc']:.3f}, pgd20 {scores['pgd20_acc']:.3f})" if scores else "")
     )
     return {"teacher.checkpoint": target}, scores
+
+
+def _get_teacher(ref: Any, cache_folder: Path) -> Any:
+    """ray.get of the teacher task: a UserError in the task (bad data, an unwritable cache) stays
+    one line; an interrupt cancels the task and removes what it left in the cache."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, UserError):
+            raise type(cause)(f"teacher: {one_line(cause)}") from None
+        raise
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        deadline = time.monotonic() + 10  # the task's process exits, then its staging folder can go
+        while time.monotonic() < deadline and any(cache_folder.glob(f"{STAGING_PREFIX}*")):
+            remove_stale_staging(cache_folder)
+            time.sleep(0.2)
+        raise
 
 
 def max_concurrent_trials(space: SearchSpace, cluster: dict[str, float]) -> int | None:
@@ -111,14 +132,46 @@ def run_sweep(
     sweep_dir = f"{storage_root}/{name}"
     if resume and not tune.Tuner.can_restore(sweep_dir):
         raise ConfigError(f"--resume: nothing to resume at {sweep_dir}")
-    if not resume and "://" not in storage_root and Path(sweep_dir).exists():
+    if not resume and name in list_dirs(storage_root):  # SweepRecords may remove what this call creates
         raise ConfigError(f"sweep {sweep_dir} already exists; pass --resume to continue it or --name for a new one")
 
     # Objectives are final metrics, absent from per-epoch results; Tune's strict check would
     # reject every epoch's result. Our searcher reads them only from the final result.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # Worker output stays in Ray's logs; the terminal gets one line per trial event.
-    connect_or_start(address)
+    try:
+        connect_or_start(address)
+    except (ConnectionError, RuntimeError, ValueError) as exc:  # auth, version mismatch, a head that went away
+        raise ClusterError(f"Ray at {address or 'a new local instance'}: {one_line(exc)}") from None
+    install_sigterm_as_sigint()  # ray.init replaced it with an immediate exit
+    records = SweepRecords(
+        name=name,
+        sweep_dir=sweep_dir,
+        tracking_uri=tracking_uri,
+        optuna_url=optuna_url,
+        resume=resume,
+        resume_hint=resume_command(name, storage_root, space),
+    )
+    try:
+        return _run_sweep(space, records, name, experiment, tracking_uri, storage_root, optuna_url, resume, started)
+    except BaseException as exc:
+        records.abandon(exc, log)
+        raise
+
+
+def _run_sweep(
+    space: SearchSpace,
+    records: SweepRecords,
+    name: str,
+    experiment: str,
+    tracking_uri: str,
+    storage_root: str,
+    optuna_url: str,
+    resume: bool,
+    started: float,
+) -> int:
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    sweep_dir = records.sweep_dir
     # Train runs live inside the sweep's folder, next to Tune's own trial folders.
     runtime = {**space.resources, "storage_path": sweep_dir, "name": name, "max_failures": space.max_failures}
     log(f"sweep {name}: {space.num_samples} trials of {space.path or 'space'}; Ray {ray.cluster_resources()}")
@@ -137,6 +190,7 @@ def run_sweep(
         "teacher.checkpoint": space.fixed.get("teacher.checkpoint", ""),
     }
     parent_id = start_or_resume_sweep_run(client, experiment, name, parent_params, space.source, resume)
+    records.parent_id = parent_id
     for key, value in teacher_scores.items():
         client.log_metric(parent_id, f"teacher/{key}", value)
 
@@ -150,6 +204,7 @@ def run_sweep(
     else:
         multi = len(space.objectives) > 1
         sampler = build_sampler(space)
+        records.study_created = True  # OptunaSearch creates the study as it is built
         searcher = CompletedOnlyOptunaSearch(
             space=space.define_by_run(),
             metric=[o.metric for o in space.objectives] if multi else space.objectives[0].metric,
@@ -204,12 +259,16 @@ def run_sweep(
         elapsed=elapsed,
     )
     if interrupted:
-        print(
-            f"interrupted: continue with  python -m afm_ray.sweep --resume --name {name} --storage {storage_root}"
-            + (f" --space {space.path}" if space.path else "")
-        )
+        print(f"interrupted: continue with  {records.resume_hint}")
         return 130
     return 0
+
+
+def resume_command(name: str, storage_root: str, space: SearchSpace) -> str:
+    """The command line that continues sweep `name`."""
+    return f"python -m afm_ray.sweep --resume --name {name} --storage {storage_root}" + (
+        f" --space {space.path}" if space.path else ""
+    )
 
 
 class CompletedOnlyOptunaSearch(OptunaSearch):
