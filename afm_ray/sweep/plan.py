@@ -115,7 +115,8 @@ def check_teacher(space: SearchSpace) -> str:
         cost = teacher_cost(cfg, teacher_training_config(cfg), on_gpu=space.resources["gpus_per_worker"] > 0)
         if given == "":
             raise ConfigError(
-                f"teacher.checkpoint is empty but {', '.join(methods)} distil a teacher: give a checkpoint (path or "
+                f"teacher.checkpoint is empty but {', '.join(methods)} {'distils' if len(methods) == 1 else 'distil'} "
+                "a teacher: give a checkpoint (path or "
                 f"s3://, gs:// URI), or {TRAIN_TEACHER!r} to have the sweep train one first: {cost}"
             )
         return f"teacher: to be trained before the first trial: {cost}"
