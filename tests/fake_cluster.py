@@ -1,7 +1,7 @@
 """An autoscaling Ray cluster on one machine, shaped like clusters/aws.yaml, for tests.
 
-Ray's fake multi-node provider (`provider: {type: fake_multinode}`, `RAY_FAKE_CLUSTER=1`) lets the
-real autoscaler (v2, as `ray up` runs it) launch and terminate worker nodes that are local raylets.
+Ray's fake multi-node provider (`FakeMultiNodeProvider`, with `RAY_FAKE_CLUSTER=1`) lets the real
+autoscaler (v2, as `ray up` runs it) launch and terminate worker nodes that are local raylets.
 `simulated_config` derives its node types from the shipped AWS config: the same type names,
 min/max workers and priorities, GPUs replaced by one CPU each (none exist here), the idle timeout
 shortened, a head of 0 CPUs. Ray's `AutoscalingCluster` would read an example YAML its wheel does
@@ -58,7 +58,11 @@ def simulated_config(aws: Mapping[str, Any], *, gcs_address: str, idle_timeout_s
         "upscaling_speed": aws.get("upscaling_speed", 1.0),
         "idle_timeout_minutes": idle_timeout_s / 60,
         "provider": {
-            "type": "fake_multinode",
+            # The fake provider's class, loaded as an external provider: as type fake_multinode, the
+            # autoscaler would first read the provider's default config, the example YAML that the
+            # Ray wheel does not ship, and die.
+            "type": "external",
+            "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
             "gcs_address": gcs_address,
             "head_node_id": FAKE_HEAD_NODE_ID,
             "launch_multiple": True,
