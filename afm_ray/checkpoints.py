@@ -1,13 +1,15 @@
 """Checkpoint files: one `checkpoint.pt` per directory, loadable with `weights_only=True`.
 
-A checkpoint holds the model's state dict and the flat config that built it (so the
-architecture, class count and data can be rebuilt from the file alone), plus the optimiser
-and scheduler state when it is a training checkpoint.
+A checkpoint holds the model's state dict, the flat config that built it and a description
+of its data (class count, image shape, normalisation: `DataSpec`), so the model rebuilds from
+the file alone, without the dataset; plus the optimiser and scheduler state when it is a
+training checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,51 @@ import torch
 from torch import nn
 
 from afm_ray.config import ExperimentConfig, from_flat
-from afm_ray.data import ImageDataset
+from afm_ray.data import ImageDataset, load_run_data
 from afm_ray.errors import CheckpointError, CheckpointNotFoundError, ConfigError, one_line
 from afm_ray.models import build_model, model_kwargs
 from afm_ray.storage import is_uri, local_file
 
 FILENAME = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs from its dataset, without the images: class count, (C, H, W) and the
+    per-channel normalisation (and the dataset's name, for messages)."""
+
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = ""
+
+    @classmethod
+    def of(cls, data: ImageDataset | DataSpec) -> DataSpec:
+        return cls(data.num_classes, tuple(data.image_shape), tuple(data.mean), tuple(data.std), data.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ints, floats, lists and a string: loadable with torch.load(weights_only=True)."""
+        return {
+            "name": self.name,
+            "num_classes": int(self.num_classes),
+            "image_shape": [int(v) for v in self.image_shape],
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+        }
+
+    @classmethod
+    def from_dict(cls, values: Any) -> DataSpec:
+        """The inverse of to_dict; ValueError when `values` is not one."""
+        try:
+            shape = tuple(int(v) for v in values["image_shape"])
+            mean, std = tuple(float(v) for v in values["mean"]), tuple(float(v) for v in values["std"])
+            spec = cls(int(values["num_classes"]), shape, mean, std, str(values.get("name", "")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a data description ({type(exc).__name__}: {exc})") from None
+        if len(shape) != 3 or len(mean) != shape[0] or len(std) != shape[0] or spec.num_classes < 1:
+            raise ValueError(f"not a consistent data description: {values}")
+        return spec
 
 
 def save_training_state(
@@ -32,7 +73,10 @@ def save_training_state(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     metrics: Mapping[str, float] | None = None,
+    data: ImageDataset | DataSpec | None = None,
 ) -> Path:
+    """Write `checkpoint.pt` in `directory` atomically; `data` describes the model's dataset, so
+    `load_model` can rebuild the model without loading the data."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -41,6 +85,8 @@ def save_training_state(
         "epoch": epoch,
         "metrics": dict(metrics or {}),
     }
+    if data is not None:
+        state["data"] = DataSpec.of(data).to_dict()
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
@@ -110,23 +156,32 @@ def load_resume_state(path: str | Path, model: nn.Module, optimizer: Any, schedu
 
 
 def load_model(
-    path: str | Path, data: ImageDataset, *, device: torch.device | str = "cpu", fallback: Any = None
+    path: str | Path,
+    data: ImageDataset | DataSpec | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    fallback: Any = None,
 ) -> tuple[nn.Module, ExperimentConfig | None]:
     """Rebuild the model a checkpoint holds, checked against `data`; returns it and its config.
 
     An afm-ray checkpoint names its architecture in its stored config (`student.*`); a bare
     state dict (from elsewhere) is built as `fallback` (an object with arch/width/depth) says.
+    With `data` None, the checkpoint's own data description is used, so no dataset is read;
+    a checkpoint written before it stored one loads its config's dataset instead.
     Loading always uses `weights_only=True`: a checkpoint can never run code.
     """
-    file, spec, weights, stored = _model_state(path, fallback)
+    file, spec, weights, stored, state = _model_state(path, fallback)
+    if data is None:
+        data = _stored_data(state, stored, file)
     model = build_model(spec.arch, **model_kwargs(spec, data))
     _check_state_dict(model.state_dict(), weights, file, spec.arch, data)
     model.load_state_dict(weights)
     return model.to(device), stored
 
 
-def _model_state(path: str | Path, fallback: Any) -> tuple[Path, Any, Mapping[str, torch.Tensor], Any]:
-    """(file, architecture spec, weights, stored config or None) of a checkpoint; see load_model."""
+def _model_state(path: str | Path, fallback: Any) -> tuple[Path, Any, Mapping[str, torch.Tensor], Any, Any]:
+    """(file, architecture spec, weights, stored config or None, the whole loaded state) of a
+    checkpoint; see load_model."""
     file = checkpoint_file(path)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -151,13 +206,13 @@ def _model_state(path: str | Path, fallback: Any) -> tuple[Path, Any, Mapping[st
         raise CheckpointError(f"checkpoint {file}: expected an afm-ray checkpoint or a state dict of tensors")
     if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"checkpoint {file}: its 'model' entry is not a state dict of tensors")
-    return file, spec, weights, stored
+    return file, spec, weights, stored, state
 
 
 def check_teacher_checkpoint(cfg: ExperimentConfig) -> None:
     """teacher.checkpoint loads (weights only) and holds the architecture teacher.arch names:
     checked before a run computes anything; the shapes are checked once the data is loaded."""
-    _, _, _, stored = _model_state(cfg.teacher.checkpoint, cfg.teacher)
+    _, _, _, stored, _ = _model_state(cfg.teacher.checkpoint, cfg.teacher)
     _check_teacher_arch(cfg.teacher.checkpoint, stored, cfg)
 
 
@@ -169,8 +224,24 @@ def _check_teacher_arch(path: str | Path, stored: ExperimentConfig | None, cfg: 
         )
 
 
+def _stored_data(state: Any, stored: ExperimentConfig | None, file: Path) -> DataSpec:
+    """The data description a checkpoint holds, else (an older checkpoint) its config's dataset's."""
+    if isinstance(state, dict) and "data" in state:
+        try:
+            return DataSpec.from_dict(state["data"])
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {file}: {exc}") from None
+    if stored is None:
+        raise CheckpointError(f"checkpoint {file} is a bare state dict: pass the data it was trained on")
+    return DataSpec.of(load_run_data(stored))
+
+
 def _check_state_dict(
-    expected: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], file: Path, arch: str, data: ImageDataset
+    expected: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    file: Path,
+    arch: str,
+    data: ImageDataset | DataSpec,
 ) -> None:
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]

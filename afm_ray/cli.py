@@ -28,15 +28,13 @@ from afm_ray.evaluate import evaluate_checkpoint, format_results
 from afm_ray.methods import build_method
 from afm_ray.names import ACCURACY_METRICS, default_tracking_uri
 from afm_ray.preflight import check_run
-from afm_ray.search_space import embedded_default, find_default_space, load_search_space
+from afm_ray.search_space import DEFAULT_SPACE, embedded_default, load_search_space
 from afm_ray.signals import install_sigterm_as_sigint, restore_sigterm
 from afm_ray.sweep.plan import (
-    check_dataset_reachable,
     check_optuna_storage,
-    check_storage_writable,
     check_sweep_name,
-    check_tracking_uri,
     newest_sweep,
+    preflight_checks,
     storage_root,
 )
 from afm_ray.teacher import ensure_teacher
@@ -45,7 +43,7 @@ from afm_ray.train import method_hparams, train_fn_per_worker
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
     """A YAML config with --set overrides; with no file, the embedded default (the fixed keys of
-    search_spaces/default.yaml, so a single run and the default sweep agree)."""
+    the shipped default space, so a single run and the default sweep agree)."""
     values = load_yaml(path) if path else embedded_default()
     source = f"config file {str(path)!r}" if path else "the embedded default (search_spaces/default.yaml: fixed)"
     return apply_overrides(values, parse_overrides(overrides), source=source)
@@ -200,8 +198,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    space_path = Path(args.space) if args.space else find_default_space()
-    space = load_search_space(space_path, overrides=parse_overrides(args.overrides))
+    space = load_search_space(args.space or DEFAULT_SPACE, overrides=parse_overrides(args.overrides))
     if args.num_samples is not None:
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples: got {args.num_samples}, expected >= 1")
@@ -210,13 +207,13 @@ def _sweep(args: argparse.Namespace) -> int:
     optuna_url = args.optuna_storage or f"sqlite:///{Path('optuna.db').resolve()}"
     experiment = args.experiment or space.experiment
     tracking_uri = args.tracking_uri or default_tracking_uri()
-    # Before Ray starts or a teacher trains: the workers' data is there, the cluster answers, the
-    # stores take writes, the tracking server answers. None of these checks creates anything.
-    check_dataset_reachable(from_flat(space.fixed))
+    # Before Ray starts, a teacher trains or any node is requested: the cluster answers, the stores
+    # take writes, the workers' data is there, the teacher exists (or is to be trained, at a cost
+    # shown), the tracking server answers. None of these checks creates anything.
     check_ray_address(args.address)
     check_optuna_storage(optuna_url)
-    check_storage_writable(root)
-    check_tracking_uri(tracking_uri, experiment=experiment)
+    for _, check in preflight_checks(space, root, tracking_uri, experiment=experiment):
+        print(f"preflight: {check()}", flush=True)
     name = args.name
     if args.resume and not name:
         name = newest_sweep(root, space.name)
@@ -239,9 +236,14 @@ def _sweep(args: argparse.Namespace) -> int:
     )
 
 
-def sweep_main(argv: Sequence[str] | None = None) -> int:
+def sweep_parser() -> argparse.ArgumentParser:
+    """`python -m afm_ray.sweep`'s arguments (also read by tests that check a manifest's entrypoint)."""
     parser = _parser("sweep", "Search space -> Optuna (via Ray Tune) -> Ray Train -> MLflow.")
-    parser.add_argument("--space", help="search space YAML (default: search_spaces/default.yaml, the embedded default)")
+    parser.add_argument(
+        "--space",
+        help="search space: a YAML file, or the name of a shipped one (default, cifar10_resnet18, "
+        "cifar100_mobilenetv2; default: the embedded default)",
+    )
     parser.add_argument("--experiment", help="MLflow experiment (default: the space's `experiment`)")
     parser.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)"
@@ -273,7 +275,11 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("RAY_ADDRESS"),
         help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)",
     )
-    return _run(_sweep, parser.parse_args(argv))
+    return parser
+
+
+def sweep_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_sweep, sweep_parser().parse_args(argv))
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,7 +76,9 @@ class TeacherConfig:
     arch: str = "small_cnn"
     width: int = 32
     depth: int = 0
-    checkpoint: str = ""  # a teacher checkpoint to load; "" = train one (cached by config hash)
+    # A teacher checkpoint (path or URI) to load; "train" = train one first (cached by config hash).
+    # "" also trains in single runs; a sweep refuses it, so a costly teacher is never trained by accident.
+    checkpoint: str = ""
     method: str = "pgd_at"  # how a missing teacher is trained: pgd_at | trades
     epochs: int = 5  # epochs for training a missing teacher
     cache_dir: str = ""  # where trained teachers are cached; "" = ~/.cache/afm_ray/teachers

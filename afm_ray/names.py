@@ -16,6 +16,8 @@ TRIAL_ID_TAG = "afm_ray.trial_id"  # the Tune trial id
 SWEEP_TAG = "afm_ray.sweep_name"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
 MODEL_ERROR_TAG = "afm_ray.model_error"  # why a completed trial has no logged student
+NODE_ID_TAG = "ray.node_id"  # the Ray node ids a trial's workers ran on, comma-separated
+NODE_ID_METRIC = "ray/node_id"  # what each Train worker reports: the id of the node it runs on
 STUDENT_MODEL = "student"  # the artifact path / logged-model name of a trial's student
 PARETO_ALIAS_PREFIX = "pareto-"  # registered front members get aliases pareto-1, pareto-2, ...
 
@@ -46,6 +48,8 @@ ATTACKS = tuple(EVAL_PROTOCOLS)
 HPARAM_NAMES = ("tau", "alpha", "beta", "lam")  # method.<name>; None = the method's default
 DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "parquet")
 TEACHER_METHODS = ("pgd_at", "trades")
+# teacher.checkpoint's value that says, explicitly, "train the teacher first" (a sweep refuses "").
+TRAIN_TEACHER = "train"
 LR_SCHEDULES = ("cosine", "step", "constant")
 AMP_SETTINGS = ("auto", "off", "bf16")
 

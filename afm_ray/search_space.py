@@ -1,6 +1,9 @@
 """Search spaces: a YAML file -> a validated `SearchSpace` -> an Optuna define-by-run function.
 
-Schema (every top-level key is optional except `search`; see search_spaces/default.yaml):
+A space is a YAML file (`--space path/to/space.yaml`) or one shipped inside the package, named
+by its file stem (`--space cifar10_resnet18`; afm_ray/search_spaces/, read with importlib.resources,
+so an installed wheel has them too). Schema (every top-level key is optional except `search`;
+see afm_ray/search_spaces/default.yaml):
 
     name: embedded-default             # names the sweep, the MLflow experiment and the Optuna study
     description: what it is for and the result it expects
@@ -33,12 +36,13 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from afm_ray.config import apply_overrides, from_flat, valid_keys
 from afm_ray.errors import ConfigError
-from afm_ray.yaml_loading import load_yaml_mapping
+from afm_ray.yaml_loading import parse_yaml, read_text_file
 
 TOP_LEVEL_KEYS = (
     "name",
@@ -109,7 +113,7 @@ class SearchSpace:
     max_failures: int
     seed: int
     source: str = ""  # the YAML text, logged to the sweep's parent run
-    path: str = ""
+    path: str = ""  # what --space takes to load it again: a file's absolute path or a shipped space's name
 
     def define_by_run(self) -> DefineByRun:
         """Optuna define-by-run function: conditional keys are only asked when they apply."""
@@ -136,26 +140,58 @@ class DefineByRun:
         return dict(self.fixed)
 
 
+DEFAULT_SPACE = "default"  # the embedded default: afm_ray/search_spaces/default.yaml
+
+
+def _shipped_dir() -> Any:
+    return resources.files("afm_ray") / "search_spaces"
+
+
+def shipped_spaces() -> list[str]:
+    """Names of the spaces shipped inside the package (file stems of afm_ray/search_spaces/*.yaml)."""
+    return sorted(entry.name[: -len(".yaml")] for entry in _shipped_dir().iterdir() if entry.name.endswith(".yaml"))
+
+
 def find_default_space() -> Path:
-    """search_spaces/default.yaml: in the working directory, else beside the package."""
-    relative = Path("search_spaces") / "default.yaml"
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        if (base / relative).is_file():
-            return base / relative
-    raise ConfigError(f"{relative} not found in {Path.cwd()} or beside the afm_ray package; pass a file explicitly")
+    """The embedded default space's file, from the installed package (importlib.resources)."""
+    entry = _shipped_dir() / f"{DEFAULT_SPACE}.yaml"
+    if not entry.is_file():
+        raise ConfigError(f"the package ships no {DEFAULT_SPACE}.yaml in afm_ray/search_spaces; reinstall afm-ray")
+    return Path(str(entry))
 
 
 def embedded_default() -> dict[str, Any]:
     """The embedded default as a single-run config: the fixed keys of the default space."""
-    return dict(load_search_space(find_default_space()).fixed)
+    return dict(load_search_space(DEFAULT_SPACE).fixed)
 
 
-def load_search_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
-    if not Path(path).exists() and not Path(path).is_symlink():
-        raise ConfigError(f"search space {str(path)!r} does not exist; see search_spaces/ for examples")
-    raw, text = load_yaml_mapping(path, "search space")
-    path = Path(path)
-    return parse_search_space(raw, source=text, path=str(path.resolve()), overrides=overrides, default_name=path.stem)
+def read_space_text(space: str | Path) -> tuple[str, str]:
+    """(YAML text, what --space takes to load it again) of a file path or a shipped space's name.
+
+    A path that exists wins; otherwise a shipped name (with or without .yaml) is looked up in the
+    package. Anything else is a ConfigError naming the shipped spaces.
+    """
+    path = Path(space).expanduser()
+    if path.exists() or path.is_symlink():  # a path the user named: read_text_file says what is wrong with it
+        return read_text_file(path, "search space"), str(path.resolve())
+    name = str(space).removesuffix(".yaml") if "/" not in str(space) else ""
+    shipped = shipped_spaces()
+    if name in shipped:
+        return (_shipped_dir() / f"{name}.yaml").read_text(), name
+    hint = f"; did you mean --space {path.stem}?" if path.stem in shipped else ""
+    raise ConfigError(f"search space {str(space)!r} is neither a file nor a shipped space ({', '.join(shipped)}){hint}")
+
+
+def load_search_space(space: str | Path = DEFAULT_SPACE, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
+    """A validated space from a YAML file or a shipped space's name (default: the embedded default)."""
+    text, where = read_space_text(space)
+    label = where if "/" in where else f"{where}.yaml"
+    raw = parse_yaml(text, label)
+    if raw is None:
+        raise ConfigError(f"search space {label!r} is empty; expected a YAML mapping")
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(f"search space {label!r}: expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    return parse_search_space(raw, source=text, path=where, overrides=overrides, default_name=Path(label).stem)
 
 
 def parse_search_space(
@@ -177,7 +213,7 @@ def parse_search_space(
     if not search_raw:
         raise ConfigError(
             f"{where}: search is empty; give at least one distribution, e.g. search: {{attack.eps: {{uniform: "
-            "[0.05, 0.15]}}}} (for one run with fixed keys: python -m afm_ray.train)"
+            "[0.05, 0.15]}} (for one run with fixed keys: python -m afm_ray.train)"
         )
     known = valid_keys()
     for key in list(fixed) + list(search_raw):

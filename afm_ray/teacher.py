@@ -23,6 +23,7 @@ from pathlib import Path
 from afm_ray.checkpoints import checkpoint_file
 from afm_ray.config import ExperimentConfig, from_flat, to_flat
 from afm_ray.errors import StorageError, one_line
+from afm_ray.names import TRAIN_TEACHER
 from afm_ray.storage import probe_writable
 from afm_ray.train import LocalReporter, train_fn_per_worker
 
@@ -72,8 +73,9 @@ def teacher_cache_dir(cfg: ExperimentConfig) -> Path:
 
 
 def ensure_teacher(cfg: ExperimentConfig, *, log: Callable[[str], None] = print, force: bool = False) -> Path:
-    """The checkpoint file of `cfg`'s teacher: the given one, a cached one, or a newly trained one."""
-    if cfg.teacher.checkpoint:
+    """The checkpoint file of `cfg`'s teacher: the given one, a cached one, or a newly trained one
+    (teacher.checkpoint "" or "train")."""
+    if cfg.teacher.checkpoint not in ("", TRAIN_TEACHER):
         return checkpoint_file(cfg.teacher.checkpoint)
     target = teacher_cache_dir(cfg)
     if (target / "checkpoint.pt").is_file() and not force:

@@ -39,7 +39,7 @@ from afm_ray.errors import ConfigError
 from afm_ray.eval_batch import resolve_eval_batch_size
 from afm_ray.methods import AttackSpec, build_method
 from afm_ray.models import build_model, count_parameters, measure_latency_ms, model_kwargs, unwrap
-from afm_ray.names import HPARAM_NAMES
+from afm_ray.names import HPARAM_NAMES, TRAIN_TEACHER
 
 
 class Reporter(Protocol):
@@ -243,9 +243,9 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
     method = build_method(cfg.method.name, **method_hparams(cfg))
     teacher = None
     if method.needs_teacher:
-        if not cfg.teacher.checkpoint:
+        if cfg.teacher.checkpoint in ("", TRAIN_TEACHER):
             raise ConfigError(
-                f"method {cfg.method.name!r} needs a teacher but teacher.checkpoint is empty; "
+                f"method {cfg.method.name!r} needs a teacher but teacher.checkpoint is {cfg.teacher.checkpoint!r}; "
                 "train one with `python -m afm_ray.teacher` or run through afm_ray.train/afm_ray.sweep"
             )
         teacher = checkpoints.load_teacher(cfg.teacher.checkpoint, data, device=ctx.device, cfg=cfg)
@@ -344,7 +344,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         metrics["time/epoch_s"] = time.perf_counter() - started
         last = epoch + 1 == cfg.optim.epochs
         save = last or (cfg.run.checkpoint_every and (epoch + 1) % cfg.run.checkpoint_every == 0)
-        _report_with_checkpoint(reporter, metrics, cfg, student, optimizer, scheduler, epoch + 1, ctx, save)
+        _report_with_checkpoint(reporter, metrics, cfg, student, optimizer, scheduler, epoch + 1, ctx, save, data)
 
     eval_started = time.perf_counter()
     final = final_evaluation(cfg, unwrap(student), data, ctx, log, batch_size=eval_batch_size)
@@ -371,6 +371,7 @@ def _report_with_checkpoint(
     epoch: int,
     ctx: WorkerContext,
     save: bool,
+    data: ImageDataset,
 ) -> None:
     if not save or ctx.rank != 0:  # every rank reports; rank 0 alone writes the checkpoint
         reporter.report(metrics, None)
@@ -384,6 +385,7 @@ def _report_with_checkpoint(
             epoch=epoch,
             config=to_flat(cfg),
             metrics=metrics,
+            data=data,  # so the student rebuilds from its checkpoint alone (no dataset on the head)
         )
         reporter.report(metrics, tmp)
 

@@ -32,6 +32,7 @@ from afm_ray.config import ExperimentConfig, from_flat, parse_overrides, to_flat
 from afm_ray.devices import resolve_device
 from afm_ray.errors import ConfigError
 from afm_ray.methods import build_method
+from afm_ray.names import TRAIN_TEACHER
 from afm_ray.teacher import ensure_teacher
 from afm_ray.train import LocalReporter, method_hparams, train_fn_per_worker
 
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
 
-    if build_method(base.method.name, **method_hparams(base)).needs_teacher and not base.teacher.checkpoint:
+    needs_teacher = build_method(base.method.name, **method_hparams(base)).needs_teacher
+    if needs_teacher and base.teacher.checkpoint in ("", TRAIN_TEACHER):  # "train": the embedded default's
         base = from_flat({**to_flat(base), "teacher.checkpoint": str(ensure_teacher(base, log=log))})
     metrics = [f"{a}_acc" for a in base.eval_attacks]
     results = []

@@ -28,7 +28,7 @@ NAME = "search-record"
 
 
 def record_space(trials: int, seed: int) -> dict:
-    space = yaml.safe_load((REPO / "search_spaces" / "default.yaml").read_text())
+    space = yaml.safe_load((REPO / "afm_ray" / "search_spaces" / "default.yaml").read_text())
     space.update(
         name=NAME,
         experiment="afm-ray-search-record",

@@ -84,9 +84,12 @@ def stop_session(sid: int, grace_s: float = 15) -> None:
 
 
 @contextmanager
-def ray_head(env: Mapping[str, str], *extra_args: str, num_cpus: int = 2) -> Iterator[dict[str, str]]:
-    """Start a Ray head; yields {"gcs": host:port, "dashboard": http://...}; stops only its own processes."""
-    gcs_port, dashboard_port = free_port(), free_port()
+def ray_head(
+    env: Mapping[str, str], *extra_args: str, num_cpus: int = 2, port: int | None = None
+) -> Iterator[dict[str, str]]:
+    """Start a Ray head (GCS on `port`, default a free one); yields {"gcs": host:port, "dashboard": http://...,
+    "temp_dir": ..., "pid": the session's leader}; stops only its own processes."""
+    gcs_port, dashboard_port = port or free_port(), free_port()
     # A short temp dir: Ray's Unix sockets live below it and paths are limited to ~107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     log = Path(temp_dir) / "ray_start.log"
@@ -119,6 +122,6 @@ def ray_head(env: Mapping[str, str], *extra_args: str, num_cpus: int = 2) -> Ite
                 raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         dashboard = f"http://127.0.0.1:{dashboard_port}"
-        yield {"gcs": f"127.0.0.1:{gcs_port}", "dashboard": dashboard, "temp_dir": temp_dir}
+        yield {"gcs": f"127.0.0.1:{gcs_port}", "dashboard": dashboard, "temp_dir": temp_dir, "pid": head.pid}
     finally:
         stop_session(head.pid)

@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def test_kuberay_references_resolve():
 
 
 def test_rayjob_space_ships_in_the_image():
-    """The RayJob's --space points into the image (search_spaces/ baked in) or the spaces ConfigMap."""
+    """The RayJob's --space names a space shipped in afm-ray (package data) or the spaces ConfigMap."""
     jobs = [d for d in all_manifests() if d["kind"] == "RayJob"]
     assert jobs, "clusters/kuberay defines no RayJob"
     problems = [p for job in jobs for p in check.rayjob_spec_problems(job["spec"]) if "--space" in p]
@@ -167,7 +168,8 @@ _DELETE = object()
 
 def _parent(cfg: Any, path: str) -> tuple[Any, Any]:
     """The container holding `path` ("a/b/0/c": keys and list indices) and the last key."""
-    *parents, last = [int(part) if part.isdigit() else part for part in path.split("/")]
+    # A backslash in a part stands for "/" inside a key (IAM condition keys such as aws:RequestTag/...).
+    *parents, last = [int(p) if p.isdigit() else p.replace("\\", "/") for p in path.split("/")]
     for key in parents:
         cfg = cfg[key]
     return cfg, last
@@ -188,6 +190,27 @@ def _rename(path: str, new_key: str) -> Callable[[Any], None]:
     def mutate(cfg: Any) -> None:
         target, key = _parent(cfg, path)
         target[new_key] = target.pop(key)
+
+    return mutate
+
+
+def _remove_from(path: str, item: Any) -> Callable[[Any], None]:
+    """Remove `item` (a value, or an index when an int) from the list at `path`."""
+
+    def mutate(cfg: Any) -> None:
+        target, key = _parent(cfg, path)
+        if isinstance(item, int):
+            del target[key][item]
+        else:
+            target[key].remove(item)
+
+    return mutate
+
+
+def _append(path: str, item: Any) -> Callable[[Any], None]:
+    def mutate(cfg: Any) -> None:
+        target, key = _parent(cfg, path)
+        target[key].append(item)
 
     return mutate
 
@@ -263,6 +286,22 @@ BROKEN_LAUNCHER = [
     ("node-on-the-default-network", "gcp.yaml",
      _set("available_node_types/gpu_spot/node_config/networkInterfaces", _DELETE),
      r"gpu_spot\.node_config has no networkInterfaces"),
+    # security: token authentication on every node, the token from the secret store, no stop/start
+    ("no-token-auth", "aws.yaml", _remove_from("docker/run_options", "--env RAY_AUTH_MODE=token"),
+     r"docker\.run_options: the head runs Ray with RAY_AUTH_MODE=unset; add `--env RAY_AUTH_MODE=token`"),
+    ("auth-mode-disabled", "gcp.yaml", _replace_in("docker/run_options/1", "=token", "=disabled"),
+     r"the workers run Ray with RAY_AUTH_MODE=disabled"),
+    ("token-not-mounted", "gcp.yaml", _remove_from("docker/run_options", 2),
+     r"docker\.run_options: the head gets no token file"),
+    ("gpu-node-fetches-no-token", "gcp.yaml", _remove_from("available_node_types/gpu_spot/initialization_commands", 1),
+     r"available_node_types\.gpu_spot: node type gpu_spot never fetches the Ray token \(gcloud secrets versions"),
+    ("literal-token", "aws.yaml",
+     _replace_in("worker_start_ray_commands/1", "ray start", "RAY_AUTH_TOKEN=f00 ray start"),
+     r"sets RAY_AUTH_TOKEN to a literal: fetch it from the secret store"),
+    ("stopped-nodes-cached", "aws.yaml", _set("provider/cache_stopped_nodes", True),
+     r"provider\.cache_stopped_nodes must be false"),
+    ("gcp-stopped-nodes-cached", "gcp.yaml", _set("provider/cache_stopped_nodes", _DELETE),
+     r"provider\.cache_stopped_nodes must be false"),
 ]
 BROKEN_KUBERAY = [
     # (id, file, document index, mutation, the message it must produce)
@@ -316,6 +355,77 @@ BROKEN_KUBERAY = [
      r"image rayproject/ray:2\.59\.0 is not Ray"),
     ("wrong-api-version", "rayjob.yaml", 0, _set("apiVersion", "ray.io/v1alpha1"),
      r"apiVersion is 'ray\.io/v1alpha1'; KubeRay's RayJob is ray\.io/v1"),
+    # security: token authentication, the token from a Secret never in the repository
+    ("auth-off", "raycluster.yaml", 2, _set("spec/authOptions", _DELETE),
+     r"spec\.authOptions\.mode is None: set mode: token"),
+    ("auth-without-own-secret", "raycluster.yaml", 2, _set("spec/authOptions/secretName", _DELETE),
+     r"spec\.authOptions\.secretName is missing"),
+    ("literal-token-in-a-pod", "raycluster.yaml", 2,
+     _set("spec/workerGroupSpecs/0/template/spec/containers/0/env", [{"name": "RAY_AUTH_TOKEN", "value": "f00"}]),
+     r"workerGroupSpecs\.containers\[ray-worker\]: RAY_AUTH_TOKEN is a literal value"),
+    ("secret-in-the-repository", "raycluster.yaml", 0, _set("kind", "Secret"),
+     r"a Secret in the repository puts its credentials in git"),
+    ("rayjob-submitter-without-auth-mode", "rayjob.yaml", 0,
+     _set("spec/submitterPodTemplate/spec/containers/0/env", _DELETE),
+     r"submitterPodTemplate\.containers\[ray-job-submitter\]: set RAY_AUTH_MODE=token"),
+    # the sweep a RayJob runs: a shipped space, data and teacher in the bucket
+    ("rayjob-space-not-shipped", "rayjob.yaml", 0,
+     _replace_in("spec/entrypoint", "--space cifar10_resnet18", "--space /home/ray/search_spaces/cifar10.yaml"),
+     r"--space /home/ray/search_spaces/cifar10\.yaml is neither a space shipped in afm-ray \(cifar100_mobilenetv2, "),
+    ("rayjob-data-on-the-head-disk", "rayjob.yaml", 0,
+     _replace_in("spec/entrypoint", "--set data.root=s3://BUCKET/data/cifar10", ""),
+     r"the workers would read data\.root '/data/cifar10' from their own disk"),
+    ("rayjob-no-teacher", "rayjob.yaml", 0,
+     _replace_in("spec/entrypoint", "--set teacher.checkpoint=s3://BUCKET/teachers/wrn34_10_trades/checkpoint.pt", ""),
+     r"teacher\.checkpoint '\(empty\)' is not in a bucket"),
+]
+# Whole-directory rules (kuberay_reference_problems over every manifest): (id, file, document,
+# mutation, the message the RayCluster's or the RayJob's references must produce).
+BROKEN_KUBERAY_REFERENCES = [
+    ("no-network-policy", "raycluster.yaml", 3, _set("kind", "ConfigMap"),
+     r"no NetworkPolicy selects the pods of RayCluster afm-ray"),
+    ("policy-admits-everyone", "raycluster.yaml", 3, _set("spec/ingress/0/from", _DELETE),
+     r"NetworkPolicy afm-ray: ingress\[0\] has no `from`: it admits every source"),
+    ("policy-admits-a-whole-namespace", "raycluster.yaml", 3, _set("spec/ingress/0/from", [{"namespaceSelector": {}}]),
+     r"ingress\[0\] admits \{'namespaceSelector': \{\}\} to ports \[6379, 8265, 10001\]"),
+    ("policy-admits-the-internet", "raycluster.yaml", 3,
+     _set("spec/ingress/1/from/0", {"ipBlock": {"cidr": "0.0.0.0/0"}}),
+     r"ingress\[1\] admits \{'ipBlock': \{'cidr': '0\.0\.0\.0/0'\}\} to ports \[8265\]"),
+    ("operator-admitted-to-gcs", "raycluster.yaml", 3, _set("spec/ingress/1/ports", [{"port": 6379}]),
+     r"ingress\[1\] admits .*kuberay-operator.* to ports \[6379\]"),
+    ("submitter-not-admitted", "rayjob.yaml", 0, _set("spec/submitterPodTemplate/metadata", _DELETE),
+     r"the NetworkPolicy admits no RayJob submitter pod of RayCluster afm-ray"),
+    ("submitter-reads-another-secret", "rayjob.yaml", 0,
+     _set("spec/submitterPodTemplate/spec/containers/0/env/1/valueFrom/secretKeyRef/name", "other"),
+     r"the submitter reads its token from Secret 'other', RayCluster afm-ray from 'afm-ray-auth-token'"),
+]
+# IAM documents against aws.yaml: (id, policy file, mutation, the message it must produce).
+BROKEN_IAM = [
+    ("head-may-stop-instances", "head-policy.json",
+     _append("Statement", {"Effect": "Allow", "Action": "ec2:StopInstances", "Resource": "*"}),
+     r"allows ec2:StopInstances: the config terminates idle nodes"),
+    ("run-untagged-instances", "head-policy.json",
+     _set("Statement/0/Condition/StringEquals/aws:RequestTag\\ray-cluster-name", _DELETE),
+     r"LaunchOnlyThisClustersWorkerTypes: ec2:RunInstances on instances must require the tag ray-cluster-name=afm-ray"),
+    ("run-other-instance-types", "head-policy.json",
+     _set("Statement/0/Condition/StringEquals/ec2:InstanceType", ["g5.xlarge", "p4d.24xlarge"]),
+     r"ec2:RunInstances must be limited to the worker types of the config \['g5\.xlarge'\]"),
+    ("terminate-any-instance", "head-policy.json", _set("Statement/3/Condition", _DELETE),
+     r"RetagAndTerminateOnlyThisClustersInstances: ec2:TerminateInstances must be limited to instances tagged"),
+    ("wildcard-action", "head-policy.json", _set("Statement/8/Action", "s3:*"),
+     r"SweepObjectsAndMlflowArtifacts: allows s3:\*: name the actions it needs"),
+    ("pull-from-any-repository", "worker-policy.json", _set("Statement/4/Resource", "*"),
+     r"PullOnlyTheAfmRayImage: ECR pulls on \['\*'\]: scope them to the image's repository"),
+    ("worker-writes-mlflow-artifacts", "worker-policy.json", _set("Statement/2/Resource", "arn:aws:s3:::BUCKET/*"),
+     r"WriteOnlyTheSweepStorage: lets the workers s3:PutObject, s3:DeleteObject, s3:AbortMultipartUpload in "
+     r"BUCKET/mlflow-artifacts/"),
+    ("worker-can-launch", "worker-policy.json",
+     _append("Statement", {"Effect": "Allow", "Action": "ec2:RunInstances", "Resource": "*"}),
+     r"a worker's role allows ec2:RunInstances"),
+    ("worker-reads-any-secret", "worker-policy.json", _set("Statement/5/Resource", "*"),
+     r"secretsmanager:GetSecretValue on \*: allow only the Ray token's secret"),
+    ("head-cannot-read-the-token", "head-policy.json", _set("Statement/11", _DELETE),
+     r"no statement allows secretsmanager:GetSecretValue on the Ray token's secret \(afm-ray/ray-auth-token\)"),
 ]
 # fmt: on
 
@@ -336,6 +446,128 @@ def test_broken_kuberay_manifest_fails_with_a_readable_message(case):
     _skip_if_broken(check.kuberay_problems(copy.deepcopy(doc)), f"clusters/kuberay/{name}")
     mutate(doc)
     _assert_reported(check.kuberay_problems(doc), message, f"clusters/kuberay/{name}[{index}] ({case_id})")
+
+
+@pytest.mark.parametrize("case", BROKEN_KUBERAY_REFERENCES, ids=[c[0] for c in BROKEN_KUBERAY_REFERENCES])
+def test_broken_manifests_fail_their_cross_references(case):
+    case_id, name, index, mutate, message = case
+    docs = {n: load_manifests(n) for n in KUBERAY_MANIFESTS}
+    everything = [d for n in KUBERAY_MANIFESTS for d in docs[n]]
+    _skip_if_broken(
+        [p for d in everything for p in check.kuberay_reference_problems(d, everything)], "clusters/kuberay"
+    )
+    mutate(docs[name][index])
+    everything = [d for n in KUBERAY_MANIFESTS for d in docs[n]]
+    problems = [p for d in everything for p in check.kuberay_reference_problems(d, everything)]
+    _assert_reported(problems, message, f"clusters/kuberay/{name}[{index}] ({case_id})")
+
+
+@pytest.mark.parametrize("case", BROKEN_IAM, ids=[c[0] for c in BROKEN_IAM])
+def test_broken_iam_policy_fails_least_privilege(case):
+    case_id, name, mutate, message = case
+    policy, cfg = json.loads((CLUSTERS / "aws-iam" / name).read_text()), load_launcher("aws.yaml")
+    _skip_if_broken(check.policy_problems(copy.deepcopy(policy), cfg), f"clusters/aws-iam/{name}")
+    mutate(policy)
+    _assert_reported(check.policy_problems(policy, cfg), message, f"clusters/aws-iam/{name} ({case_id})")
+
+
+def test_security_rules_hold_for_the_shipped_files():
+    """Each rule of the issue, on the files as shipped (the broken copies above show each one fails)."""
+    for name in LAUNCHER_CONFIGS:
+        cfg = load_launcher(name)
+        options = cfg["docker"]["run_options"]
+        assert "--env RAY_AUTH_MODE=token" in options and any(":/home/ray/.ray/auth_token:ro" in o for o in options)
+        assert cfg["provider"]["cache_stopped_nodes"] is False
+    raycluster = next(d for d in all_manifests() if d["kind"] == "RayCluster")
+    assert raycluster["spec"]["authOptions"] == {"mode": "token", "secretName": "afm-ray-auth-token"}
+    assert not [d for d in all_manifests() if d["kind"] == "Secret"]  # the token is never in the repository
+    policy = next(d for d in all_manifests() if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/cluster": "afm-ray"}}
+    head = json.loads((CLUSTERS / "aws-iam" / "head-policy.json").read_text())
+    actions = {a for s in head["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    assert not actions & {"ec2:StopInstances", "ec2:StartInstances"}
+    for name in ("head-policy.json", "worker-policy.json"):
+        _assert_clean(check.check_file(CLUSTERS / "aws-iam" / name), f"clusters/aws-iam/{name}")
+
+
+# ---- the RayJob's own arguments pass the sweep's preflight (cloud URIs swapped for local ones)
+
+
+def _rayjob_sweep_arguments(root: Path, *, drop: str = "") -> list[str]:
+    """The RayJob's `python -m afm_ray.sweep` arguments, the bucket swapped for a local folder behind a
+    file:// URI (the same pyarrow path an s3:// one takes), MLflow's sidecar for a SQLite file."""
+    job = next(d for d in all_manifests() if d["kind"] == "RayJob")
+    args = check.sweep_arguments(job["spec"]["entrypoint"])
+    if drop:
+        i = args.index(drop)
+        del args[i - 1 : i + 1]  # the flag and its value
+    swapped = []
+    for arg in args:
+        arg = re.sub(r"\b(?:s3|gs)://BUCKET/", f"file://{root}/bucket/", arg)
+        arg = arg.replace("http://127.0.0.1:5000", f"sqlite:///{root}/mlflow.db")
+        swapped.append(arg.replace("sqlite:////home/ray/state/", f"sqlite:///{root}/"))
+    return swapped
+
+
+def _fill_bucket(root: Path) -> None:
+    """What the README tells a user to put in the bucket: CIFAR-10 as Parquet, a teacher checkpoint."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    data = root / "bucket" / "data" / "cifar10"
+    data.mkdir(parents=True)
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(png, format="PNG")
+    for split in ("train", "test"):
+        table = pa.table({"img": [{"bytes": png.getvalue(), "path": None}], "label": [0]})
+        pq.write_table(table, data / f"{split}-00000-of-00001.parquet")
+    teacher = root / "bucket" / "teachers" / "wrn34_10_trades" / "checkpoint.pt"
+    teacher.parent.mkdir(parents=True)
+    teacher.write_bytes(b"a checkpoint: the preflight reads its size, not its bytes")
+
+
+def test_rayjob_arguments_pass_the_sweeps_preflight(tmp_path):
+    """The manifest's own arguments, parsed by the sweep's own parser, pass every preflight check."""
+    from afm_ray.cli import sweep_parser
+    from afm_ray.config import parse_overrides
+    from afm_ray.search_space import load_search_space
+    from afm_ray.sweep.plan import preflight, storage_root
+
+    _fill_bucket(tmp_path)
+    args = sweep_parser().parse_args(_rayjob_sweep_arguments(tmp_path))
+    space = load_search_space(args.space, overrides=parse_overrides(args.overrides))
+    lines = preflight(space, storage_root(args.storage), args.tracking_uri)
+    assert lines == [
+        f"data: parquet at file://{tmp_path}/bucket/data/cifar10",
+        f"storage: file://{tmp_path}/bucket/afm-ray takes writes",
+        f"teacher: file://{tmp_path}/bucket/teachers/wrn34_10_trades/checkpoint.pt (0.0 MB)",
+        f"tracking: sqlite:///{tmp_path}/mlflow.db answers",
+    ]
+
+
+def test_rayjob_without_its_data_argument_fails_in_one_line(tmp_path):
+    """A copy of the manifest without `--set data.root=...` fails the sweep before Ray starts: one
+    line, exit 2 (the space's own data.root, a path on the head's disk, holds nothing)."""
+    _fill_bucket(tmp_path)
+    args = _rayjob_sweep_arguments(tmp_path, drop="data.root=s3://BUCKET/data/cifar10")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "afm_ray.sweep", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        "error: data.root: /data/cifar10 does not exist: expected a directory with train*.parquet and test*.parquet "
+        + proc.stderr.split("test*.parquet ", 1)[1].strip()
+    ], proc.stderr
+    assert "Ray" not in proc.stdout and not (tmp_path / "bucket" / "afm-ray").exists()
 
 
 # ---- versions: the image every config names installs the version in pyproject.toml
@@ -455,8 +687,8 @@ def _run_check(*args: str) -> subprocess.CompletedProcess:
 
 def test_check_py_needs_no_afm_ray():
     """A user runs it from a plain checkout with Ray installed, not necessarily the package."""
-    source = (CLUSTERS / "check.py").read_text()
-    assert not re.search(r"^\s*(?:import|from)\s+afm_ray\b", source, re.M)
+    for path in [CLUSTERS / "check.py", *sorted((CLUSTERS / "checks").glob("*.py"))]:
+        assert not re.search(r"^\s*(?:import|from)\s+afm_ray\b", path.read_text(), re.M), path
 
 
 def test_cli_passes_the_shipped_files():

@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from afm_ray.config import ConfigError, from_flat
-from afm_ray.search_space import load_search_space, parse_search_space
+from afm_ray.search_space import find_default_space, load_search_space, parse_search_space, shipped_spaces
 
-SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
+SPACES = sorted((Path(__file__).parent.parent / "afm_ray" / "search_spaces").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
@@ -20,8 +20,32 @@ def test_shipped_spaces_are_valid_and_documented(path):
     assert text.lstrip().startswith("#"), "each space says what it is for and what it expects"
 
 
+def test_shipped_spaces_load_by_name():
+    """`--space NAME` loads a space shipped in the package (importlib.resources), and says so."""
+    assert shipped_spaces() == [p.stem for p in SPACES] and "default" in shipped_spaces()
+    for path in SPACES:
+        by_name = load_search_space(path.stem)
+        assert by_name.path == path.stem and by_name.source == path.read_text()
+        assert by_name.fixed == load_search_space(path).fixed
+    assert load_search_space("cifar10_resnet18.yaml").path == "cifar10_resnet18"
+    assert find_default_space().read_text() == load_search_space().source  # no argument: the embedded default
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ("cifar10_resnet", r"'cifar10_resnet' is neither a file nor a shipped space \(cifar100_mobilenetv2, "),
+        ("search_spaces/cifar10_resnet18.yaml", r"did you mean --space cifar10_resnet18\?"),
+    ],
+)
+def test_unknown_space_names_the_shipped_ones(given, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no such file here
+    with pytest.raises(ConfigError, match=message):
+        load_search_space(given)
+
+
 def test_default_space_meets_the_main_job_contract():
-    space = load_search_space(Path(__file__).parent.parent / "search_spaces" / "default.yaml")
+    space = load_search_space("default")
     keys = {d.key for d in space.search}
     assert {"attack.eps", "attack.steps", "method.tau", "augment.policy", "method.name", "optim.lr"} <= keys
     assert space.num_samples >= 6

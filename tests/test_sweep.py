@@ -32,6 +32,7 @@ TINY_SPACE = {
         "student.width": 8,
         "teacher.width": 16,
         "teacher.epochs": 1,
+        "teacher.checkpoint": "train",
         "method.name": "advfunmatch",
         "optim.epochs": 2,
         "optim.batch_size": 64,
@@ -212,10 +213,11 @@ def test_bad_space_fails_before_ray_starts(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("problem", ["read-only storage", "missing dataset"])
+@pytest.mark.parametrize("problem", ["read-only storage", "missing dataset", "no teacher", "missing teacher"])
 def test_unusable_storage_or_data_fails_in_seconds_before_ray(tmp_path, problem):
-    """Preflight: a storage that refuses writes, or data that is not where the workers will read
-    it, is one line and exit 2 before Ray starts, the teacher trains, or anything is recorded."""
+    """Preflight: a storage that refuses writes, data that is not where the workers will read it,
+    or a teacher neither given nor explicitly to be trained, is one line and exit 2 before Ray
+    starts, the teacher trains, or anything is recorded."""
     extra = []
     if problem == "read-only storage":
         space = write_space(tmp_path)
@@ -225,10 +227,18 @@ def test_unusable_storage_or_data_fails_in_seconds_before_ray(tmp_path, problem)
         if os.access(storage, os.W_OK):  # root ignores permission bits: use a path under a file
             storage = tmp_path / "space.yaml" / "results"
         expected = f"--storage {storage}: not writable"
-    else:
+    elif problem == "missing dataset":
         space = write_space(tmp_path, fixed={"data.name": "cifar10", "data.root": str(tmp_path / "nowhere")})
         storage = tmp_path / "ray_results"
         expected = "data.root: cifar10: data_batch_1"
+    elif problem == "no teacher":
+        space = write_space(tmp_path, fixed={"teacher.checkpoint": ""})
+        storage = tmp_path / "ray_results"
+        expected = "teacher.checkpoint is empty but advfunmatch distils a teacher: give a checkpoint"
+    else:
+        space = write_space(tmp_path, fixed={"teacher.checkpoint": str(tmp_path / "gone.pt")})
+        storage = tmp_path / "ray_results"
+        expected = f"teacher.checkpoint: nothing at '{tmp_path / 'gone.pt'}'"
     args = sweep_args(tmp_path, space, *extra)
     args[args.index("--storage") + 1] = str(storage)
     started = time.monotonic()

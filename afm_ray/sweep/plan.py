@@ -1,20 +1,28 @@
 """What a sweep resolves before anything starts: where it stores, what it is called, where it
-tracks. Ray-free and storage-free (reads only), so a bad plan is refused in seconds, before
-Ray Tune is imported or any node is requested."""
+tracks, and the preflight checks that must pass before Ray Tune is imported or any node is
+requested (`preflight`, one line per check; `python -m afm_ray.sweep` runs them on every sweep).
+Ray-free, and it writes nothing but a probe object it deletes, so a bad plan is refused in
+seconds."""
 
 from __future__ import annotations
 
 import os
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from afm_ray.config import ExperimentConfig
+from afm_ray.config import ExperimentConfig, from_flat
+from afm_ray.cost import teacher_cost
 from afm_ray.data import check_available
 from afm_ray.endpoints import bounded, check_mlflow_server, probe_timeout_s
 from afm_ray.errors import ConfigError, DataError, StorageError, TrackingError, UserError, one_line
-from afm_ray.storage import is_uri, list_dirs, probe_writable
+from afm_ray.methods import build_method
+from afm_ray.names import TRAIN_TEACHER
+from afm_ray.search_space import SearchSpace
+from afm_ray.storage import file_size, is_uri, list_dirs, probe_writable, redact_text, redact_uri
+from afm_ray.teacher import teacher_cache_dir, teacher_training_config
 
 
 def storage_root(storage: str | None) -> str:
@@ -44,19 +52,21 @@ def check_sweep_name(root: str, name: str, resume: bool) -> None:
 def check_tracking_uri(uri: str, timeout_s: float | None = None, experiment: str | None = None) -> None:
     """Fail fast, before Ray starts, if the tracking backend cannot be reached; creates nothing
     (a SQLite store that does not exist yet is only checked for a writable folder)."""
-    parsed = urlparse(uri)
+    parsed, shown = urlparse(uri), redact_uri(uri)  # messages name the URI without its credentials
     if parsed.scheme in ("http", "https"):
         check_mlflow_server(uri, timeout_s)
     elif parsed.scheme == "sqlite":
         path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
         if path is None or not path.is_absolute():
-            raise TrackingError(f"tracking URI {uri!r}: use an absolute SQLite URI, e.g. sqlite:////abs/path/mlflow.db")
-        _check_sqlite_file(path, f"tracking URI {uri!r}")
+            raise TrackingError(
+                f"tracking URI {shown!r}: use an absolute SQLite URI, e.g. sqlite:////abs/path/mlflow.db"
+            )
+        _check_sqlite_file(path, f"tracking URI {shown!r}")
         if not path.exists():
             return  # the sweep creates it; nothing in it to check
     elif parsed.scheme in ("", "file"):
         raise TrackingError(
-            f"tracking URI {uri!r}: MLflow's file store is disabled; use sqlite:///<absolute path> "
+            f"tracking URI {shown!r}: MLflow's file store is disabled; use sqlite:///<absolute path> "
             f"or http://host:port of an mlflow server"
         )
     from mlflow.tracking import MlflowClient
@@ -66,10 +76,10 @@ def check_tracking_uri(uri: str, timeout_s: float | None = None, experiment: str
         client.search_experiments(max_results=1)
         found = client.get_experiment_by_name(experiment) if experiment else None
     except Exception as exc:
-        raise TrackingError(f"tracking URI {uri!r} is not usable: {one_line(exc)}") from None
+        raise TrackingError(f"tracking URI {shown!r} is not usable: {redact_text(one_line(exc))}") from None
     if found is not None and found.lifecycle_stage == "deleted":
         raise TrackingError(
-            f"MLflow experiment {experiment!r} is deleted at {uri}; restore it (mlflow experiments restore "
+            f"MLflow experiment {experiment!r} is deleted at {shown}; restore it (mlflow experiments restore "
             f"--experiment-id {found.experiment_id}) or pick another --experiment"
         )
 
@@ -129,9 +139,9 @@ def check_storage_writable(root: str) -> None:
     try:
         probe_writable(root)
     except Exception as exc:  # PermissionError, pyarrow's OSError for a bucket, a missing scheme
-        reason = one_line(exc)
+        reason = redact_text(one_line(exc))
         raise StorageError(
-            f"--storage {root}: not writable ({reason}); pass a folder or bucket you can write"
+            f"--storage {redact_uri(root)}: not writable ({reason}); pass a folder or bucket you can write"
         ) from None
 
 
@@ -141,4 +151,68 @@ def check_dataset_reachable(cfg: ExperimentConfig) -> None:
     try:
         check_available(cfg.data.name, cfg.data.root or None)
     except DataError as exc:
-        raise type(exc)(f"data.root: {one_line(exc)}") from None
+        raise type(exc)(f"data.root: {redact_text(one_line(exc))}") from None
+
+
+def teacher_methods(space: SearchSpace) -> list[str]:
+    """The methods of `space` (fixed or searched) that distil a teacher."""
+    methods = [space.fixed.get("method.name", ExperimentConfig().method.name)]
+    methods += [c for d in space.search if d.key == "method.name" for c in d.choices]
+    return sorted({m for m in methods if build_method(m).needs_teacher})
+
+
+def check_teacher(space: SearchSpace) -> str:
+    """The teacher every trial distils exists (local or URI; its size is read, not its bytes), or
+    the space says `teacher.checkpoint: train`: then the estimated cost of training it is the line
+    returned. An empty teacher.checkpoint is refused, with that estimate, when a method needs one."""
+    methods = teacher_methods(space)
+    if not methods:
+        return "teacher: none needed"
+    cfg = from_flat(space.fixed)
+    given = cfg.teacher.checkpoint
+    if given in ("", TRAIN_TEACHER):
+        cached = teacher_cache_dir(cfg) / "checkpoint.pt"
+        if given == TRAIN_TEACHER and cached.is_file():
+            return f"teacher: trained already, reused from the cache {cached}"
+        cost = teacher_cost(cfg, teacher_training_config(cfg), on_gpu=space.resources["gpus_per_worker"] > 0)
+        if given == "":
+            raise ConfigError(
+                f"teacher.checkpoint is empty but {', '.join(methods)} {'distils' if len(methods) == 1 else 'distil'} "
+                "a teacher: give a checkpoint (path or "
+                f"s3://, gs:// URI), or {TRAIN_TEACHER!r} to have the sweep train one first: {cost}"
+            )
+        return f"teacher: to be trained before the first trial: {cost}"
+    try:
+        size = file_size(given, "checkpoint.pt")
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"teacher.checkpoint: {exc}; give an existing checkpoint, or {TRAIN_TEACHER!r} to have the sweep train one"
+        ) from None
+    return f"teacher: {redact_uri(given)} ({size / 1e6:.1f} MB)"
+
+
+def preflight_checks(
+    space: SearchSpace, storage_root: str, tracking_uri: str, experiment: str | None = None
+) -> list[tuple[str, Callable[[], str]]]:
+    """(name, check) of everything a sweep verifies before Ray starts, cheapest first: each check
+    returns one line saying what it found, or raises a UserError of one line."""
+    cfg = from_flat(space.fixed)
+
+    def data() -> str:
+        check_dataset_reachable(cfg)
+        return f"data: {cfg.data.name}" + (f" at {redact_uri(cfg.data.root)}" if cfg.data.root else "")
+
+    def storage() -> str:
+        check_storage_writable(storage_root)
+        return f"storage: {redact_uri(storage_root)} takes writes"
+
+    def tracking() -> str:  # last: it may ask a server over the network
+        check_tracking_uri(tracking_uri, experiment=experiment)
+        return f"tracking: {redact_uri(tracking_uri)} answers"
+
+    return [("data", data), ("storage", storage), ("teacher", lambda: check_teacher(space)), ("tracking", tracking)]
+
+
+def preflight(space: SearchSpace, storage_root: str, tracking_uri: str) -> list[str]:
+    """Run every preflight check in order; one line each. The first failure raises (a UserError)."""
+    return [check() for _, check in preflight_checks(space, storage_root, tracking_uri)]

@@ -21,16 +21,17 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from afm_ray.config import ExperimentConfig, from_flat, to_flat
+from afm_ray.config import from_flat, to_flat
 from afm_ray.errors import ClusterError, ConfigError, UserError, one_line
 from afm_ray.evaluate import evaluate_checkpoint
 from afm_ray.front import non_dominated
-from afm_ray.methods import build_method
+from afm_ray.names import TRAIN_TEACHER
 from afm_ray.search_space import SearchSpace, build_sampler
 from afm_ray.signals import install_sigterm_as_sigint
-from afm_ray.storage import list_dirs, write_bytes
+from afm_ray.storage import list_dirs, redact_uri, write_bytes
 from afm_ray.sweep.lifecycle import SweepRecords
 from afm_ray.sweep.local_ray import connect_or_start
+from afm_ray.sweep.plan import teacher_methods
 from afm_ray.sweep.progress import TrialProgress
 from afm_ray.sweep.tracking import TrialTracker, start_or_resume_sweep_run
 from afm_ray.sweep.trial import train_driver_fn
@@ -42,14 +43,10 @@ def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tu
 
     Returns the fixed keys to add (teacher.checkpoint) and the teacher's evaluation.
     """
-    methods = {space.fixed.get("method.name", ExperimentConfig().method.name)}
-    for dist in space.search:
-        if dist.key == "method.name":
-            methods |= set(dist.choices)
-    if not any(build_method(m).needs_teacher for m in methods):
+    if not teacher_methods(space):
         return {}, {}
     base = from_flat(space.fixed)
-    if base.teacher.checkpoint:
+    if base.teacher.checkpoint not in ("", TRAIN_TEACHER):  # a given checkpoint (preflight saw it exists)
         return {}, {}
 
     cpus = runtime["cpus_per_worker"] * runtime["num_workers"]
@@ -77,7 +74,7 @@ def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tu
     target = f"{runtime['storage_path']}/teacher/checkpoint.pt"
     write_bytes(target, payload)
     log(
-        f"teacher: {target}"
+        f"teacher: {redact_uri(target)}"
         + (f" (clean {scores['clean_acc']:.3f}, pgd20 {scores['pgd20_acc']:.3f})" if scores else "")
     )
     return {"teacher.checkpoint": target}, scores
@@ -180,14 +177,14 @@ def _run_sweep(
     space = dataclasses.replace(space, fixed={**space.fixed, **teacher_keys})
 
     client = MlflowClient(tracking_uri)
-    parent_params = {
+    parent_params = {  # credentials in a URI never reach MLflow
         "sweep.space": space.path,
         "sweep.name": name,
-        "sweep.storage": sweep_dir,
-        "sweep.optuna_storage": optuna_url,
+        "sweep.storage": redact_uri(sweep_dir),
+        "sweep.optuna_storage": redact_uri(optuna_url),
         "sweep.study_name": name,
         "sweep.objectives": ",".join(f"{o.metric}:{o.mode}" for o in space.objectives),
-        "teacher.checkpoint": space.fixed.get("teacher.checkpoint", ""),
+        "teacher.checkpoint": redact_uri(space.fixed.get("teacher.checkpoint", "")),
     }
     parent_id = start_or_resume_sweep_run(client, experiment, name, parent_params, space.source, resume)
     records.parent_id = parent_id
@@ -266,7 +263,7 @@ def _run_sweep(
 
 def resume_command(name: str, storage_root: str, space: SearchSpace) -> str:
     """The command line that continues sweep `name`."""
-    return f"python -m afm_ray.sweep --resume --name {name} --storage {storage_root}" + (
+    return f"python -m afm_ray.sweep --resume --name {name} --storage {redact_uri(storage_root)}" + (
         f" --space {space.path}" if space.path else ""
     )
 
@@ -324,6 +321,7 @@ def print_summary(
             objs = "  ".join(f"{m}={r[m]:.3f}" for m, _ in objectives)
             print(f"  {r.get('trial_id', '?')}: {objs}  {desc}")
     print()
+    tracking_uri, optuna_url = redact_uri(tracking_uri), redact_uri(optuna_url)
     print(f"MLflow:  mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r})")
     print(f"Pareto:  python -m afm_ray.pareto --experiment {experiment!r} --tracking-uri {tracking_uri}")
     print(f"Optuna:  optuna-dashboard {optuna_url}   (study {name!r})")

@@ -23,14 +23,15 @@ from mlflow.tracking import MlflowClient
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from afm_ray import __version__
-from afm_ray.checkpoints import load_model, load_training_state
+from afm_ray.checkpoints import load_model
 from afm_ray.config import from_flat, to_flat
-from afm_ray.data import load_run_data
 from afm_ray.errors import ConfigError
 from afm_ray.names import (
     EVAL_PROTOCOLS,
     FINAL_METRICS,
     MODEL_ERROR_TAG,
+    NODE_ID_METRIC,
+    NODE_ID_TAG,
     PARENT_TAG,
     ROLE_TAG,
     STUDENT_MODEL,
@@ -38,7 +39,7 @@ from afm_ray.names import (
     TRIAL_ID_TAG,
     TRIAL_STATUS_TAG,
 )
-from afm_ray.storage import local_directory
+from afm_ray.storage import local_directory, redact_uri
 
 # Logged as param `eval.protocol` on every trial, so a run says how its numbers were measured.
 EVAL_PROTOCOL = "; ".join(f"{name}: {text}" for name, text in EVAL_PROTOCOLS.items() if name != "pgd10")
@@ -90,6 +91,7 @@ class TrialTracker(MLflowLoggerCallback):
         self.parent_run_id = parent_run_id
         self.log_model = log_model
         self._last_checkpoint: dict[str, str] = {}
+        self._node_ids: dict[str, list[str]] = {}  # per trial, every node its workers ran on, in order
 
     def setup(self, *args: Any, **kwargs: Any) -> None:
         super().setup(*args, **kwargs)
@@ -118,7 +120,7 @@ class TrialTracker(MLflowLoggerCallback):
     def _log_params(self, run_id: str, config: Mapping[str, Any]) -> None:
         # The full resolved config, so the run can be re-run from its params alone.
         flat = to_flat(from_flat(config))
-        params = [Param(k, str(v)) for k, v in flat.items()]
+        params = [Param(k, redact_uri(str(v))) for k, v in flat.items()]  # no credentials in MLflow
         params.append(Param("eval.protocol", EVAL_PROTOCOL))
         for i in range(0, len(params), 100):
             self._client.log_batch(run_id, params=params[i : i + 100])
@@ -127,6 +129,10 @@ class TrialTracker(MLflowLoggerCallback):
         run_id = self._trial_runs[trial]
         if result.get("checkpoint_path"):
             self._last_checkpoint[trial.trial_id] = result["checkpoint_path"]
+        nodes = self._node_ids.setdefault(trial.trial_id, [])
+        if new := [n for n in str(result.get(NODE_ID_METRIC) or "").split(",") if n and n not in nodes]:
+            nodes += new  # a restarted worker group may run elsewhere: the tag keeps every node
+            self._client.set_tag(run_id, NODE_ID_TAG, ",".join(nodes))
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         timestamp = int(result.get("timestamp", 0) * 1000)
         # The final result repeats the last epoch's curves (for schedulers); log them once.
@@ -159,8 +165,7 @@ class TrialTracker(MLflowLoggerCallback):
             raise FileNotFoundError(f"trial {trial.trial_id} reported no checkpoint")
         with tempfile.TemporaryDirectory(prefix="afm_ray_student_") as tmp:
             local = local_directory(path, tmp)
-            cfg = from_flat(load_training_state(local)["config"])
-            model, _ = load_model(local, load_run_data(cfg))
+            model, _ = load_model(local)  # from the checkpoint's own data description: no dataset on the driver
             model.eval()
             with _resumed(run_id), _quiet("mlflow.pytorch"):
                 # Pickle, not pt2: a pt2 export freezes the train/eval mode and refuses

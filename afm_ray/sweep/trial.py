@@ -12,7 +12,9 @@ import tempfile
 from typing import Any
 
 import torch
+from ray.tune.integration.ray_train import TuneReportCallback
 
+from afm_ray.names import NODE_ID_METRIC
 from afm_ray.train import train_fn_per_worker
 
 
@@ -20,15 +22,27 @@ class RayTrainReporter:
     """`Reporter` for Ray Train workers: metrics and checkpoints go to `ray.train.report`."""
 
     def __init__(self) -> None:
+        import ray
         import ray.train.torch
 
         self.device: torch.device = ray.train.torch.get_device()
+        self.node_id: str = ray.get_runtime_context().get_node_id()
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report({**metrics, NODE_ID_METRIC: self.node_id}, checkpoint=checkpoint)
+
+
+class NodeIdsReportCallback(TuneReportCallback):
+    """TuneReportCallback forwards rank 0's metrics to Tune; this one also joins the node id every
+    worker reported (`ray/node_id`), so the trial's MLflow run can name all of its nodes."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        nodes = dict.fromkeys(str(m[NODE_ID_METRIC]) for m in metrics if m.get(NODE_ID_METRIC))
+        metrics = [{**metrics[0], NODE_ID_METRIC: ",".join(nodes)}, *metrics[1:]] if metrics else metrics
+        super().after_report(run_context, metrics, checkpoint)
 
     def resume_checkpoint_dir(self) -> str | None:
         import ray.train
@@ -54,7 +68,6 @@ def train_driver_fn(config: dict[str, Any], runtime: dict[str, Any]) -> None:
     import ray.train
     import ray.tune
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
     use_gpu = runtime["gpus_per_worker"] > 0
@@ -71,7 +84,7 @@ def train_driver_fn(config: dict[str, Any], runtime: dict[str, Any]) -> None:
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
             storage_path=runtime["storage_path"],
-            callbacks=[TuneReportCallback()],
+            callbacks=[NodeIdsReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=runtime["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
