@@ -18,3 +18,7 @@ class DataError(UserError):
 
 class StorageError(UserError):
     """A storage location (--storage, a checkpoint URI) cannot be read or written."""
+
+
+class ArtifactError(UserError):
+    """A stored model (a logged student, an export) is missing, malformed, or not what was logged."""
