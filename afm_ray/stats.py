@@ -32,10 +32,10 @@ def wilson_interval(accuracy: float, n: float, confidence: float = CONFIDENCE) -
         return math.nan, math.nan
     if not 0 <= accuracy <= 1:
         raise ValueError(f"accuracy={accuracy}: expected a fraction in [0, 1]")
-    z2 = _z(confidence) ** 2
-    denominator = 1 + z2 / n
-    centre = (accuracy + z2 / (2 * n)) / denominator
-    half = math.sqrt(accuracy * (1 - accuracy) / n + z2 / (4 * n * n)) / denominator
+    z = _z(confidence)
+    denominator = 1 + z * z / n
+    centre = (accuracy + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
@@ -72,6 +72,8 @@ def mean_interval(accuracies: Sequence[float], n: float, confidence: float = CON
     mean = fmean(values)
     low, high = wilson_interval(min(max(mean, 0.0), 1.0), n, confidence)
     seeds = t_quantile(confidence, len(values) - 1) * stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0
-    if math.isnan(low):  # no image count: the seeds' spread is all there is
+    if math.isnan(low):  # no image count: the seeds' spread is all there is, if any
+        if len(values) == 1:
+            return mean, math.nan, math.nan
         low = high = mean
     return mean, max(0.0, mean - math.hypot(mean - low, seeds)), min(1.0, mean + math.hypot(high - mean, seeds))

@@ -254,7 +254,12 @@ def fetch_student(client: MlflowClient, uri: str, *, device: str | torch.device 
     """Download and `load_student` a student named by an MLflow URI (see `resolve_uri`), through ``client``
     only: the process-wide MLflow URIs belong to the caller. A student logged without the tracking
     store's sha256 (by hand) loads on its spec's own check; the spec's ``run_id`` says where it came from."""
-    location, expected, run_id = resolve_uri(client, uri)
+    try:
+        location, expected, run_id = resolve_uri(client, uri)
+    except (MlflowException, ValueError) as exc:
+        if isinstance(exc, ArtifactError):
+            raise
+        raise ArtifactError(f"{uri}: {' '.join(str(getattr(exc, 'message', None) or exc).split())}") from None
     with tempfile.TemporaryDirectory(prefix="afm_ray_fetch_") as tmp:
         model, spec = load_student(_download(client, location, tmp), expected_sha256=expected, device=device)
     return model, {**spec, "run_id": run_id, "uri": uri}

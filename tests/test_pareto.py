@@ -25,6 +25,7 @@ from afm_ray import pareto
 from afm_ray.cli import pareto_main as main
 from afm_ray.names import Objective
 from afm_ray.pareto import load_trials, parse_objectives, rank_trials
+from afm_ray.student_model import fetch_student, log_student
 
 REPO = Path(__file__).resolve().parents[1]
 # SQLAlchemy 2 deprecation inside MLflow's own store; nothing this module can act on.
@@ -284,12 +285,19 @@ def test_cli_table_plot_and_parquet(sweep_db, tmp_path):
         "augment.policy",
         "aa_acc",
         "%",
+        "[95%",
+        "CI]",
         "clean_acc",
         "%",
+        "[95%",
+        "CI]",
         "params",
+        "noise",
         "excluded",
     ]
     ids = sweep_db["ids"]
+    # t1 and t4 are identical: front members that no interval could tell apart
+    assert "~3" in lines[3] and "~2" in lines[4]
     assert [ln.split()[2] for ln in lines[2:7]] == [ids[n][:8] for n in ("t2", "t1", "t4", "t3", "t11")]
     assert "5 Pareto-optimal of 6 eligible trials" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
@@ -349,11 +357,11 @@ def _digits():
 def _train(x, y, steps):
     import torch
 
+    from afm_ray.models import build_model
+
     torch.manual_seed(0)
     # BatchNorm makes the round trip mode-sensitive: logged in eval mode, it must come back so
-    model = torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
-    )
+    model = build_model("small_cnn", num_classes=10, in_channels=1, mean=[0.3], std=[0.4], width=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
@@ -373,16 +381,13 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
     logged = {}
     # "good" is more accurate, "robust" has the better (made-up) aa_acc: both are on the front,
     # and the rank follows aa_acc: robust is pareto-1, good is pareto-2.
-    for step, (name, steps, aa) in enumerate([("good", 40, 0.20), ("robust", 4, 0.30)]):
+    for step, (name, steps, aa) in enumerate([("good", 40, 0.20), ("robust", 12, 0.30)]):
         model = _train(x_train, y_train, steps)
         with torch.no_grad():
             clean = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
         rid = _add_trial(client, exp, parent, name, {"clean_acc": clean, "aa_acc": aa}, step=step, status="RUNNING")
-        with mlflow.start_run(run_id=rid):
-            # MLflow 3.17's default 'pt2' format needs an input example (batch > 1: dynamic batch dim)
-            mlflow.pytorch.log_model(
-                model, name="student", input_example=x_test[:2].numpy(), pip_requirements=["torch"]
-            )
+        log_student(client, rid, model, input_shape=(1, 8, 8))
+        client.set_terminated(rid)
         logged[name] = (rid, clean)
     assert logged["good"][1] > logged["robust"][1] > 0.3  # a real trade-off
 
@@ -397,10 +402,14 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
         assert mv.run_id == logged[name][0]
         assert float(mv.tags["clean_acc"]) == logged[name][1]
         assert mv.tags["afm_ray.pareto_rank"] == alias[-1]
-        model = mlflow.pytorch.load_model(f"models:/afm-students@{alias}")
+        model, spec = fetch_student(client, f"models:/afm-students@{alias}")  # safetensors, sha256 checked
+        assert mv.tags["afm_ray.student_sha256"] == client.get_run(spec["run_id"]).data.tags["afm_ray.student_sha256"]
         with torch.no_grad():
             again = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
         assert again == logged[name][1]
+        # MLflow's own loader works too (the MLmodel names afm_ray.student_model as its loader)
+        logits = mlflow.pyfunc.load_model(f"models:/afm-students@{alias}").predict(x_test.numpy())
+        assert int((torch.as_tensor(logits).argmax(1) == y_test).sum()) / len(y_test) == logged[name][1]
     assert pareto.verify_registered("afm-students", "pareto-2", data=(x_test, y_test)) == (
         logged["good"][1],
         logged["good"][1],
@@ -433,8 +442,8 @@ def test_registry_uses_only_the_given_uri(global_uri, tmp_path, monkeypatch):
     with torch.no_grad():
         clean = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
     rid = _add_trial(client, exp, parent, "only", {"clean_acc": clean, "aa_acc": 0.1}, status="RUNNING")
-    with mlflow.start_run(run_id=rid):
-        mlflow.pytorch.log_model(model, name="student", input_example=x_test[:2].numpy(), pip_requirements=["torch"])
+    log_student(client, rid, model, input_shape=(1, 8, 8))
+    client.set_terminated(rid)
 
     elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
