@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,7 +237,8 @@ def _state_bytes(model: Any) -> bytes:
 def _log_confirmation(client: MlflowClient, run_id: str, job: Job, out: Any) -> dict[str, float]:
     metrics = out if job.kind == "reevaluate" else out[0]
     keep = {k: float(v) for k, v in metrics.items() if k in names.FINAL_METRICS or k.startswith(("eval/", "time/"))}
-    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in keep.items()])
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in keep.items()])
     if job.kind == "retrain":  # the retrained student, as the sweep logs a trial's
         with tempfile.TemporaryDirectory(prefix="afm_ray_confirm_") as tmp:
             (Path(tmp) / SPEC_FILE).write_bytes(out[1])

@@ -356,8 +356,9 @@ def _panel(ax: Any, ranked: pd.DataFrame, objectives: Sequence[Objective], i: in
         x_err, y_err = y_err, x_err
     else:
         y_err = np.abs(np.stack([ys - low[:, j] * _unit(yo.metric)[0], high[:, j] * _unit(yo.metric)[0] - ys]))
-    for mask, colour in ((dominated, "tab:blue"), (noisy, "tab:orange"), (front, "tab:red")):  # 95% intervals
-        if mask.any():
+    label: str | None = "95% intervals"  # one legend entry for all bars
+    for mask, colour in ((front, "tab:red"), (noisy, "tab:orange"), (dominated, "tab:blue")):
+        if mask.any() and np.nan_to_num(x_err[:, mask] + y_err[:, mask]).any():
             ax.errorbar(
                 xs[mask],
                 ys[mask],
@@ -368,7 +369,9 @@ def _panel(ax: Any, ranked: pd.DataFrame, objectives: Sequence[Objective], i: in
                 elinewidth=0.8,
                 alpha=0.35,
                 zorder=1,
+                label=label,
             )
+            label = None
     if excluded.any():
         kinds = ", ".join(sorted(set(ranked["excluded"].dropna())))
         ax.scatter(xs[excluded], ys[excluded], marker="x", s=30, c="0.5", alpha=0.6, lw=1, label=f"excluded ({kinds})")

@@ -479,3 +479,77 @@ def test_register_needs_a_student(sweep_db, capsys):
     assert "afm_ray.model_error: MlflowException: boom" in err
     with pytest.raises(Exception, match="nothing-logged"):  # nothing was half-registered
         sweep_db["client"].get_registered_model("nothing-logged")
+
+
+# --------------------------------------------------------------------------- intervals and noise
+
+
+@pytest.fixture(scope="module")
+def noisy_db(tmp_path_factory):
+    """Trials measured on 200 images (Wilson 95% half-width about 7 points at 50%), one on 2000."""
+    root = tmp_path_factory.mktemp("noisy")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    exp = client.create_experiment("noisy", artifact_location=str(root / "artifacts"))
+    parent = client.create_run(exp, run_name="sw", tags={"afm_ray.role": "sweep"}).info.run_id
+    client.log_param(parent, "sweep.objectives", "clean_acc:max,aa_acc:max")
+    spec = {  # name: (aa_acc, clean_acc, n_samples)
+        "a": (0.50, 0.80, 200),  # front
+        "b": (0.48, 0.79, 200),  # dominated by a, but its intervals overlap a's: within noise
+        "c": (0.30, 0.60, 2000),  # dominated by a far beyond both intervals
+        "d": (0.45, 0.86, 200),  # front; its aa/clean intervals overlap a's on both objectives
+    }
+    ids = {}
+    for step, (name, (aa, clean, n)) in enumerate(spec.items()):
+        metrics = {"aa_acc": aa, "clean_acc": clean, "eval/n_samples": n, "params": 1000.0}
+        if name == "a":  # logged intervals win over the ones computed from eval/n_samples
+            metrics |= {"aa_acc_ci_low": 0.43, "aa_acc_ci_high": 0.57}
+        ids[name] = _add_trial(client, exp, parent, name, metrics, step=step)
+    return {"uri": uri, "ids": ids, "client": client, "exp": exp}
+
+
+def test_intervals_and_within_noise(noisy_db, tmp_path):
+    from afm_ray.stats import wilson_interval
+
+    objectives = ["aa_acc:max", "clean_acc:max"]
+    ranked = rank_trials(load_trials("noisy", tracking_uri=noisy_db["uri"]), objectives)
+    by = {name: ranked[ranked["run_id"] == rid].iloc[0] for name, rid in noisy_db["ids"].items()}
+    assert by["a"]["pareto"] and by["d"]["pareto"] and by["b"]["front"] == 2
+    # b: a dominates it (0.50 > 0.48, 0.80 > 0.79), but a's worst ends (0.43; 0.80 - 5.6 points) are below
+    # b's best ends, so no front member dominates it beyond noise. c: a's worst ends (0.43, 0.74) beat c's
+    # best (0.30 + 2.0 points, 0.60 + 2.1 points on 2000 images).
+    assert by["b"]["within_noise"] and not by["c"]["within_noise"] and not by["a"]["within_noise"]
+    # a and d: aa 0.43-0.57 vs 0.38-0.52, clean 0.74-0.85 vs 0.80-0.90: indistinguishable on both
+    assert by["a"]["ties"] == str(by["d"]["rank"]) and by["d"]["ties"] == str(by["a"]["rank"])
+    low, high = pareto.objective_bounds(ranked, parse_objectives(objectives))
+    row = ranked.index[ranked["run_id"] == noisy_db["ids"]["c"]][0]
+    assert (low[row, 0], high[row, 0]) == wilson_interval(0.30, 2000)  # computed from eval/n_samples
+    row = ranked.index[ranked["run_id"] == noisy_db["ids"]["a"]][0]
+    assert (low[row, 0], high[row, 0]) == (0.43, 0.57)  # as logged
+    table = pareto.format_table(ranked, objectives)
+    assert "50.00 [43.0, 57.0]" in table and "within noise" in table
+    assert "1 dominated trial(s) 'within noise'" in pareto.summary(ranked, objectives)
+    # the plot: error bars, and the within-noise trial in its own legend entry
+    pareto.plot_front(ranked, objectives, tmp_path / "noisy.png")
+    assert (tmp_path / "noisy.png").stat().st_size > 20_000
+
+
+def test_pareto_follows_the_sweeps_objectives(noisy_db, tmp_path, capsys):
+    out = tmp_path / "t.parquet"
+    assert main(["--experiment", "noisy", "--tracking-uri", noisy_db["uri"], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # recorded "clean_acc:max,aa_acc:max"; robustness first orders the ranks, the front is the same
+    assert printed.splitlines()[0] == "objectives: aa_acc:max clean_acc:max"
+    table = pq.read_table(out)
+    assert table.schema.metadata[b"afm_ray.objectives"] == b"aa_acc:max,clean_acc:max"
+    rows = {r["run_id"]: r for r in table.to_pylist()}
+    assert rows[noisy_db["ids"]["b"]]["within_noise"] and rows[noisy_db["ids"]["a"]]["aa_acc_ci_low"] == 0.43
+    # a sweep that optimised something else: the trials of both disagree, and that is an error
+    client = noisy_db["client"]
+    other = client.create_run(noisy_db["exp"], run_name="sw2", tags={"afm_ray.role": "sweep"}).info.run_id
+    client.log_param(other, "sweep.objectives", "clean_acc:max,params:min")
+    _add_trial(client, noisy_db["exp"], other, "e", {"aa_acc": 0.1, "clean_acc": 0.5, "params": 10.0}, step=9)
+    assert main(["--experiment", "noisy", "--tracking-uri", noisy_db["uri"]]) == 2
+    assert "different objectives" in capsys.readouterr().err
+    assert main(["--experiment", "noisy", "--tracking-uri", noisy_db["uri"], "--sweep", "sw2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "objectives: clean_acc:max params:min"
