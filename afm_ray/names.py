@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# --- MLflow layout: one parent run per sweep (role "sweep"), one child run per trial ("trial").
+# --- MLflow layout: one parent run per sweep (role "sweep"), one child run per trial ("trial"), and
+# under a trial the runs that confirm it (role "confirmation", afm_ray.confirm).
 ROLE_TAG = "afm_ray.role"
 TRIAL_STATUS_TAG = "afm_ray.trial_status"  # running | completed | early_stopped | failed
 TRIAL_ID_TAG = "afm_ray.trial_id"  # the Tune trial id

@@ -470,7 +470,8 @@ def choose_objectives(given: Sequence[str] | None, trials: pd.DataFrame, trackin
 
 
 def run(args: argparse.Namespace) -> int:
-    """Carry out parsed ``args``: 0 with a front, 1 when no trial is eligible, 2 on an error (one line)."""
+    """Carry out parsed ``args``: 0 with a front, 1 when no trial is eligible, 2 on an error (one line),
+    130 when a confirmation is interrupted (Ctrl-C)."""
     try:
         if args.objectives:
             parse_objectives(args.objectives)  # a bad objective fails before MLflow is read
@@ -494,9 +495,13 @@ def run(args: argparse.Namespace) -> int:
         if args.confirm and ranked["pareto"].any():
             from afm_ray.confirm import confirm_candidates, format_comparison  # Ray and training: only here
 
-            confirmed = confirm_candidates(
-                ranked, tracking_uri=uri, samples=args.samples, seeds=args.seeds, address=args.address
-            )
+            try:
+                confirmed = confirm_candidates(
+                    ranked, tracking_uri=uri, samples=args.samples, seeds=args.seeds, address=args.address
+                )
+            except KeyboardInterrupt:  # what finished is logged; the same command continues from there
+                print("interrupted: run the same command again to continue the confirmation", file=sys.stderr)
+                return 130
             ranked = rank_trials(confirmed, objectives)
             print(format_comparison(confirmed, objectives))
             print("\nconfirmed front:")

@@ -19,10 +19,14 @@ from test_sweep import run_sweep, sweep_env, write_space
 
 from afm_ray import attacks, names
 from afm_ray.config import from_flat
+from afm_ray.confirm import Job, _confirmed_frame, format_comparison, retrain_seeds
 from afm_ray.data import load_run_data
+from afm_ray.names import Objective
+from afm_ray.pareto import rank_trials
+from afm_ray.stats import mean_interval, wilson_interval
 from afm_ray.student_model import fetch_student
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
 SEEDS = 2
 
@@ -68,6 +72,7 @@ def _confirmations(client, exp_id):
     return client.search_runs([exp_id], filter_string=f"tags.`{names.ROLE_TAG}` = 'confirmation'")
 
 
+@pytest.mark.slow
 def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
     client = MlflowClient(swept["uri"], swept["uri"])
     exp_id = client.get_experiment_by_name("confirm-tests").experiment_id
@@ -86,7 +91,8 @@ def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
             break
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, "".join(seen) + rest  # it was interrupted, not finished
+    assert proc.returncode == 130, "".join(seen) + rest  # interrupted, not finished
+    assert "run the same command again" in rest
     before = _confirmations(client, exp_id)
     assert sum(r.info.status == "FINISHED" for r in before) >= 1
 
@@ -118,7 +124,9 @@ def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
         for r in [*retrains]:
             assert r.data.tags[names.PARENT_TAG] == trial and names.STUDENT_SHA_TAG in r.data.tags
             assert r.data.metrics["eval/n_samples"] == 360  # the whole digits test split
-            assert r.data.metrics["clean_acc_ci_low"] < r.data.metrics["clean_acc"] < r.data.metrics["clean_acc_ci_high"]
+            assert (
+                r.data.metrics["clean_acc_ci_low"] < r.data.metrics["clean_acc"] < r.data.metrics["clean_acc_ci_high"]
+            )
 
     # Only confirmed candidates are registered, with the confirmation recorded on the version.
     versions = client.search_model_versions("name = 'confirmed-students'")
@@ -147,3 +155,48 @@ def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
     assert direct["test/n_samples"] == reeval.data.metrics["eval/n_samples"] == 360
     assert reeval.data.metrics["clean_acc"] == direct["test/clean_acc"]
     assert reeval.data.metrics["pgd20_acc"] == direct["test/pgd20_acc"]
+
+
+def test_confirmed_means_replace_the_sweeps_values():
+    """The aggregation alone, on hand-made numbers: a candidate's confirmed accuracy is the mean over its
+    re-evaluated student and its retrains, with mean_interval; the sweep's value is kept beside it."""
+    import pandas as pd
+
+    trials = pd.DataFrame(
+        {
+            "run_id": ["r1", "r2"],
+            "status": ["FINISHED"] * 2,
+            "start_time": [1, 2],
+            f"tags.{names.TRIAL_STATUS_TAG}": ["completed"] * 2,
+            "metrics.aa_acc": [0.52, 0.49],  # on 200 images in the sweep
+            "metrics.clean_acc": [0.80, 0.81],
+            "metrics.eval/n_samples": [200.0, 200.0],
+            "params.run.seed": ["0", "3"],
+            "params.method.name": ["advfunmatch", "rslad"],
+        }
+    )
+    objectives = [Objective("aa_acc", "max"), Objective("clean_acc", "max")]
+    ranked = rank_trials(trials, objectives)
+    assert ranked["pareto"].all()  # r1 wins aa, r2 wins clean
+    assert retrain_seeds(3, 2) == [1003, 2003]
+    jobs = [Job("r1", "reevaluate"), Job("r1", "retrain", 1000), Job("r2", "reevaluate")]
+    done = {
+        jobs[0]: {"aa_acc": 0.45, "clean_acc": 0.78, "eval/n_samples": 1000.0},
+        jobs[1]: {"aa_acc": 0.47, "clean_acc": 0.80, "eval/n_samples": 1000.0},
+        jobs[2]: {"aa_acc": 0.46, "clean_acc": 0.82, "eval/n_samples": 1000.0},
+    }
+    confirmed = _confirmed_frame(ranked, jobs, done).set_index("run_id")
+    assert confirmed.loc["r1", "metrics.aa_acc"] == pytest.approx(0.46)
+    assert confirmed.loc["r1", "metrics.aa_acc_ci_low"] == pytest.approx(mean_interval([0.45, 0.47], 1000)[1])
+    assert (confirmed.loc["r2", "metrics.aa_acc_ci_low"], confirmed.loc["r2", "metrics.aa_acc_ci_high"]) == (
+        wilson_interval(0.46, 1000)
+    )
+    assert (
+        confirmed.loc["r1", "metrics.sweep/aa_acc"] == 0.52 and confirmed.loc["r1", "params.confirm.seeds"] == "0,1000"
+    )
+    assert (
+        confirmed.loc["r2", "metrics.confirm/students"] == 1 and confirmed.loc["r2", "metrics.eval/n_samples"] == 1000
+    )
+    again = rank_trials(confirmed.reset_index(), objectives)  # same aa (0.46), r2 more accurate: r2 alone
+    assert list(again.loc[again["pareto"], "run_id"]) == ["r2"]
+    assert "aa_acc 52.00 (200 img) -> 46.00" in format_comparison(confirmed.reset_index(), objectives)
