@@ -224,6 +224,12 @@ def _check_teacher_arch(path: str | Path, stored: ExperimentConfig | None, cfg: 
         )
 
 
+def checkpoint_data_spec(path: str | Path) -> DataSpec:
+    """The data description an afm-ray checkpoint was trained with (read from it, no dataset)."""
+    file, _, _, stored, state = _model_state(path, None)
+    return _stored_data(state, stored, file)
+
+
 def _stored_data(state: Any, stored: ExperimentConfig | None, file: Path) -> DataSpec:
     """The data description a checkpoint holds, else (an older checkpoint) its config's dataset's."""
     if isinstance(state, dict) and "data" in state:

@@ -1,6 +1,6 @@
 """Every command's `main`, and the one exit path they share.
 
-    python -m afm_ray.train | teacher | evaluate | sweep | pareto   (each module's __main__ calls here)
+    python -m afm_ray.train | teacher | evaluate | sweep | pareto | export   (each module's __main__ calls here)
 
 A command parses its arguments, validates everything it can before it starts work, and runs.
 An expected failure (afm_ray.errors.UserError, a bad argument included) prints one line on
@@ -292,3 +292,37 @@ def pareto_main(argv: Sequence[str] | None = None) -> int:
     parser = pareto.build_parser(OneLineParser)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return _run(pareto.run, parser.parse_args(argv))
+
+
+# --------------------------------------------------------------------------------------------
+# python -m afm_ray.export
+
+
+def _export(args: argparse.Namespace) -> int:
+    from afm_ray.export import export_student, format_report  # onnx and MLflow: only for this command
+    from afm_ray.runs import client_for
+    from afm_ray.student_model import fetch_student
+
+    for flag, value in (("--batch", args.batch), ("--threads", args.threads)):
+        if value < 1:
+            raise ConfigError(f"{flag}: got {value}, expected >= 1")
+    if not args.tolerance > 0:
+        raise ConfigError(f"--tolerance: got {args.tolerance}, expected > 0")
+    try:
+        client = client_for(args.tracking_uri)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    model, spec = fetch_student(client, args.model)
+    report = export_student(
+        model, spec, args.format, args.out, batch=args.batch, threads=args.threads, tolerance=args.tolerance
+    )
+    print(format_report(report, args.out))
+    return 0
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    from afm_ray.export import build_parser
+
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return _run(_export, parser.parse_args(argv))

@@ -40,6 +40,10 @@ class StorageError(UserError):
     or written."""
 
 
+class ArtifactError(UserError):
+    """A stored model (a logged student, an export) is missing, malformed, or not what was logged."""
+
+
 class TrackingError(UserError, ValueError):
     """The MLflow tracking store cannot be reached or does not hold what was asked for."""
 

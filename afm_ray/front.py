@@ -21,6 +21,7 @@ import numpy as np
 __all__ = [
     "crowding_distance",
     "dominance_matrix",
+    "dominated_beyond_noise",
     "hypervolume",
     "maximised",
     "non_dominated",
@@ -62,6 +63,22 @@ def dominance_matrix(values: Any, modes: Sequence[str]) -> np.ndarray:
     for i, row in enumerate(v):  # one row at a time keeps memory at n^2 bools, not n^2 * m
         d[i] = (row >= v).all(axis=1) & (row > v).any(axis=1)
     return d
+
+
+def dominated_beyond_noise(low: Any, high: Any, modes: Sequence[str], by: Sequence[int]) -> np.ndarray:
+    """Per row: True iff some row in ``by`` dominates it even at the unfavourable ends of both intervals.
+
+    ``low`` and ``high`` (n, m) bound each value (equal where a value is exact, e.g. a parameter
+    count). Row i dominates row j beyond noise when i's worst end is no worse than j's best end
+    in every column and strictly better in at least one: no value inside the two intervals could
+    reverse the order. A row that is dominated but not beyond noise may be as good as its dominator.
+    """
+    lo, hi = maximised(low, modes), maximised(high, modes)
+    worst, best = np.minimum(lo, hi), np.maximum(lo, hi)  # a negated "min" column swaps its ends
+    out = np.zeros(len(worst), dtype=bool)
+    for i in by:
+        out |= (worst[i] >= best).all(axis=1) & (worst[i] > best).any(axis=1)
+    return out
 
 
 def pareto_mask(values: Any, modes: Sequence[str]) -> np.ndarray:

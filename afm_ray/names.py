@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# --- MLflow layout: one parent run per sweep (role "sweep"), one child run per trial ("trial").
+# --- MLflow layout: one parent run per sweep (role "sweep"), one child run per trial ("trial"), and
+# under a trial the runs that confirm it (role "confirmation", afm_ray.confirm).
 ROLE_TAG = "afm_ray.role"
 TRIAL_STATUS_TAG = "afm_ray.trial_status"  # running | completed | early_stopped | failed
 TRIAL_ID_TAG = "afm_ray.trial_id"  # the Tune trial id
@@ -20,11 +21,26 @@ NODE_ID_TAG = "ray.node_id"  # the Ray node ids a trial's workers ran on, comma-
 NODE_ID_METRIC = "ray/node_id"  # what each Train worker reports: the id of the node it runs on
 STUDENT_MODEL = "student"  # the artifact path / logged-model name of a trial's student
 PARETO_ALIAS_PREFIX = "pareto-"  # registered front members get aliases pareto-1, pareto-2, ...
+# sha256 of a logged student's spec.json (which holds the weights' sha256): kept in the tracking
+# store, apart from the artifact store the files live in, so a changed artifact is refused.
+STUDENT_SHA_TAG = "afm_ray.student_sha256"
+SWEEP_OBJECTIVES_PARAM = "sweep.objectives"  # on the sweep's parent run: "clean_acc:max,aa_acc:max"
+# A confirmation (role "confirmation", a child of its trial run): the trial's student scored again
+# on more test images ("reevaluate"), or its config trained again with a new seed ("retrain").
+CONFIRMS_TAG = "afm_ray.confirms"  # the trial run id it confirms
+CONFIRM_KIND_TAG = "afm_ray.confirm_kind"  # reevaluate | retrain
+CONFIRM_SEED_TAG = "afm_ray.confirm_seed"  # run.seed of a retrain ("" for a re-evaluation)
+CONFIRM_SAMPLES_TAG = "afm_ray.confirm_samples"  # test images asked for (0 = the whole test split)
+CONFIRM_KINDS = ("reevaluate", "retrain")
 
 # --- Metrics. Accuracies are fractions in [0, 1]; `eval/*` describe how they were measured.
 ACCURACY_METRICS = ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc")
+# Each accuracy's 95% interval (afm_ray.stats): <metric>_ci_low, <metric>_ci_high.
+CONFIDENCE = 0.95
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+INTERVAL_METRICS = tuple(m + end for m in ACCURACY_METRICS for end in (CI_LOW, CI_HIGH))
 # The one-value metrics every completed trial logs at its end.
-FINAL_METRICS = (*ACCURACY_METRICS, "params", "latency_ms", "eval/n_samples", "eval/eps")
+FINAL_METRICS = (*ACCURACY_METRICS, *INTERVAL_METRICS, "params", "latency_ms", "eval/n_samples", "eval/eps")
 # Metrics a search space may optimise (final) and those a scheduler may read every epoch.
 OBJECTIVE_METRICS = (*ACCURACY_METRICS, "params", "latency_ms")
 PER_EPOCH_METRICS = ("val/clean_acc", "val/pgd_acc")

@@ -3,6 +3,7 @@
     python -m afm_ray.pareto --experiment NAME [--tracking-uri URI]
         [--objectives aa_acc:max clean_acc:max params:min ...] [--filter "params.method = 'rslad'"]
         [--sweep RUN_ID] [--plot FRONT.png] [--out TABLE.parquet|.csv] [--register MODEL_NAME]
+        [--confirm [--samples N] [--seeds K]]
 
 The sweep logs a parent run per sweep (tag ``afm_ray.role = sweep``) and under it a child run per
 trial (``afm_ray.role = trial``, ``afm_ray.trial_status``) with the final metrics, the config as
@@ -16,35 +17,52 @@ DataFrame in the columns of ``mlflow.search_runs``; the domination math is `afm_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
-import re
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import combinations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow import MlflowClient
-from mlflow.artifacts import download_artifacts
-from mlflow.entities import Experiment, ViewType
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from afm_ray import names
-from afm_ray.endpoints import check_mlflow_server
 from afm_ray.errors import ConfigError, TrackingError, one_line
-from afm_ray.front import nondominated_layers
-from afm_ray.names import Objective
+from afm_ray.front import dominated_beyond_noise, nondominated_layers
+from afm_ray.names import CI_HIGH, CI_LOW, Objective
+from afm_ray.registry import register_front, verify_registered
+from afm_ray.runs import (
+    client_for,
+    column,
+    load_trials,
+    search_runs,
+    sweep_objectives,
+    translate_filter,
+    trial_filter,
+)
+from afm_ray.stats import wilson_interval
 from afm_ray.storage import check_writable_file
 
-if TYPE_CHECKING:  # torch is imported only to verify a registered student
-    import torch
+__all__ = [  # reading runs and the registry live in afm_ray.runs / afm_ray.registry; here for one import
+    "build_parser",
+    "format_table",
+    "load_trials",
+    "objective_bounds",
+    "parse_objectives",
+    "plot_front",
+    "rank_trials",
+    "register_front",
+    "run",
+    "search_runs",
+    "translate_filter",
+    "trial_filter",
+    "verify_registered",
+    "write_table",
+]
 
 #: Robustness first: it orders the table and picks pareto-1 (names.DEFAULT_OBJECTIVES is the search's).
 CLI_OBJECTIVES = ("aa_acc:max", "clean_acc:max")
@@ -68,19 +86,32 @@ def parse_objectives(specs: Iterable[str | Objective]) -> tuple[Objective, ...]:
     return objectives
 
 
-def _column(frame: pd.DataFrame, name: str) -> pd.Series:
-    # A tag or param that no run has is no column at all in the search_runs layout.
-    return frame[name] if name in frame.columns else pd.Series(None, index=frame.index, dtype=object)
-
-
 def _objective_values(frame: pd.DataFrame, objectives: Sequence[Objective]) -> np.ndarray:
-    return np.column_stack([_column(frame, f"metrics.{o.metric}").astype(float) for o in objectives])
+    return np.column_stack([column(frame, f"metrics.{o.metric}").astype(float) for o in objectives])
+
+
+def objective_bounds(frame: pd.DataFrame, objectives: Sequence[Objective]) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high), each (n, m): the 95% interval of each objective value. An accuracy's interval is its
+    logged ``<metric>_ci_low/_ci_high``, else the Wilson interval from ``eval/n_samples``; other
+    metrics (parameters, latency) and accuracies without an image count are exact (low = high)."""
+    values = _objective_values(frame, objectives)
+    low, high = values.copy(), values.copy()
+    n = column(frame, "metrics.eval/n_samples").astype(float).to_numpy()
+    for j, o in enumerate(objectives):
+        logged_low = column(frame, f"metrics.{o.metric}{CI_LOW}").astype(float).to_numpy()
+        logged_high = column(frame, f"metrics.{o.metric}{CI_HIGH}").astype(float).to_numpy()
+        for i in range(len(frame)):
+            if not np.isnan(logged_low[i]) and not np.isnan(logged_high[i]):
+                low[i, j], high[i, j] = logged_low[i], logged_high[i]
+            elif o.metric in names.ACCURACY_METRICS and not np.isnan(values[i, j]) and n[i] >= 1:
+                low[i, j], high[i, j] = wilson_interval(values[i, j], n[i])
+    return low, high
 
 
 def exclusion_reasons(trials: pd.DataFrame, objectives: Sequence[Objective]) -> pd.Series:
     """Per trial, why it may not enter the front (failed, early-stopped, running, missing ...), else None."""
     reasons = []
-    statuses = zip(_column(trials, f"tags.{names.TRIAL_STATUS_TAG}"), trials["status"], strict=True)
+    statuses = zip(column(trials, f"tags.{names.TRIAL_STATUS_TAG}"), trials["status"], strict=True)
     for (trial_status, status), values in zip(statuses, _objective_values(trials, objectives), strict=True):
         missing = ", ".join(o.metric for o, v in zip(objectives, values, strict=True) if np.isnan(v))
         if pd.isna(trial_status):
@@ -123,118 +154,26 @@ def rank_trials(trials: pd.DataFrame, objectives: Sequence[Objective | str]) -> 
     ranked, front = ranked.loc[order].reset_index(drop=True), pd.Series(layer[order], dtype="Int32")
     ranked["front"], ranked["pareto"] = front.where(front > 0), (front == 1).to_numpy()
     ranked["rank"] = ranked["pareto"].cumsum().astype("Int32").where(ranked["pareto"])
+    _mark_noise(ranked, objectives)
     return ranked
 
 
-def _client(tracking_uri: str | None) -> MlflowClient:
-    # Every MLflow call here goes through a client: the process-wide URIs belong to the caller.
-    uri = tracking_uri or names.default_tracking_uri()
-    path = uri.removeprefix("sqlite:///").split("?", 1)[0] if uri.startswith("sqlite:///") else ""
-    if path and path != ":memory:" and not Path(path).exists():  # connecting would create an empty one
-        raise TrackingError(
-            f"no MLflow database at {path} (tracking URI {uri}); pass --tracking-uri or set MLFLOW_TRACKING_URI"
+def _mark_noise(ranked: pd.DataFrame, objectives: Sequence[Objective]) -> None:
+    """``within_noise``: dominated, but by no front member once both intervals count; ``ties``: per front
+    member, the ranks of the others it cannot be told from (intervals overlap on every objective)."""
+    low, high = objective_bounds(ranked, objectives)
+    eligible, front = ranked["excluded"].isna().to_numpy(), np.flatnonzero(ranked["pareto"].to_numpy())
+    beyond = np.ones(len(ranked), dtype=bool)
+    if eligible.any():
+        beyond[eligible] = dominated_beyond_noise(
+            low[eligible], high[eligible], [o.mode for o in objectives], np.flatnonzero(ranked["pareto"][eligible])
         )
-    if uri.startswith(("http://", "https://")):  # MLflow's own client retries for minutes, silently
-        check_mlflow_server(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
-
-
-def _all_pages(search: Any, *args: Any, **kwargs: Any) -> list:
-    items, token = [], None
-    while True:
-        page = search(*args, page_token=token, **kwargs)
-        items.extend(page)
-        if not (token := page.token):
-            return items
-
-
-def search_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> pd.DataFrame:
-    """Active runs matching ``filter_string``, one row each, in the columns of ``mlflow.search_runs``
-    (not that function: it reads only the process-wide tracking URI, and switching that here would
-    redirect whatever else the calling process logs meanwhile)."""
-    runs = _all_pages(client.search_runs, [experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000)
-    # {"run_id": ..., "metrics": {"aa_acc": 0.5}, ...} -> columns "run_id", "metrics.aa_acc", ...
-    return pd.json_normalize([{**dict(r.info), **r.data.to_dictionary()} for r in runs], max_level=1)
-
-
-def _get_experiment(client: MlflowClient, name: str) -> Experiment:
-    exp = client.get_experiment_by_name(name)
-    if exp is None and name.isdigit():
-        with contextlib.suppress(MlflowException):  # else not an id either: reported below
-            exp = client.get_experiment(name)
-    if exp is None or exp.lifecycle_stage != "active":
-        known = ", ".join(sorted(e.name for e in _all_pages(client.search_experiments))) or "none"
-        state = "is deleted" if exp is not None else "not found"
-        raise TrackingError(f"experiment {name!r} {state} at {client.tracking_uri}; experiments there: {known}")
-    return exp
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _resolve_sweep(client: MlflowClient, exp: Experiment, sweep: str) -> str:
-    """Full run id of the sweep (parent) run named by id, id prefix or run name."""
-    sweeps = search_runs(client, exp.experiment_id, f"tags.`{names.ROLE_TAG}` = 'sweep'")
-    runs = list(zip(sweeps["run_id"], sweeps["run_name"], strict=True)) if len(sweeps) else []
-    hits = [(run_id, name) for run_id, name in runs if run_id.startswith(sweep) or name == sweep]
-    if len(hits) == 1:
-        return hits[0][0]
-    listed = ", ".join(f"{run_id} ({name})" for run_id, name in (hits or runs)) or "none"
-    if hits:
-        raise TrackingError(f"sweep {sweep!r} is ambiguous in experiment {exp.name!r}: {listed}")
-    raise TrackingError(f"sweep {sweep!r} not found in experiment {exp.name!r}; sweep runs: {listed}")
-
-
-_QUOTED = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""
-_BARE_METHOD = re.compile(rf"({_QUOTED})|\b(params|param|parameters|parameter)\.(?:method|`method`)(?![\w.`])")
-
-
-def translate_filter(filter_string: str) -> str:
-    """Read a bare ``params.method`` as ``params.`method.name``` (the key the sweep logs); quoted values stay."""
-    return _BARE_METHOD.sub(lambda m: m.group(1) or f"{m.group(2)}.`method.name`", filter_string)
-
-
-def trial_filter(filter_string: str | None = None, sweep_id: str | None = None) -> str:
-    """The MLflow filter for trial runs, ANDed with a user filter (MLflow filters only AND)."""
-    clauses = [f"tags.`{names.ROLE_TAG}` = 'trial'"]
-    if sweep_id:
-        clauses.append(f"tags.`{names.PARENT_TAG}` = {_quote(sweep_id)}")
-    if filter_string and filter_string.strip():
-        clauses.append(translate_filter(filter_string.strip()))
-    return " and ".join(clauses)
-
-
-def _explain_no_trials(client: MlflowClient, exp: Experiment, sweep_id: str | None, user_filter: str | None) -> str:
-    scope = f"experiment {exp.name!r}" + (f", sweep {sweep_id}" if sweep_id else "")
-    trials = search_runs(client, exp.experiment_id, trial_filter(None, sweep_id))
-    if len(trials) and user_filter:
-        keys = ", ".join(sorted(c.removeprefix("params.") for c in trials.columns if c.startswith("params.")))
-        methods = ", ".join(sorted(set(_column(trials, _METHOD).fillna("?"))))
-        return (
-            f"no trial run in {scope} matches --filter {user_filter!r} (it has {len(trials)} trial runs; "
-            f"method.name values: {methods}; param keys, written params.`key`: {keys})"
-        )
-    roles = Counter(_column(search_runs(client, exp.experiment_id), f"tags.{names.ROLE_TAG}").fillna("untagged"))
-    held = ", ".join(f"{n} {role}" for role, n in sorted(roles.items())) or "no runs at all"
-    return f"{scope} has no trial runs (runs tagged {names.ROLE_TAG}='trial'); it holds {held}"
-
-
-def load_trials(
-    experiment: str, *, tracking_uri: str | None = None, filter_string: str | None = None, sweep: str | None = None
-) -> pd.DataFrame:
-    """Trial runs of ``experiment`` (name or id) as `search_runs` gives them, of one ``sweep`` (run id, prefix
-    or name) and filtered if asked; an unknown experiment or no trial run is a ValueError naming what exists."""
-    client = _client(tracking_uri)
-    exp = _get_experiment(client, experiment)
-    sweep_id = _resolve_sweep(client, exp, sweep) if sweep else None
-    try:
-        trials = search_runs(client, exp.experiment_id, trial_filter(filter_string, sweep_id))
-    except MlflowException as err:
-        raise ConfigError(f"invalid --filter {filter_string!r}: {one_line(err)}") from None
-    if trials.empty:
-        raise TrackingError(_explain_no_trials(client, exp, sweep_id, filter_string))
-    return trials
+    ranked["within_noise"] = eligible & ~ranked["pareto"].to_numpy() & ~beyond
+    ties = [None] * len(ranked)
+    for i in front:
+        same = [k for k in front if k != i and ((low[i] <= high[k]) & (low[k] <= high[i])).all()]
+        ties[i] = ",".join(str(ranked["rank"].iloc[k]) for k in same) or None
+    ranked["ties"] = pd.Series(ties, index=ranked.index, dtype=object)
 
 
 _METRIC_NAMES = {
@@ -296,23 +235,39 @@ def format_table(ranked: pd.DataFrame, objectives: Sequence[Objective | str], *,
         "rank": rows["rank"].astype("string").fillna(""),
         "front": rows["front"].astype("string").fillna(""),
         "run": rows["run_id"].str[:8],
-        "method": _column(rows, _METHOD).fillna("-").replace("", "-"),
+        "method": column(rows, _METHOD).fillna("-").replace("", "-"),
     }
     cells |= {k: rows[f"params.{k}"].map(_fmt_param) for k in KEY_HPARAMS if f"params.{k}" in ranked.columns}
-    for o in parse_objectives(objectives):
-        header = f"{o.metric} %" if _unit(o.metric)[1] == "%" else o.metric
-        cells[header] = rows[f"metrics.{o.metric}"].map(lambda v, m=o.metric: _fmt_metric(m, v))
+    objectives = parse_objectives(objectives)
+    low, high = objective_bounds(rows, objectives)
+    for j, o in enumerate(objectives):
+        values = rows[f"metrics.{o.metric}"].map(lambda v, m=o.metric: _fmt_metric(m, v)).tolist()
+        if _unit(o.metric)[1] == "%":  # an accuracy: with its 95% interval where it has one
+            ends = zip(100 * low[:, j], 100 * high[:, j], strict=True)
+            values = [
+                v if v == "-" or lo == hi else f"{v} [{lo:.1f}, {hi:.1f}]"
+                for v, (lo, hi) in zip(values, ends, strict=True)
+            ]
+        cells[f"{o.metric} % [95% CI]" if _unit(o.metric)[1] == "%" else o.metric] = pd.Series(values, dtype=object)
+    noise = np.where(rows["within_noise"], "within noise", "")
+    if noise.any() or rows["ties"].notna().any():
+        ties = rows["ties"].map(_ties)
+        cells["noise"] = pd.Series([t if isinstance(t, str) else n for t, n in zip(ties, noise, strict=True)])
     if rows["excluded"].notna().any():
         cells["excluded"] = rows["excluded"].fillna("")
     padded = {}  # every cell at its column's width, dashes under the header: to_string only lays them out
-    for header, column in cells.items():
-        column = column.astype(str).tolist()
-        width = max([len(header), *map(len, column)])
-        pad = str.ljust if header in ("run", "method", "excluded") else str.rjust  # text left, numbers right
-        padded[pad(header, width)] = ["-" * width, *(pad(c, width) for c in column)]
+    for header, cell_column in cells.items():
+        texts = cell_column.astype(str).tolist()
+        width = max([len(header), *map(len, texts)])
+        pad = str.ljust if header in ("run", "method", "noise", "excluded") else str.rjust  # text left, numbers right
+        padded[pad(header, width)] = ["-" * width, *(pad(c, width) for c in texts)]
     table = pd.DataFrame(padded)
     text = table.to_string(index=False, col_space={c: len(c) + 1 for c in list(table.columns)[1:]})  # 2 spaces apart
     return "\n".join(line.rstrip() for line in text.splitlines())
+
+
+def _ties(ties: Any) -> str | None:
+    return f"~{ties}" if isinstance(ties, str) else None
 
 
 def headline(ranked: pd.DataFrame) -> str:
@@ -323,14 +278,22 @@ def headline(ranked: pd.DataFrame) -> str:
 
 
 def summary(ranked: pd.DataFrame, objectives: Sequence[Objective | str]) -> str:
-    """One line: how many trials are on the front, eligible, and excluded (by reason)."""
+    """How many trials are on the front, eligible, and excluded (by reason); a second line on noise."""
     n_eligible = int(ranked["excluded"].isna().sum())
     text = (
         f"{int(ranked['pareto'].sum())} Pareto-optimal of {n_eligible} eligible trials "
         f"({', '.join(map(str, parse_objectives(objectives)))}); {len(ranked) - n_eligible} excluded"
     )
     reasons = Counter(ranked["excluded"].dropna()).most_common()
-    return text + (": " + ", ".join(f"{n} {reason}" for reason, n in reasons) if reasons else "")
+    text += ": " + ", ".join(f"{n} {reason}" for reason, n in reasons) if reasons else ""
+    noise = int(ranked["within_noise"].sum())
+    if noise or ranked["ties"].notna().any():
+        text += (
+            f"\nnoise: {noise} dominated trial(s) 'within noise' (no front member dominates them beyond both 95% "
+            "intervals); '~2,3': a front member indistinguishable from ranks 2 and 3 (intervals overlap on every "
+            "objective)"
+        )
+    return text
 
 
 def output_frame(ranked: pd.DataFrame, objectives: Sequence[Objective | str]) -> pd.DataFrame:
@@ -343,7 +306,12 @@ def output_frame(ranked: pd.DataFrame, objectives: Sequence[Objective | str]) ->
     source |= {m: f"metrics.{m}" for m in metrics}
     params = sorted(c for c in ranked.columns if c.startswith("params."))
     source |= {c.removeprefix("params."): c for c in params if c.removeprefix("params.") not in source}
-    out = pd.DataFrame({name: _column(ranked, column) for name, column in source.items()})
+    out = pd.DataFrame({name: column(ranked, src) for name, src in source.items()})
+    low, high = objective_bounds(ranked, parse_objectives(objectives))
+    for j, o in enumerate(parse_objectives(objectives)):  # each objective's interval, logged or computed
+        if o.metric in names.ACCURACY_METRICS:
+            out[o.metric + CI_LOW], out[o.metric + CI_HIGH] = low[:, j], high[:, j]
+    out["within_noise"], out["ties"] = ranked["within_noise"], ranked["ties"]
     out["method"] = out["method"].replace("", None)
     return out.astype({c: "string" for c in out.columns if out[c].dtype == object or c == "method"})
 
@@ -382,13 +350,40 @@ def _panel(ax: Any, ranked: pd.DataFrame, objectives: Sequence[Objective], i: in
     shown = ~(np.isnan(xs) | np.isnan(ys))
     excluded = ranked["excluded"].notna().to_numpy() & shown
     front = ranked["pareto"].to_numpy() & shown
-    dominated = ~excluded & ~front & shown
+    noisy = ranked["within_noise"].to_numpy() & shown
+    dominated = ~excluded & ~front & ~noisy & shown
+    low, high = objective_bounds(ranked, objectives)
+    x_err = np.abs(np.stack([xs - low[:, i] * _unit(xo.metric)[0], high[:, i] * _unit(xo.metric)[0] - xs]))
+    y_err = np.zeros_like(x_err) if yo is None else None
+    if yo is None:
+        x_err, y_err = y_err, x_err
+    else:
+        y_err = np.abs(np.stack([ys - low[:, j] * _unit(yo.metric)[0], high[:, j] * _unit(yo.metric)[0] - ys]))
+    label: str | None = "95% intervals"  # one legend entry for all bars
+    for mask, colour in ((front, "tab:red"), (noisy, "tab:orange"), (dominated, "tab:blue")):
+        if mask.any() and np.nan_to_num(x_err[:, mask] + y_err[:, mask]).any():
+            ax.errorbar(
+                xs[mask],
+                ys[mask],
+                xerr=x_err[:, mask],
+                yerr=y_err[:, mask],
+                fmt="none",
+                ecolor=colour,
+                elinewidth=0.8,
+                alpha=0.35,
+                zorder=1,
+                label=label,
+            )
+            label = None
     if excluded.any():
         kinds = ", ".join(sorted(set(ranked["excluded"].dropna())))
         ax.scatter(xs[excluded], ys[excluded], marker="x", s=30, c="0.5", alpha=0.6, lw=1, label=f"excluded ({kinds})")
     if dominated.any():
-        label = f"dominated ({dominated.sum()})"
+        label = f"dominated beyond noise ({dominated.sum()})"
         ax.scatter(xs[dominated], ys[dominated], s=34, c="tab:blue", alpha=0.35, lw=0, label=label)
+    if noisy.any():
+        label = f"dominated only within noise ({noisy.sum()})"
+        ax.scatter(xs[noisy], ys[noisy], s=40, c="tab:orange", alpha=0.8, edgecolors="black", lw=0.4, label=label)
     if front.any():
         if yo is not None and len(objectives) == 2:
             # What the front dominates ends at a staircase: from each point to the next (sorted on x)
@@ -412,8 +407,9 @@ def _panel(ax: Any, ranked: pd.DataFrame, objectives: Sequence[Objective], i: in
 def plot_front(
     ranked: pd.DataFrame, objectives: Sequence[Objective | str], path: str | Path, *, title: str | None = None
 ) -> Path:
-    """Every trial, the front highlighted and numbered by rank: one panel with the front's staircase for two
-    objectives, else one per pair (where a front point may look dominated: it wins on another objective)."""
+    """Every trial with its 95% intervals as error bars, the front highlighted and numbered by rank, trials
+    dominated only within noise apart: one panel with the front's staircase for two objectives, else one
+    per pair (where a front point may look dominated: it wins on another objective)."""
     from matplotlib.figure import Figure  # not pyplot: the Agg canvas, no global backend to switch
 
     objectives = parse_objectives(objectives)
@@ -437,106 +433,6 @@ def plot_front(
     return path
 
 
-def _student_source(client: MlflowClient, run_id: str, model_name: str) -> tuple[str, str | None]:
-    # (where the files are, logged model id). MLflow 3 logs a logged model; older runs keep an
-    # MLmodel under the run's artifacts. Not models:/<id>: MLflow's SQL registry resolves such a
-    # source through a client on the process-wide tracking URI, which need not be ours.
-    run = client.get_run(run_id)
-    exp_id, by_run = run.info.experiment_id, f"source_run_id = {_quote(run_id)}"
-    found = client.search_logged_models([exp_id], filter_string=f"{by_run} AND name = {_quote(model_name)}")
-    if found:
-        latest = max(found, key=lambda lm: lm.creation_timestamp or 0)
-        return latest.artifact_location, latest.model_id
-    if any(f.path == f"{model_name}/MLmodel" for f in client.list_artifacts(run_id, model_name)):
-        return f"{run.info.artifact_uri.rstrip('/')}/{model_name}", None
-    logged = ", ".join(sorted({lm.name for lm in client.search_logged_models([exp_id], filter_string=by_run)}))
-    why = run.data.tags.get(names.MODEL_ERROR_TAG)  # the sweep keeps a trial whose student failed to log
-    raise TrackingError(
-        f"run {run_id} has no logged model named {model_name!r} (its logged models: {logged or 'none'}"
-        + (f"; {names.MODEL_ERROR_TAG}: {why}" if why else "")
-        + f"); the sweep logs it with mlflow.pytorch.log_model(student, name={model_name!r})"
-    )
-
-
-def register_front(
-    ranked: pd.DataFrame, objectives: Sequence[Objective | str], name: str, *, tracking_uri: str | None = None
-) -> list[ModelVersion]:
-    """Register each Pareto-optimal student as a version of model ``name``, aliased ``pareto-<rank>``
-    and tagged with its objective values, run, rank and the objectives. A run registered before keeps
-    its version, and ``pareto-*`` aliases past this front go: ``models:/NAME@pareto-1`` is its rank 1."""
-    objectives = parse_objectives(objectives)
-    front = ranked[ranked["pareto"]].sort_values("rank")
-    if front.empty:
-        raise TrackingError("no Pareto-optimal trial to register (every trial is excluded)")
-    client = _client(tracking_uri)
-    sources = [_student_source(client, run_id, names.STUDENT_MODEL) for run_id in front["run_id"]]  # all before writing
-    if not client.search_registered_models(filter_string=f"name = {_quote(name)}"):
-        client.create_registered_model(name, description="Pareto-optimal students registered by afm_ray.pareto")
-    versions = []
-    for (_, row), (source, model_id) in zip(front.iterrows(), sources, strict=True):
-        run_id, rank = row["run_id"], int(row["rank"])
-        tags = {o.metric: repr(float(row[f"metrics.{o.metric}"])) for o in objectives}
-        tags |= {"afm_ray.pareto_rank": str(rank), "afm_ray.objectives": ",".join(map(str, objectives))}
-        tags |= {"afm_ray.run_id": run_id, "method.name": "" if pd.isna(row.get(_METHOD)) else row[_METHOD]}
-        existing = client.search_model_versions(f"name = {_quote(name)} and run_id = {_quote(run_id)}")
-        if existing:
-            mv = max(existing, key=lambda v: int(v.version))
-            for key, value in tags.items():  # the rank may have moved since
-                client.set_model_version_tag(name, mv.version, key, value)
-        else:
-            mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
-        client.set_registered_model_alias(name, f"{names.PARETO_ALIAS_PREFIX}{rank}", mv.version)
-        versions.append(mv)
-    # What the previous front left behind: aliases past this front's size, rank tags off the front.
-    for alias in client.get_registered_model(name).aliases:
-        suffix = alias.removeprefix(names.PARETO_ALIAS_PREFIX)
-        if alias.startswith(names.PARETO_ALIAS_PREFIX) and suffix.isdigit() and int(suffix) > len(front):
-            client.delete_registered_model_alias(name, alias)
-    on_front = {mv.version for mv in versions}
-    for mv in _all_pages(client.search_model_versions, f"name = {_quote(name)}"):
-        if mv.version not in on_front and "afm_ray.pareto_rank" in mv.tags:
-            client.delete_model_version_tag(name, mv.version, "afm_ray.pareto_rank")
-    return versions
-
-
-def verify_registered(
-    name: str,
-    alias: str = f"{names.PARETO_ALIAS_PREFIX}1",
-    *,
-    tracking_uri: str | None = None,
-    data: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[float, float]:
-    """(logged clean_acc, re-measured clean accuracy) of ``models:/name@alias`` on ``data`` = (x in [0,1], y),
-    by default the test split that its run's params describe."""
-    import torch
-    from mlflow.pytorch import load_model
-
-    client = _client(tracking_uri)
-    version = client.get_model_version_by_alias(name, alias)
-    run = client.get_run(version.run_id)
-    # Download through our client and load the copy: loading models:/... itself would resolve it
-    # through the process-wide URIs, which belong to the caller.
-    with tempfile.TemporaryDirectory(prefix="afm_ray_pareto_") as tmp:
-        location = client.get_model_version_download_uri(name, version.version)
-        model = load_model(download_artifacts(location, dst_path=tmp, tracking_uri=client.tracking_uri))
-    if data is None:  # the run's params are its whole resolved config
-        from afm_ray.config import from_flat
-        from afm_ray.data import load_dataset
-
-        d = from_flat(run.data.params, ignore_unknown=True).data
-        ds = load_dataset(
-            d.name, d.root or None, test_fraction=d.test_fraction, seed=d.seed, image_size=d.image_size or None
-        )
-        data = (ds.x_test.float() / 255, ds.y_test)
-    x, y = data
-    with contextlib.suppress(NotImplementedError):  # MLflow's 'pt2' format: a traced graph, its mode fixed
-        model.eval()
-    with torch.no_grad():
-        batches = ((x[i : i + 512], y[i : i + 512]) for i in range(0, len(x), 512))
-        correct = sum(int((model(xb).argmax(dim=1).cpu() == yb.cpu()).sum()) for xb, yb in batches)
-    return run.data.metrics.get("clean_acc", math.nan), correct / len(x)
-
-
 def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The command line of ``python -m afm_ray.pareto``; `run` carries it out."""
     p = parser_class(
@@ -545,22 +441,42 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     p.add_argument("--experiment", required=True, help="MLflow experiment name (or id)")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     default, final = " ".join(CLI_OBJECTIVES), ", ".join(names.OBJECTIVE_METRICS)
-    helps = f"metrics to optimise (default: {default}); final metrics: {final}"
-    p.add_argument("--objectives", nargs="+", default=list(CLI_OBJECTIVES), metavar="NAME:max|min", help=helps)
+    helps = f"metrics to optimise (default: the sweep's own, robustness first; else {default}); final metrics: {final}"
+    p.add_argument("--objectives", nargs="+", default=None, metavar="NAME:max|min", help=helps)
     helps = "MLflow search filter ANDed with the trial selection, e.g. \"params.`method.name` = 'advfunmatch'\""
     p.add_argument("--filter", dest="filter_string", metavar="FILTER", help=helps + " (params.method works too)")
     p.add_argument("--sweep", metavar="RUN_ID", help="only trials of this sweep (parent run id, id prefix or run name)")
     p.add_argument("--plot", metavar="FILE.png", help="write a plot of all trials with the front highlighted")
     p.add_argument("--out", metavar="FILE.parquet|.csv", help="write the whole table with a pareto column")
-    aliases = "register each Pareto-optimal student with aliases pareto-1, pareto-2, ..."
+    aliases = "register each Pareto-optimal student with aliases pareto-1, pareto-2, ... (with --confirm: confirmed)"
     p.add_argument("--register", metavar="MODEL_NAME", help=aliases)
     p.add_argument("--front-only", action="store_true", help="print only the Pareto front")
+    helps = "re-evaluate the front and the trials within noise of it on more test images (and --seeds), on Ray"
+    p.add_argument("--confirm", action="store_true", help=helps + "; the front is recomputed on the confirmed means")
+    p.add_argument("--samples", type=int, default=0, help="--confirm: test images (default 0: the whole test split)")
+    p.add_argument("--seeds", type=int, default=0, help="--confirm: retrain each candidate this many times, new seeds")
+    helps = "--confirm: Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=helps)
     return p
 
 
+def choose_objectives(given: Sequence[str] | None, trials: pd.DataFrame, tracking_uri: str) -> tuple[Objective, ...]:
+    """``given``, else the objectives the trials' sweep recorded, else `CLI_OBJECTIVES`. The sweep's are
+    reordered robustness first (aa, cw, pgd20, clean, then the rest): the order ranks the front only."""
+    if given:
+        return parse_objectives(given)
+    recorded = sweep_objectives(client_for(tracking_uri), trials)
+    if not recorded:
+        return parse_objectives(CLI_OBJECTIVES)
+    first = ("aa_acc", "cw_acc", "pgd20_acc", "clean_acc")
+    return parse_objectives(sorted(recorded, key=lambda o: first.index(o.metric) if o.metric in first else len(first)))
+
+
 def run(args: argparse.Namespace) -> int:
-    """Carry out parsed ``args``: 0 with a front, 1 when no trial is eligible; errors are UserErrors (afm_ray.cli)."""
-    objectives = parse_objectives(args.objectives)
+    """Carry out parsed ``args``: 0 with a front, 1 when no trial is eligible, 130 when a confirmation
+    is interrupted (Ctrl-C); errors are UserErrors (afm_ray.cli prints them in one line, exit 2)."""
+    if args.objectives:
+        parse_objectives(args.objectives)  # a bad objective fails before MLflow is read
     if args.out:  # output files are checked before MLflow is read
         _check_out_suffix(Path(args.out))
         check_writable_file(args.out, "--out")
@@ -570,18 +486,46 @@ def run(args: argparse.Namespace) -> int:
         if Path(args.plot).suffix.lower().lstrip(".") not in (formats := Figure().canvas.get_supported_filetypes()):
             raise ConfigError(f"--plot {args.plot!r}: expected a file name ending in one of .{', .'.join(formats)}")
         check_writable_file(args.plot, "--plot")
+    if not args.confirm and (args.samples or args.seeds):
+        raise ConfigError("--samples and --seeds belong to --confirm")
     uri = args.tracking_uri or names.default_tracking_uri()
     try:
         trials = load_trials(args.experiment, tracking_uri=uri, filter_string=args.filter_string, sweep=args.sweep)
+        objectives = choose_objectives(args.objectives, trials, uri)
+        if not args.objectives:
+            print(f"objectives: {' '.join(map(str, objectives))}")
         ranked = rank_trials(trials, objectives)
         print(format_table(ranked, objectives, front_only=args.front_only))
         print(summary(ranked, objectives))
-        if args.out:
+        if args.out and not args.confirm:
             print(f"table: {write_table(ranked, objectives, args.out)}")
-        if args.plot:
+        if args.plot and not args.confirm:
             print(f"plot: {plot_front(ranked, objectives, args.plot, title=f'{args.experiment}: {headline(ranked)}')}")
+        tags = {}
+        if args.confirm and ranked["pareto"].any():
+            from afm_ray.confirm import confirm_candidates, format_comparison  # Ray and training: only here
+
+            try:
+                confirmed = confirm_candidates(
+                    ranked, tracking_uri=uri, samples=args.samples, seeds=args.seeds, address=args.address
+                )
+            except KeyboardInterrupt:  # what finished is logged; the same command continues from there
+                print("interrupted: run the same command again to continue the confirmation", file=sys.stderr)
+                return 130
+            ranked = rank_trials(confirmed, objectives)
+            print(format_comparison(confirmed, objectives))
+            print("\nconfirmed front:")
+            print(format_table(ranked, objectives, front_only=args.front_only))
+            print(summary(ranked, objectives))
+            if args.out:
+                print(f"table: {write_table(ranked, objectives, args.out)}")
+            if args.plot:
+                title = f"{args.experiment}, confirmed: {headline(ranked)}"
+                print(f"plot: {plot_front(ranked, objectives, args.plot, title=title)}")
+            tags = {"afm_ray.confirmed": f"samples={args.samples} seeds={args.seeds}"}
         if args.register:
-            for rank, mv in enumerate(register_front(ranked, objectives, args.register, tracking_uri=uri), start=1):
+            versions = register_front(ranked, objectives, args.register, tracking_uri=uri, extra_tags=tags)
+            for rank, mv in enumerate(versions, start=1):
                 alias = f"{args.register}@{names.PARETO_ALIAS_PREFIX}{rank}"
                 print(f"registered models:/{alias} -> version {mv.version} (run {mv.run_id})")
     except MlflowException as err:  # the store refused or failed a request

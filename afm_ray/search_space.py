@@ -19,7 +19,8 @@ see afm_ray/search_spaces/default.yaml):
     objectives:                        # 1 = single objective (ASHA allowed), 2+ = NSGA-II
       - {metric: clean_acc, mode: max}
       - {metric: aa_acc, mode: max}
-    num_samples: 6                     # trials
+    num_samples: 6                     # trials (grid: default and most = the number of grid points)
+    sampler: {name: tpe}               # tpe | nsga2 | random | grid (every combination once)
     scheduler: {name: fifo}            # or {name: asha, metric: val/pgd_acc, grace_period: 2}
     resources: {num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent_trials: 0           # 0 = from the cluster's resources
@@ -63,8 +64,13 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 OBJECTIVE_METRICS = ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc", "params", "latency_ms")
 PER_EPOCH_METRICS = ("val/clean_acc", "val/pgd_acc")
 RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
-SAMPLERS = ("tpe", "nsga2", "random")
-SAMPLER_FIELDS = {"tpe": ("name", "n_startup_trials"), "nsga2": ("name", "population_size"), "random": ("name",)}
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+SAMPLER_FIELDS = {
+    "tpe": ("name", "n_startup_trials"),
+    "nsga2": ("name", "population_size"),
+    "random": ("name",),
+    "grid": ("name",),
+}
 
 
 @dataclass(frozen=True)
@@ -232,7 +238,10 @@ def parse_search_space(
     objectives = _parse_objectives(raw.get("objectives"), where)
     scheduler = _parse_scheduler(raw.get("scheduler"), objectives, where)
     resources = _parse_resources(raw.get("resources"), where)
-    num_samples = _positive_int(raw.get("num_samples", 6), f"{where}: num_samples")
+    grid = _grid_size(search, fixed, raw.get("sampler"), where)
+    num_samples = _positive_int(raw.get("num_samples", grid or 6), f"{where}: num_samples")
+    if grid and num_samples > grid:
+        raise ConfigError(f"{where}: num_samples {num_samples} exceeds the {grid} points of the grid; use <= {grid}")
     sampler = _parse_sampler(raw.get("sampler"), num_samples, where)
     max_concurrent = _non_negative_int(raw.get("max_concurrent_trials", 0), f"{where}: max_concurrent_trials")
     max_failures = _non_negative_int(raw.get("max_failures", 2), f"{where}: max_failures")
@@ -387,11 +396,50 @@ def _parse_sampler(raw: Any, num_samples: int, where: str) -> dict[str, Any]:
     return spec
 
 
+def grid_points(search: tuple[Distribution, ...], fixed: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every combination the `grid` sampler runs: a key is varied only where its `when:` holds.
+    A ConfigError names a distribution with infinitely many values (loguniform, uniform without step)."""
+    points: list[dict[str, Any]] = [{}]
+    for dist in search:
+        values, grown = _grid_values(dist), []
+        for point in points:
+            applies = dist.applies({**fixed, **point})
+            grown.extend([{**point, dist.key: v} for v in values] if applies else [point])
+        points = grown
+    return points
+
+
+def _grid_values(dist: Distribution) -> list[Any]:
+    if dist.kind == "choice":
+        return list(dist.choices)
+    if dist.kind == "int":
+        return list(range(int(dist.low), int(dist.high) + 1, int(dist.step or 1)))
+    if dist.kind == "uniform" and dist.step:
+        return [dist.low + i * dist.step for i in range(int((dist.high - dist.low) / dist.step + 1e-9) + 1)]
+    raise ConfigError(
+        f"search.{dist.key}: the grid sampler needs finitely many values (choice, int, or uniform with step); "
+        f"got {dist.kind}" + (" without step" if dist.kind == "uniform" else "")
+    )
+
+
+def _grid_size(search: tuple[Distribution, ...], fixed: Mapping[str, Any], raw_sampler: Any, where: str) -> int:
+    if not (isinstance(raw_sampler, Mapping) and raw_sampler.get("name") == "grid"):
+        return 0
+    try:
+        return len(grid_points(search, fixed))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def build_sampler(space: SearchSpace) -> Any:
     """The Optuna sampler the space asks for, seeded with the space's seed."""
     import optuna
 
     spec, seed = space.sampler, space.seed
+    if spec["name"] == "grid":
+        from afm_ray.grid import GridSampler
+
+        return GridSampler(seed=seed)
     if spec["name"] == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec["name"] == "nsga2":

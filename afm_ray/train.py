@@ -40,6 +40,7 @@ from afm_ray.eval_batch import resolve_eval_batch_size
 from afm_ray.methods import AttackSpec, build_method
 from afm_ray.models import build_model, count_parameters, measure_latency_ms, model_kwargs, unwrap
 from afm_ray.names import HPARAM_NAMES, TRAIN_TEACHER
+from afm_ray.stats import accuracy_intervals
 
 
 class Reporter(Protocol):
@@ -417,6 +418,7 @@ def final_evaluation(
     final["params"] = float(count_parameters(student))
     final["latency_ms"] = measure_latency_ms(student, data.image_shape, device=ctx.device)
     final["eval/n_samples"] = float(len(y_test))
+    final.update(accuracy_intervals(final, len(y_test)))  # each accuracy's Wilson 95% interval
     final["eval/eps"] = cfg.eval_eps
     final["done"] = 1.0
     return final

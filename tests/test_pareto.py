@@ -25,6 +25,7 @@ from afm_ray import pareto
 from afm_ray.cli import pareto_main as main
 from afm_ray.names import Objective
 from afm_ray.pareto import load_trials, parse_objectives, rank_trials
+from afm_ray.student_model import fetch_student, log_student
 
 REPO = Path(__file__).resolve().parents[1]
 # SQLAlchemy 2 deprecation inside MLflow's own store; nothing this module can act on.
@@ -284,12 +285,19 @@ def test_cli_table_plot_and_parquet(sweep_db, tmp_path):
         "augment.policy",
         "aa_acc",
         "%",
+        "[95%",
+        "CI]",
         "clean_acc",
         "%",
+        "[95%",
+        "CI]",
         "params",
+        "noise",
         "excluded",
     ]
     ids = sweep_db["ids"]
+    # t1 and t4 are identical: front members that no interval could tell apart
+    assert "~3" in lines[3] and "~2" in lines[4]
     assert [ln.split()[2] for ln in lines[2:7]] == [ids[n][:8] for n in ("t2", "t1", "t4", "t3", "t11")]
     assert "5 Pareto-optimal of 6 eligible trials" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
@@ -349,11 +357,11 @@ def _digits():
 def _train(x, y, steps):
     import torch
 
+    from afm_ray.models import build_model
+
     torch.manual_seed(0)
     # BatchNorm makes the round trip mode-sensitive: logged in eval mode, it must come back so
-    model = torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
-    )
+    model = build_model("small_cnn", num_classes=10, in_channels=1, mean=[0.3], std=[0.4], width=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
@@ -373,16 +381,13 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
     logged = {}
     # "good" is more accurate, "robust" has the better (made-up) aa_acc: both are on the front,
     # and the rank follows aa_acc: robust is pareto-1, good is pareto-2.
-    for step, (name, steps, aa) in enumerate([("good", 40, 0.20), ("robust", 4, 0.30)]):
+    for step, (name, steps, aa) in enumerate([("good", 40, 0.20), ("robust", 12, 0.30)]):
         model = _train(x_train, y_train, steps)
         with torch.no_grad():
             clean = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
         rid = _add_trial(client, exp, parent, name, {"clean_acc": clean, "aa_acc": aa}, step=step, status="RUNNING")
-        with mlflow.start_run(run_id=rid):
-            # MLflow 3.17's default 'pt2' format needs an input example (batch > 1: dynamic batch dim)
-            mlflow.pytorch.log_model(
-                model, name="student", input_example=x_test[:2].numpy(), pip_requirements=["torch"]
-            )
+        log_student(client, rid, model, input_shape=(1, 8, 8))
+        client.set_terminated(rid)
         logged[name] = (rid, clean)
     assert logged["good"][1] > logged["robust"][1] > 0.3  # a real trade-off
 
@@ -397,10 +402,14 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
         assert mv.run_id == logged[name][0]
         assert float(mv.tags["clean_acc"]) == logged[name][1]
         assert mv.tags["afm_ray.pareto_rank"] == alias[-1]
-        model = mlflow.pytorch.load_model(f"models:/afm-students@{alias}")
+        model, spec = fetch_student(client, f"models:/afm-students@{alias}")  # safetensors, sha256 checked
+        assert mv.tags["afm_ray.student_sha256"] == client.get_run(spec["run_id"]).data.tags["afm_ray.student_sha256"]
         with torch.no_grad():
             again = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
         assert again == logged[name][1]
+        # MLflow's own loader works too (the MLmodel names afm_ray.student_model as its loader)
+        logits = mlflow.pyfunc.load_model(f"models:/afm-students@{alias}").predict(x_test.numpy())
+        assert int((torch.as_tensor(logits).argmax(1) == y_test).sum()) / len(y_test) == logged[name][1]
     assert pareto.verify_registered("afm-students", "pareto-2", data=(x_test, y_test)) == (
         logged["good"][1],
         logged["good"][1],
@@ -433,8 +442,8 @@ def test_registry_uses_only_the_given_uri(global_uri, tmp_path, monkeypatch):
     with torch.no_grad():
         clean = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
     rid = _add_trial(client, exp, parent, "only", {"clean_acc": clean, "aa_acc": 0.1}, status="RUNNING")
-    with mlflow.start_run(run_id=rid):
-        mlflow.pytorch.log_model(model, name="student", input_example=x_test[:2].numpy(), pip_requirements=["torch"])
+    log_student(client, rid, model, input_shape=(1, 8, 8))
+    client.set_terminated(rid)
 
     elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
@@ -470,3 +479,77 @@ def test_register_needs_a_student(sweep_db, capsys):
     assert "afm_ray.model_error: MlflowException: boom" in err
     with pytest.raises(Exception, match="nothing-logged"):  # nothing was half-registered
         sweep_db["client"].get_registered_model("nothing-logged")
+
+
+# --------------------------------------------------------------------------- intervals and noise
+
+
+@pytest.fixture(scope="module")
+def noisy_db(tmp_path_factory):
+    """Trials measured on 200 images (Wilson 95% half-width about 7 points at 50%), one on 2000."""
+    root = tmp_path_factory.mktemp("noisy")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    exp = client.create_experiment("noisy", artifact_location=str(root / "artifacts"))
+    parent = client.create_run(exp, run_name="sw", tags={"afm_ray.role": "sweep"}).info.run_id
+    client.log_param(parent, "sweep.objectives", "clean_acc:max,aa_acc:max")
+    spec = {  # name: (aa_acc, clean_acc, n_samples)
+        "a": (0.50, 0.80, 200),  # front
+        "b": (0.48, 0.79, 200),  # dominated by a, but its intervals overlap a's: within noise
+        "c": (0.30, 0.60, 2000),  # dominated by a far beyond both intervals
+        "d": (0.45, 0.86, 200),  # front; its aa/clean intervals overlap a's on both objectives
+    }
+    ids = {}
+    for step, (name, (aa, clean, n)) in enumerate(spec.items()):
+        metrics = {"aa_acc": aa, "clean_acc": clean, "eval/n_samples": n, "params": 1000.0}
+        if name == "a":  # logged intervals win over the ones computed from eval/n_samples
+            metrics |= {"aa_acc_ci_low": 0.43, "aa_acc_ci_high": 0.57}
+        ids[name] = _add_trial(client, exp, parent, name, metrics, step=step)
+    return {"uri": uri, "ids": ids, "client": client, "exp": exp}
+
+
+def test_intervals_and_within_noise(noisy_db, tmp_path):
+    from afm_ray.stats import wilson_interval
+
+    objectives = ["aa_acc:max", "clean_acc:max"]
+    ranked = rank_trials(load_trials("noisy", tracking_uri=noisy_db["uri"]), objectives)
+    by = {name: ranked[ranked["run_id"] == rid].iloc[0] for name, rid in noisy_db["ids"].items()}
+    assert by["a"]["pareto"] and by["d"]["pareto"] and by["b"]["front"] == 2
+    # b: a dominates it (0.50 > 0.48, 0.80 > 0.79), but a's worst ends (0.43; 0.80 - 5.6 points) are below
+    # b's best ends, so no front member dominates it beyond noise. c: a's worst ends (0.43, 0.74) beat c's
+    # best (0.30 + 2.0 points, 0.60 + 2.1 points on 2000 images).
+    assert by["b"]["within_noise"] and not by["c"]["within_noise"] and not by["a"]["within_noise"]
+    # a and d: aa 0.43-0.57 vs 0.38-0.52, clean 0.74-0.85 vs 0.80-0.90: indistinguishable on both
+    assert by["a"]["ties"] == str(by["d"]["rank"]) and by["d"]["ties"] == str(by["a"]["rank"])
+    low, high = pareto.objective_bounds(ranked, parse_objectives(objectives))
+    row = ranked.index[ranked["run_id"] == noisy_db["ids"]["c"]][0]
+    assert (low[row, 0], high[row, 0]) == wilson_interval(0.30, 2000)  # computed from eval/n_samples
+    row = ranked.index[ranked["run_id"] == noisy_db["ids"]["a"]][0]
+    assert (low[row, 0], high[row, 0]) == (0.43, 0.57)  # as logged
+    table = pareto.format_table(ranked, objectives)
+    assert "50.00 [43.0, 57.0]" in table and "within noise" in table
+    assert "1 dominated trial(s) 'within noise'" in pareto.summary(ranked, objectives)
+    # the plot: error bars, and the within-noise trial in its own legend entry
+    pareto.plot_front(ranked, objectives, tmp_path / "noisy.png")
+    assert (tmp_path / "noisy.png").stat().st_size > 20_000
+
+
+def test_pareto_follows_the_sweeps_objectives(noisy_db, tmp_path, capsys):
+    out = tmp_path / "t.parquet"
+    assert main(["--experiment", "noisy", "--tracking-uri", noisy_db["uri"], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # recorded "clean_acc:max,aa_acc:max"; robustness first orders the ranks, the front is the same
+    assert printed.splitlines()[0] == "objectives: aa_acc:max clean_acc:max"
+    table = pq.read_table(out)
+    assert table.schema.metadata[b"afm_ray.objectives"] == b"aa_acc:max,clean_acc:max"
+    rows = {r["run_id"]: r for r in table.to_pylist()}
+    assert rows[noisy_db["ids"]["b"]]["within_noise"] and rows[noisy_db["ids"]["a"]]["aa_acc_ci_low"] == 0.43
+    # a sweep that optimised something else: the trials of both disagree, and that is an error
+    client = noisy_db["client"]
+    other = client.create_run(noisy_db["exp"], run_name="sw2", tags={"afm_ray.role": "sweep"}).info.run_id
+    client.log_param(other, "sweep.objectives", "clean_acc:max,params:min")
+    _add_trial(client, noisy_db["exp"], other, "e", {"aa_acc": 0.1, "clean_acc": 0.5, "params": 10.0}, step=9)
+    assert main(["--experiment", "noisy", "--tracking-uri", noisy_db["uri"]]) == 2
+    assert "different objectives" in capsys.readouterr().err
+    assert main(["--experiment", "noisy", "--tracking-uri", noisy_db["uri"], "--sweep", "sw2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "objectives: clean_acc:max params:min"

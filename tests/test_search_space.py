@@ -35,7 +35,7 @@ def test_shipped_spaces_load_by_name():
     "given, message",
     [
         ("cifar10_resnet", r"'cifar10_resnet' is neither a file nor a shipped space \(cifar100_mobilenetv2, "),
-        ("search_spaces/cifar10_resnet18.yaml", r"did you mean --space cifar10_resnet18\?"),
+        ("spaces/cifar10_resnet18.yaml", r"did you mean --space cifar10_resnet18\?"),
     ],
 )
 def test_unknown_space_names_the_shipped_ones(given, message, tmp_path, monkeypatch):
@@ -117,3 +117,62 @@ def test_overrides_pin_searched_keys():
     space = parse_search_space(BASE, overrides={"attack.eps": 0.1})
     assert "attack.eps" not in {d.key for d in space.search}
     assert space.fixed["attack.eps"] == 0.1
+
+
+GRID = {
+    "fixed": {"data.name": "digits"},
+    "search": {
+        "method.name": {"choice": ["advfunmatch", "rslad", "pgd_at"]},
+        "augment.policy": {"choice": ["crop_flip", "autoaugment+cutmix"], "when": {"method.name": ["advfunmatch"]}},
+        "run.seed": {"int": [0, 2]},
+    },
+    "sampler": {"name": "grid"},
+}
+
+
+def test_grid_points_follow_the_conditions():
+    from afm_ray.search_space import grid_points
+
+    space = parse_search_space(GRID)
+    points = grid_points(space.search, space.fixed)
+    # advfunmatch x 2 policies x 3 seeds + (rslad, pgd_at) x 3 seeds: the policy varies only where it applies
+    assert len(points) == 6 + 6 == space.num_samples
+    assert {"method.name": "rslad", "run.seed": 1} in points
+    assert {"method.name": "advfunmatch", "augment.policy": "autoaugment+cutmix", "run.seed": 2} in points
+
+
+def test_grid_sampler_runs_every_point_once_through_tune_searcher():
+    """Ray Tune's OptunaSearch with the grid sampler, trials asked 3 at a time as a sweep runs them in
+    parallel: each point exactly once, none missing."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from afm_ray.search_space import build_sampler, grid_points
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = parse_search_space(GRID)
+    searcher = OptunaSearch(
+        space=space.define_by_run(), metric=["clean_acc", "aa_acc"], mode=["max", "max"], sampler=build_sampler(space)
+    )
+    asked = []
+    for i in range(space.num_samples):
+        asked.append(searcher.suggest(f"t{i}"))
+        if i % 3 == 2:  # three in flight, then they finish
+            for j in range(i - 2, i + 1):
+                searcher.on_trial_complete(f"t{j}", {"clean_acc": 0.9, "aa_acc": 0.5, "done": True})
+    keys = [{k: v for k, v in a.items() if k in ("method.name", "augment.policy", "run.seed")} for a in asked]
+    expected = grid_points(space.search, space.fixed)
+    assert len(keys) == len(expected) and all(k in keys for k in expected)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"search": {"optim.lr": {"loguniform": [0.01, 0.1]}}}, "grid sampler needs finitely many values"),
+        ({"search": {"attack.eps": {"uniform": [0.05, 0.1]}}}, "got uniform without step"),
+        ({"num_samples": 13}, "num_samples 13 exceeds the 12 points of the grid"),
+    ],
+)
+def test_grid_errors(change, message):
+    raw = {**GRID, **change, "search": {**GRID["search"], **change.get("search", {})}}
+    with pytest.raises(ConfigError, match=message):
+        parse_search_space(raw)

@@ -14,12 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from ray_head import RAY, free_port, ray_head, session_processes, wait_http
+
+from afm_ray.stats import wilson_interval
+from afm_ray.student_model import fetch_student
 
 pytestmark = pytest.mark.slow
 
@@ -123,6 +125,7 @@ def test_two_trial_sweep_end_to_end(tmp_path):
     assert "teacher/clean_acc" in parent[0].data.metrics
 
     study = optuna.load_study(study_name="s1", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.metric_names == ["clean_acc", "aa_acc"]  # what optuna-dashboard shows
     suggested = {t.user_attrs["tune_trial_id"]: t.params for t in study.trials}
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     for run in runs:
@@ -133,16 +136,23 @@ def test_two_trial_sweep_end_to_end(tmp_path):
         assert (
             run.data.metrics["aa_acc"] <= run.data.metrics["pgd20_acc"] + 1e-9 <= run.data.metrics["clean_acc"] + 1e-9
         )
+        # every accuracy with its Wilson 95% interval on the images it was measured on
+        n = run.data.metrics["eval/n_samples"]
+        assert n == 24
+        for metric in ("clean_acc", "pgd20_acc", "aa_acc"):
+            low, high = wilson_interval(run.data.metrics[metric], n)
+            assert run.data.metrics[f"{metric}_ci_low"] == pytest.approx(low, abs=1e-12)
+            assert run.data.metrics[f"{metric}_ci_high"] == pytest.approx(high, abs=1e-12)
         # Params are what Optuna suggested, under the same dotted names, plus the full config.
         for key, value in suggested[run.data.tags["afm_ray.trial_id"]].items():
             assert float(run.data.params[key]) == pytest.approx(value)
         assert run.data.params["method.name"] == "advfunmatch" and run.data.params["optim.momentum"] == "0.9"
         history = client.get_metric_history(run.info.run_id, "val/clean_acc")
         assert [m.step for m in history] == [1, 2]
-    # The student is an MLflow model that reproduces its logged clean accuracy.
-    mlflow.set_tracking_uri(tracking)
+    # The student is safetensors + a JSON spec (no pickle) that reproduces its logged clean accuracy.
     best = max(runs, key=lambda r: r.data.metrics["clean_acc"])
-    student = mlflow.pytorch.load_model(f"runs:/{best.info.run_id}/student")
+    student, spec = fetch_student(client, f"runs:/{best.info.run_id}")
+    assert spec["input_shape"] == [1, 8, 8] and spec["model"]["arch"] == "small_cnn"
     from afm_ray.attacks import evaluate
     from afm_ray.config import from_flat
     from afm_ray.data import fixed_test_subset, load_run_data

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,7 @@ def _run_sweep(
             study_name=name,
             storage=optuna.storages.RDBStorage(optuna_url),
         )
+        name_metrics(name, optuna_url, [o.metric for o in space.objectives])
         scheduler = None
         if space.scheduler["name"] == "asha":
             s = space.scheduler
@@ -266,6 +268,13 @@ def resume_command(name: str, storage_root: str, space: SearchSpace) -> str:
     return f"python -m afm_ray.sweep --resume --name {name} --storage {redact_uri(storage_root)}" + (
         f" --space {space.path}" if space.path else ""
     )
+
+
+def name_metrics(study_name: str, optuna_url: str, metrics: list[str]) -> None:
+    """Name the study's objectives, so optuna-dashboard shows "clean_acc", not "Objective 0"."""
+    with warnings.catch_warnings():  # experimental in Optuna since 3.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.load_study(study_name=study_name, storage=optuna_url).set_metric_names(metrics)
 
 
 class CompletedOnlyOptunaSearch(OptunaSearch):

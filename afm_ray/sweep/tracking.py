@@ -2,7 +2,7 @@
 
 Child runs are written by `TrialTracker`, Ray's own `MLflowLoggerCallback` extended with
 what a sweep needs: nesting (tag `mlflow.parentRunId`), the full resolved config as params,
-only our metrics, a trial status tag, the student as an MLflow PyTorch model, and re-use
+only our metrics, a trial status tag, the student as an MLflow model (safetensors, afm_ray.student_model), and re-use
 of a trial's run when a sweep is resumed (so no run is ever duplicated).
 
 We never call `mlflow.set_experiment` in the driver: it exports MLFLOW_EXPERIMENT_ID,
@@ -11,19 +11,15 @@ which would override the callback's experiment.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-import mlflow
-import torch
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from afm_ray import __version__
-from afm_ray.checkpoints import load_model
+from afm_ray.checkpoints import checkpoint_data_spec, load_model
 from afm_ray.config import from_flat, to_flat
 from afm_ray.errors import ConfigError
 from afm_ray.names import (
@@ -34,12 +30,12 @@ from afm_ray.names import (
     NODE_ID_TAG,
     PARENT_TAG,
     ROLE_TAG,
-    STUDENT_MODEL,
     SWEEP_TAG,
     TRIAL_ID_TAG,
     TRIAL_STATUS_TAG,
 )
 from afm_ray.storage import local_directory, redact_uri
+from afm_ray.student_model import log_student
 
 # Logged as param `eval.protocol` on every trial, so a run says how its numbers were measured.
 EVAL_PROTOCOL = "; ".join(f"{name}: {text}" for name, text in EVAL_PROTOCOLS.items() if name != "pgd10")
@@ -165,41 +161,7 @@ class TrialTracker(MLflowLoggerCallback):
             raise FileNotFoundError(f"trial {trial.trial_id} reported no checkpoint")
         with tempfile.TemporaryDirectory(prefix="afm_ray_student_") as tmp:
             local = local_directory(path, tmp)
-            model, _ = load_model(local)  # from the checkpoint's own data description: no dataset on the driver
-            model.eval()
-            with _resumed(run_id), _quiet("mlflow.pytorch"):
-                # Pickle, not pt2: a pt2 export freezes the train/eval mode and refuses
-                # .eval(), which the evaluation attacks call.
-                mlflow.pytorch.log_model(
-                    model,
-                    name=STUDENT_MODEL,
-                    serialization_format="pickle",
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"afm-ray=={__version__}"],
-                )
-
-
-class _resumed:
-    """Make `run_id` MLflow's active run for fluent calls without changing its status."""
-
-    def __init__(self, run_id: str):
-        self.run_id = run_id
-
-    def __enter__(self) -> None:
-        mlflow.start_run(run_id=self.run_id)
-
-    def __exit__(self, *exc: object) -> None:
-        mlflow.end_run(status="RUNNING")
-
-
-class _quiet:
-    """Silence one logger (MLflow warns on every pickled model; the choice is deliberate)."""
-
-    def __init__(self, name: str):
-        self.logger = logging.getLogger(name)
-
-    def __enter__(self) -> None:
-        self.level = self.logger.level
-        self.logger.setLevel(40)
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.setLevel(self.level)
+            # From the checkpoint's own data description: no dataset on the driver.
+            model, _ = load_model(local)
+            shape = checkpoint_data_spec(local).image_shape
+            log_student(self._client, run_id, model.eval(), input_shape=shape)  # safetensors, no pickle

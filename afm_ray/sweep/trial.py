@@ -59,22 +59,22 @@ def ray_train_worker(config: dict[str, Any]) -> None:
     train_fn_per_worker(config, RayTrainReporter())
 
 
-def train_driver_fn(config: dict[str, Any], runtime: dict[str, Any]) -> None:
-    """The Tune function of one trial: run its distillation as a Ray Train run.
+def build_trainer(
+    config: dict[str, Any], runtime: dict[str, Any], *, name: str, callbacks: list[Any] | None = None
+) -> Any:
+    """The `TorchTrainer` of one distillation: `runtime` gives its workers, resources and storage.
 
-    `config` is the trial's flat experiment config; `runtime` (bound with
-    `tune.with_parameters`) says where and how it runs: workers, resources, storage.
+    Train V2 resumes a run from its latest checkpoint when a trainer with the same `name` and
+    storage starts again, so a stable name makes an interrupted run continue where it stopped.
     """
     import ray.train
-    import ray.tune
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    trial_id = ray.tune.get_context().get_trial_id()
     use_gpu = runtime["gpus_per_worker"] > 0
     resources = {"CPU": runtime["cpus_per_worker"]}
     if use_gpu:
         resources["GPU"] = runtime["gpus_per_worker"]
-    trainer = TorchTrainer(
+    return TorchTrainer(
         ray_train_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -82,11 +82,22 @@ def train_driver_fn(config: dict[str, Any], runtime: dict[str, Any]) -> None:
             num_workers=runtime["num_workers"], use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=f"train-{trial_id}",
+            name=name,
             storage_path=runtime["storage_path"],
-            callbacks=[NodeIdsReportCallback()],
+            callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=runtime["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    trainer.fit()
+
+
+def train_driver_fn(config: dict[str, Any], runtime: dict[str, Any]) -> None:
+    """The Tune function of one trial: run its distillation as a Ray Train run.
+
+    `config` is the trial's flat experiment config; `runtime` (bound with
+    `tune.with_parameters`) says where and how it runs: workers, resources, storage.
+    """
+    import ray.tune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    build_trainer(config, runtime, name=f"train-{trial_id}", callbacks=[NodeIdsReportCallback()]).fit()

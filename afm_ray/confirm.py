@@ -1,0 +1,300 @@
+"""Confirm a front before trusting it: more test images, more training seeds.
+
+    python -m afm_ray.pareto --experiment NAME --confirm [--samples N] [--seeds K] [--register MODEL]
+
+The candidates are the Pareto front and the trials dominated only within noise
+(`afm_ray.pareto.rank_trials` marks them). For each candidate:
+
+- ``reevaluate``: its logged student (safetensors, `afm_ray.student_model`) is scored with the trial's
+  own protocol (eval.attacks, eval.eps, the evaluation seed) on N test images (0, the default: the
+  whole test split), as a Ray task with the trial's resources;
+- ``retrain`` (K times): the trial's config with a new ``run.seed`` is trained again as a Ray Train run
+  (the sweep's `TorchTrainer`, with its workers and resources) and scored on the same images.
+
+Each is an MLflow run (role ``confirmation``) under its trial's run, tagged with the trial
+(``afm_ray.confirms``), the kind, the seed and N. A finished one is reused and an unfinished one
+(interrupted) is run again in place, so running the command again continues without duplicates.
+A candidate's confirmed accuracy is the mean over its students with `afm_ray.stats.mean_interval`
+(the seeds' spread and the test images' binomial noise); the front is recomputed on those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from safetensors.torch import load as load_safetensors
+
+from afm_ray import names
+from afm_ray.checkpoints import load_model, load_training_state
+from afm_ray.config import from_flat, to_flat
+from afm_ray.data import load_run_data
+from afm_ray.devices import resolve_device
+from afm_ray.errors import ConfigError, TrackingError, UserError
+from afm_ray.evaluate import evaluate_model
+from afm_ray.models import build_model
+from afm_ray.names import CI_HIGH, CI_LOW, Objective
+from afm_ray.runs import client_for, column, quote
+from afm_ray.search_space import parse_search_space
+from afm_ray.stats import mean_interval
+from afm_ray.student_model import SPEC_FILE, WEIGHTS_FILE, fetch_student, load_student, log_student, save_student
+from afm_ray.sweep.trial import build_trainer
+
+SEED_STRIDE = 1000  # retrain i of a trial with seed s uses s + 1000 * i: far from the seeds a sweep varies
+_DERIVED = ("excluded", "front", "rank", "pareto", "within_noise", "ties")  # rank_trials' own columns
+
+
+class ConfirmError(UserError):
+    """Some confirmations failed; the message names them, and running --confirm again retries them."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One confirmation of one trial: a re-evaluation of its student, or a retrain with a seed."""
+
+    trial_run: str
+    kind: str  # names.CONFIRM_KINDS
+    seed: int | None = None
+
+    def tags(self, samples: int) -> dict[str, str]:
+        return {
+            names.ROLE_TAG: "confirmation",
+            names.PARENT_TAG: self.trial_run,
+            names.CONFIRMS_TAG: self.trial_run,
+            names.CONFIRM_KIND_TAG: self.kind,
+            names.CONFIRM_SEED_TAG: "" if self.seed is None else str(self.seed),
+            names.CONFIRM_SAMPLES_TAG: str(samples),
+        }
+
+
+def retrain_seeds(seed: int, k: int) -> list[int]:
+    """The K new seeds of a trial trained with ``seed``."""
+    return [seed + SEED_STRIDE * (i + 1) for i in range(k)]
+
+
+def trial_config(row: pd.Series) -> dict[str, Any]:
+    """The trial's whole resolved config from its params (the sweep logs every key)."""
+    params = {k.removeprefix("params."): v for k, v in row.items() if k.startswith("params.") and pd.notna(v)}
+    return to_flat(from_flat(params, ignore_unknown=True))
+
+
+def _find_run(client: MlflowClient, experiment_id: str, job: Job, samples: int) -> Any:
+    clauses = [f"tags.`{k}` = {quote(v)}" for k, v in job.tags(samples).items() if k != names.PARENT_TAG]
+    found = client.search_runs([experiment_id], " and ".join(clauses), max_results=10)
+    finished = [r for r in found if r.info.status == "FINISHED"]
+    return (finished or sorted(found, key=lambda r: r.info.start_time))[0] if found else None
+
+
+def _sweep_runtime(client: MlflowClient, sweep_run: str | None) -> dict[str, Any]:
+    """Workers, resources and storage of the sweep that ran a trial: its logged space, its storage."""
+    runtime: dict[str, Any] = {"num_workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0, "max_failures": 2}
+    storage = str(Path("ray_results").resolve())
+    if sweep_run:
+        run = client.get_run(sweep_run)
+        storage = run.data.params.get("sweep.storage") or storage
+        with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(Exception):  # an older space: defaults
+            text = Path(client.download_artifacts(sweep_run, "search_space.yaml", tmp)).read_text()
+            space = parse_search_space(yaml.safe_load(text))
+            runtime |= {**space.resources, "max_failures": space.max_failures}
+    return {**runtime, "storage_path": f"{storage.rstrip('/')}/confirm"}
+
+
+def _reevaluate(model_spec: dict[str, Any], weights: bytes, flat: dict[str, Any], samples: int) -> dict[str, float]:
+    cfg = from_flat(flat)
+    model = build_model(**model_spec)
+    model.load_state_dict(load_safetensors(weights))
+    model = model.to(resolve_device(cfg.run.device))
+    return evaluate_model(model, cfg, load_run_data(cfg), samples=samples, log=lambda line: None)
+
+
+def _retrain(flat: dict[str, Any], runtime: dict[str, Any], name: str) -> tuple[dict[str, float], bytes, bytes]:
+    result = build_trainer(flat, runtime, name=name).fit()
+    with tempfile.TemporaryDirectory(prefix="afm_ray_confirm_") as tmp:
+        local = result.checkpoint.to_directory(f"{tmp}/checkpoint")
+        cfg = from_flat(load_training_state(local)["config"])
+        data = load_run_data(cfg)
+        model, _ = load_model(local, data)
+        save_student(model, f"{tmp}/student", input_shape=data.image_shape)
+        files = (Path(tmp) / "student" / SPEC_FILE).read_bytes(), (Path(tmp) / "student" / WEIGHTS_FILE).read_bytes()
+    return {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}, *files
+
+
+def confirm_candidates(
+    ranked: pd.DataFrame,
+    *,
+    tracking_uri: str | None = None,
+    samples: int = 0,
+    seeds: int = 0,
+    address: str | None = None,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """The front's candidates (front and within noise) of ``ranked``, confirmed: a frame in the layout of
+    `afm_ray.runs.load_trials` whose accuracies are the confirmed means and intervals (the sweep's own
+    values under ``metrics.sweep/<metric>``), ready for `afm_ray.pareto.rank_trials`."""
+    if samples < 0 or seeds < 0:
+        raise ConfigError(f"--samples {samples} / --seeds {seeds}: expected >= 0 (samples 0 = the whole test split)")
+    candidates = ranked[ranked["pareto"] | ranked["within_noise"]]
+    if candidates.empty:
+        raise TrackingError("no candidate to confirm: no trial is on the front")
+    client = client_for(tracking_uri)
+    experiment_id = str(candidates["experiment_id"].iloc[0])
+    configs = {row["run_id"]: trial_config(row) for _, row in candidates.iterrows()}
+    jobs = []
+    for run_id, flat in configs.items():
+        jobs.append(Job(run_id, "reevaluate"))
+        jobs += [Job(run_id, "retrain", s) for s in retrain_seeds(int(flat["run.seed"]), seeds)]
+    done: dict[Job, dict[str, float]] = {}
+    todo: list[tuple[Job, str | None]] = []
+    for job in jobs:
+        run = _find_run(client, experiment_id, job, samples)
+        if run is not None and run.info.status == "FINISHED":
+            done[job] = dict(run.data.metrics)
+        else:
+            todo.append((job, run.info.run_id if run is not None else None))
+    images = "the whole test split" if samples == 0 else f"{samples} test images"
+    log(
+        f"confirm: {len(candidates)} candidate(s) on {images}, {seeds} retrain(s) each: "
+        f"{len(done)} of {len(jobs)} confirmations already done, {len(todo)} to run"
+    )
+    if todo:
+        _run_jobs(client, experiment_id, todo, configs, candidates, samples, done, address, log)
+    return _confirmed_frame(candidates, jobs, done)
+
+
+def _run_jobs(
+    client: MlflowClient,
+    experiment_id: str,
+    todo: list[tuple[Job, str | None]],
+    configs: dict[str, dict[str, Any]],
+    candidates: pd.DataFrame,
+    samples: int,
+    done: dict[Job, dict[str, float]],
+    address: str | None,
+    log: Callable[[str], None],
+) -> None:
+    parents = dict(zip(candidates["run_id"], column(candidates, f"tags.{names.PARENT_TAG}"), strict=True))
+    runtimes = {p: _sweep_runtime(client, p if isinstance(p, str) else None) for p in set(parents.values())}
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    pending, failed = {}, []
+    try:
+        for job, run_id in todo:
+            runtime = runtimes[parents[job.trial_run]]
+            flat = {**configs[job.trial_run], "eval.samples": samples}
+            if run_id is None:
+                name = f"confirm-{job.trial_run[:8]}-{job.kind}" + ("" if job.seed is None else f"-seed{job.seed}")
+                run_id = client.create_run(experiment_id, run_name=name, tags=job.tags(samples)).info.run_id
+            else:  # interrupted before: continue in the same run
+                client.update_run(run_id, status="RUNNING")
+            cpus = runtime["cpus_per_worker"] * runtime["num_workers"]
+            if job.kind == "reevaluate":
+                model, spec = fetch_student(client, f"runs:/{job.trial_run}")
+                weights = _state_bytes(model)
+                task = ray.remote(_reevaluate).options(num_cpus=cpus, num_gpus=runtime["gpus_per_worker"])
+                ref = task.remote(spec["model"], weights, flat, samples)
+            else:  # waits on its Train run, whose workers hold the resources (as a sweep's trial does)
+                task = ray.remote(_retrain).options(num_cpus=0, memory=64 * 1024**2)
+                ref = task.remote({**flat, "run.seed": job.seed}, runtime, f"confirm-{job.trial_run}-seed{job.seed}")
+            pending[ref] = (job, run_id)
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            job, run_id = pending.pop(ref)
+            try:
+                out = ray.get(ref)
+            except Exception as exc:  # the others go on; the next --confirm retries this one
+                why = " ".join(str(exc).split())[-500:]
+                client.set_tag(run_id, "afm_ray.confirm_error", why)
+                client.set_terminated(run_id, status="FAILED")
+                failed.append(f"{job.kind} of run {job.trial_run}" + (f" seed {job.seed}" if job.seed else ""))
+                log(f"confirm: FAILED {failed[-1]}: {why[-200:]}")
+                continue
+            done[job] = _log_confirmation(client, run_id, job, out)
+            log(_done_line(job, done[job]))
+    finally:
+        if started:
+            ray.shutdown()
+    if failed:
+        raise ConfirmError(f"{len(failed)} confirmation(s) failed ({'; '.join(failed)}); run --confirm again to retry")
+
+
+def _state_bytes(model: Any) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+
+def _log_confirmation(client: MlflowClient, run_id: str, job: Job, out: Any) -> dict[str, float]:
+    metrics = out if job.kind == "reevaluate" else out[0]
+    keep = {k: float(v) for k, v in metrics.items() if k in names.FINAL_METRICS or k.startswith(("eval/", "time/"))}
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in keep.items()])
+    if job.kind == "retrain":  # the retrained student, as the sweep logs a trial's
+        with tempfile.TemporaryDirectory(prefix="afm_ray_confirm_") as tmp:
+            (Path(tmp) / SPEC_FILE).write_bytes(out[1])
+            (Path(tmp) / WEIGHTS_FILE).write_bytes(out[2])
+            model, spec = load_student(tmp)
+        log_student(client, run_id, model, input_shape=tuple(spec["input_shape"]))
+    client.set_terminated(run_id, status="FINISHED")
+    return keep
+
+
+def _done_line(job: Job, metrics: dict[str, float]) -> str:
+    accs = "  ".join(f"{m}={metrics[m]:.4f}" for m in names.ACCURACY_METRICS if m in metrics)
+    seed = "" if job.seed is None else f" seed {job.seed}"
+    return f"confirmed {job.kind}{seed} of run {job.trial_run[:8]}: {accs} on {int(metrics['eval/n_samples'])} images"
+
+
+def _confirmed_frame(candidates: pd.DataFrame, jobs: Sequence[Job], done: dict[Job, dict[str, float]]) -> pd.DataFrame:
+    rows = []
+    for _, row in candidates.iterrows():
+        row = row.drop([c for c in _DERIVED if c in row.index])
+        students = [done[j] for j in jobs if j.trial_run == row["run_id"] and j in done]
+        n = students[0]["eval/n_samples"]
+        for metric in names.ACCURACY_METRICS:
+            values = [s[metric] for s in students if metric in s]
+            if values:
+                row[f"metrics.sweep/{metric}"] = row.get(f"metrics.{metric}")
+                mean, low, high = mean_interval(values, n)
+                row[f"metrics.{metric}"], row[f"metrics.{metric}{CI_LOW}"], row[f"metrics.{metric}{CI_HIGH}"] = (
+                    mean,
+                    low,
+                    high,
+                )
+        row["metrics.sweep/eval/n_samples"] = row.get("metrics.eval/n_samples")
+        row["metrics.eval/n_samples"], row["metrics.confirm/students"] = n, float(len(students))
+        seeds = [int(float(row.get("params.run.seed", 0)))] + [j.seed for j in jobs if j.trial_run == row["run_id"]]
+        row["params.confirm.seeds"] = ",".join(str(s) for s in seeds if s is not None)
+        rows.append(row)
+    return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def format_comparison(confirmed: pd.DataFrame, objectives: Sequence[Objective]) -> str:
+    """Per candidate: each accuracy objective in the sweep (its images) and confirmed (mean [95%], students)."""
+    lines = []
+    for _, row in confirmed.iterrows():
+        method = row.get("params.method.name", "?")
+        cells = []
+        for o in (o for o in objectives if o.metric in names.ACCURACY_METRICS):
+            before, n_before = row.get(f"metrics.sweep/{o.metric}"), row.get("metrics.sweep/eval/n_samples")
+            after, low, high = (row.get(f"metrics.{o.metric}{end}") for end in ("", CI_LOW, CI_HIGH))
+            cells.append(
+                f"{o.metric} {100 * before:.2f} ({int(n_before or 0)} img) -> {100 * after:.2f} "
+                f"[{100 * low:.1f}, {100 * high:.1f}]"
+            )
+        students = int(row["metrics.confirm/students"])
+        lines.append(
+            f"  run {row['run_id'][:8]} {method}: {'  '.join(cells)}  "
+            f"({int(row['metrics.eval/n_samples'])} img, {students} student(s): seeds {row['params.confirm.seeds']})"
+        )
+    return "\n".join(["sweep -> confirmed (mean over students, 95% interval):", *lines])

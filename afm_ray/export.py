@@ -1,0 +1,225 @@
+"""Export a logged student as a file a deployment loads: ONNX, TorchScript or safetensors.
+
+    python -m afm_ray.export --model models:/NAME@pareto-1 --format onnx|torchscript|safetensors --out DIR
+        [--tracking-uri URI] [--batch 64] [--tolerance 1e-4] [--threads 1]
+
+The student is fetched safely (`afm_ray.student_model.fetch_student`: safetensors + JSON, checked
+against the sha256 the tracking store recorded). The export is then checked against that PyTorch
+model on a seeded batch of images in [0, 1]: the largest absolute logit difference must stay
+within ``--tolerance`` (default 1e-4). Why 1e-4: both sides compute in fp32 (unit roundoff
+u = 2^-24 = 6e-8) and differ only in summation order and fusions (ONNX Runtime folds BatchNorm
+into the convolutions); a dot product of K terms then differs by about sqrt(K) u relative, and a
+few such layers (K <= 9 x 64 for the small CNN) compound it to ~1e-6 relative, ~1e-5 on logits of
+magnitude 10. 1e-4 leaves a tenfold margin over that, while a wrong export (a missing
+normalisation, BatchNorm in training mode, a swapped layer) misses by 1e-2 or more. Deeper
+students (ResNet-18, WRN) accumulate over more layers: measure, then pass --tolerance.
+With ONNX, the batch-1 latency under onnxruntime (CPU, ``--threads``) is measured next to
+PyTorch's on the same machine. DIR gets the file and ``export.json`` (what was checked and measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from afm_ray.errors import ArtifactError, ConfigError
+from afm_ray.models import measure_latency_ms
+from afm_ray.student_model import SPEC_FILE, WEIGHTS_FILE, load_student, save_student, sha256
+
+FORMATS = {"onnx": "student.onnx", "torchscript": "student.torchscript.pt", "safetensors": WEIGHTS_FILE}
+TOLERANCE = 1e-4  # max |logit difference| in fp32; see the module docstring
+
+
+def export_file(model: nn.Module, spec: dict[str, Any], fmt: str, out: Path) -> Path:
+    """Write ``model`` to ``out`` in ``fmt``; returns the file (safetensors: with its spec.json beside it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / FORMATS[fmt]
+    example = torch.rand((2, *spec["input_shape"]), generator=torch.Generator().manual_seed(0))
+    if fmt == "safetensors":
+        save_student(model, out, input_shape=tuple(spec["input_shape"]))
+    elif fmt == "torchscript":  # deprecated by PyTorch in favour of torch.export; runtimes still load it
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(torch.jit.trace(model, example), str(path))
+    else:
+        # The exporter narrates each stage on stdout and warns about its own internals (torchvision ops
+        # it skips, a pytree deprecation); a dynamic batch dimension, so one file serves any batch.
+        quiet = logging.getLogger("torch.onnx")
+        level, quiet.level = quiet.level, logging.ERROR
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamo=True,
+            )
+        quiet.setLevel(level)
+    return path
+
+
+def run_export(path: Path, fmt: str, x: torch.Tensor, threads: int = 1) -> np.ndarray:
+    """Logits of the exported file on ``x``, loaded the way a deployment would."""
+    if fmt == "onnx":
+        return _onnx_session(path, threads).run(None, {"images": x.numpy()})[0]
+    if fmt == "torchscript":
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path)).eval()(x).numpy()
+    model, _ = load_student(path.parent)
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+def _onnx_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def verify_export(
+    path: Path, fmt: str, model: nn.Module, input_shape: list[int], *, batch: int = 64, tolerance: float = TOLERANCE
+) -> tuple[float, float]:
+    """(max |logit difference|, max |logit|) of the exported file against ``model`` on a seeded batch of
+    images in [0, 1]; an ArtifactError (one line) beyond ``tolerance``."""
+    x = torch.rand((batch, *input_shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model.eval()(x).numpy()
+    diff = float(np.abs(run_export(path, fmt, x) - reference).max())
+    if not diff <= tolerance:  # NaN fails too
+        raise ArtifactError(
+            f"{path}: logits differ from the PyTorch model by up to {diff:.3g} on a batch of {batch} "
+            f"(tolerance {tolerance:g}); the export is not the model"
+        )
+    return diff, float(np.abs(reference).max())
+
+
+def onnx_latency_ms(path: Path, input_shape: list[int], *, threads: int = 1, repeats: int = 300) -> dict[str, float]:
+    """Median and 90th percentile wall time (ms) of one batch-1 onnxruntime call, after a warm-up."""
+    session = _onnx_session(path, threads)
+    x = np.random.default_rng(0).random((1, *input_shape), dtype=np.float32)
+    for _ in range(max(10, repeats // 10)):
+        session.run(None, {"images": x})
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, {"images": x})
+        times.append((time.perf_counter() - started) * 1000)
+    return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90))}
+
+
+def export_student(
+    model: nn.Module,
+    spec: dict[str, Any],
+    fmt: str,
+    out: str | Path,
+    *,
+    batch: int = 64,
+    threads: int = 1,
+    tolerance: float = TOLERANCE,
+) -> dict[str, Any]:
+    """Export, verify against ``model`` on a seeded batch, measure (ONNX); returns what export.json holds.
+    An ArtifactError when the export disagrees with the model by more than ``tolerance``."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    out = Path(out)
+    model = model.eval()
+    path = export_file(model, spec, fmt, out)
+    diff, largest = verify_export(path, fmt, model, spec["input_shape"], batch=batch, tolerance=tolerance)
+    report: dict[str, Any] = {
+        "model": spec.get("uri", ""),
+        "run_id": spec.get("run_id", ""),
+        "format": fmt,
+        "file": path.name,
+        "sha256": sha256(path.read_bytes()),
+        "input_shape": spec["input_shape"],
+        "verify": {"batch": batch, "max_abs_logit_diff": diff, "max_abs_logit": largest, "tolerance": tolerance},
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+    }
+    if fmt == "onnx":
+        report["latency_batch1"] = {
+            "onnxruntime": {**onnx_latency_ms(path, spec["input_shape"], threads=threads), "threads": threads},
+            "pytorch_median_ms": _torch_latency(model, spec["input_shape"], threads),
+        }
+    if fmt == "safetensors":
+        report["spec"] = SPEC_FILE
+    (out / "export.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _torch_latency(model: nn.Module, input_shape: list[int], threads: int) -> float:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return measure_latency_ms(model, input_shape, repeats=300, warmup=30)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m afm_ray.export``."""
+    p = argparse.ArgumentParser(
+        prog="python -m afm_ray.export", description="Export a logged student to ONNX, TorchScript or safetensors."
+    )
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID")
+    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="what to write")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    p.add_argument("--batch", type=int, default=64, help="images in the verification batch (default 64)")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"max |logit difference| (default {TOLERANCE:g})")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the latency measurement (default 1)")
+    return p
+
+
+def format_report(report: dict[str, Any], out: str | Path) -> str:
+    """What the command prints: the file, the check, the latency."""
+    v = report["verify"]
+    lines = [
+        f"wrote {Path(out) / report['file']} ({report['format']}, sha256 {report['sha256'][:12]}...)",
+        f"verified on {v['batch']} images: max |logit difference| {v['max_abs_logit_diff']:.3g} "
+        f"(logits up to {v['max_abs_logit']:.3g}; tolerance {v['tolerance']:g})",
+    ]
+    if "latency_batch1" in report:
+        lat = report["latency_batch1"]
+        ort = lat["onnxruntime"]
+        lines.append(
+            f"batch-1 latency: onnxruntime {ort['median_ms']:.3f} ms median ({ort['p90_ms']:.3f} ms p90, "
+            f"{ort['threads']} thread(s)); PyTorch {lat['pytorch_median_ms']:.3f} ms on the same machine"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m afm_ray.export; as __main__ this is not the library module, so no cycle
+    import sys
+
+    from afm_ray.cli import export_main
+
+    sys.exit(export_main())

@@ -1,0 +1,104 @@
+"""The MLflow Model Registry side of a front: register its students, load one back and check it.
+
+`register_front` registers each Pareto-optimal student as a version of one registered model, with
+aliases ``pareto-1``, ``pareto-2``, ... in rank order, so ``models:/NAME@pareto-1`` is the first.
+Students load back with `afm_ray.student_model.fetch_student` (safetensors + JSON, checked against
+the sha256 the tracking store recorded), never by unpickling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+import torch
+from mlflow.entities.model_registry import ModelVersion
+
+from afm_ray import names
+from afm_ray.errors import TrackingError
+from afm_ray.names import Objective
+from afm_ray.runs import all_pages, client_for, quote
+from afm_ray.student_model import fetch_student, student_source
+
+RANK_TAG = "afm_ray.pareto_rank"
+_METHOD = "params.method.name"
+
+
+def register_front(
+    ranked: pd.DataFrame,
+    objectives: Sequence[Objective | str],
+    name: str,
+    *,
+    tracking_uri: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+) -> list[ModelVersion]:
+    """Register each Pareto-optimal student of ``ranked`` (`afm_ray.pareto.rank_trials`) as a version of
+    model ``name``, aliased ``pareto-<rank>`` and tagged with its objective values, run, rank, the
+    objectives, its sha256 and ``extra_tags``. A run registered before keeps its version, and
+    ``pareto-*`` aliases past this front go: ``models:/NAME@pareto-1`` is its rank 1."""
+    objectives = tuple(o if isinstance(o, Objective) else Objective.parse(o) for o in objectives)
+    front = ranked[ranked["pareto"]].sort_values("rank")
+    if front.empty:
+        raise TrackingError("no Pareto-optimal trial to register (every trial is excluded)")
+    client = client_for(tracking_uri)
+    sources = [student_source(client, run_id) for run_id in front["run_id"]]  # all found before writing
+    if not client.search_registered_models(filter_string=f"name = {quote(name)}"):
+        client.create_registered_model(name, description="Pareto-optimal students registered by afm_ray.pareto")
+    versions = []
+    for (_, row), (source, model_id) in zip(front.iterrows(), sources, strict=True):
+        run_id, rank = row["run_id"], int(row["rank"])
+        tags = {o.metric: repr(float(row[f"metrics.{o.metric}"])) for o in objectives}
+        tags |= {RANK_TAG: str(rank), "afm_ray.objectives": ",".join(map(str, objectives)), **(extra_tags or {})}
+        tags |= {"afm_ray.run_id": run_id, "method.name": "" if pd.isna(row.get(_METHOD)) else row[_METHOD]}
+        digest = client.get_run(run_id).data.tags.get(names.STUDENT_SHA_TAG)
+        if digest:
+            tags[names.STUDENT_SHA_TAG] = digest
+        existing = client.search_model_versions(f"name = {quote(name)} and run_id = {quote(run_id)}")
+        if existing:
+            mv = max(existing, key=lambda v: int(v.version))
+            for key, value in tags.items():  # the rank may have moved since
+                client.set_model_version_tag(name, mv.version, key, value)
+        else:
+            mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
+        client.set_registered_model_alias(name, f"{names.PARETO_ALIAS_PREFIX}{rank}", mv.version)
+        versions.append(mv)
+    # What the previous front left behind: aliases past this front's size, rank tags off the front.
+    for alias in client.get_registered_model(name).aliases:
+        suffix = alias.removeprefix(names.PARETO_ALIAS_PREFIX)
+        if alias.startswith(names.PARETO_ALIAS_PREFIX) and suffix.isdigit() and int(suffix) > len(front):
+            client.delete_registered_model_alias(name, alias)
+    on_front = {mv.version for mv in versions}
+    for mv in all_pages(client.search_model_versions, f"name = {quote(name)}"):
+        if mv.version not in on_front and RANK_TAG in mv.tags:
+            client.delete_model_version_tag(name, mv.version, RANK_TAG)
+    return versions
+
+
+def verify_registered(
+    name: str,
+    alias: str = f"{names.PARETO_ALIAS_PREFIX}1",
+    *,
+    tracking_uri: str | None = None,
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[float, float]:
+    """(logged clean_acc, re-measured clean accuracy) of ``models:/name@alias`` on ``data`` = (x in [0,1], y),
+    by default the test split that its run's params describe. The student loads from safetensors
+    through this URI's client only (the process-wide MLflow URIs belong to the caller)."""
+    client = client_for(tracking_uri)
+    model, spec = fetch_student(client, f"models:/{name}@{alias}")
+    run = client.get_run(spec["run_id"])
+    if data is None:  # the run's params are its whole resolved config
+        from afm_ray.config import from_flat
+        from afm_ray.data import load_dataset
+
+        d = from_flat(run.data.params, ignore_unknown=True).data
+        ds = load_dataset(
+            d.name, d.root or None, test_fraction=d.test_fraction, seed=d.seed, image_size=d.image_size or None
+        )
+        data = (ds.x_test.float() / 255, ds.y_test)
+    x, y = data
+    with torch.no_grad():
+        batches = ((x[i : i + 512], y[i : i + 512]) for i in range(0, len(x), 512))
+        correct = sum(int((model(xb).argmax(dim=1).cpu() == yb.cpu()).sum()) for xb, yb in batches)
+    return run.data.metrics.get("clean_acc", math.nan), correct / len(x)

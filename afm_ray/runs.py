@@ -1,0 +1,166 @@
+"""Trial runs of a sweep, read back from MLflow through a client of their own.
+
+The sweep logs a parent run per sweep (tag ``afm_ray.role = sweep``, param ``sweep.objectives``)
+and under it a child run per trial (``afm_ray.role = trial``). `load_trials` returns them as one
+DataFrame in the columns of ``mlflow.search_runs`` ("run_id", "metrics.aa_acc", "params.attack.eps",
+"tags.afm_ray.trial_status", ...); `sweep_objectives` reads what the sweep optimised. Every call
+goes through an `MlflowClient` on the given URI: the process-wide MLflow URIs belong to the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Experiment, ViewType
+from mlflow.exceptions import MlflowException
+
+from afm_ray import names
+from afm_ray.endpoints import check_mlflow_server
+from afm_ray.errors import ConfigError, TrackingError, one_line
+from afm_ray.names import Objective
+
+_METHOD = "params.method.name"
+
+
+def column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """Column ``name`` of ``frame``, or all-missing: in the search_runs layout a tag or param that no run
+    has is no column at all."""
+    return frame[name] if name in frame.columns else pd.Series(None, index=frame.index, dtype=object)
+
+
+def client_for(tracking_uri: str | None) -> MlflowClient:
+    """A client on ``tracking_uri`` (default: $MLFLOW_TRACKING_URI, else ./mlflow.db), which must exist."""
+    uri = tracking_uri or names.default_tracking_uri()
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    if path and path != ":memory:" and not Path(path).exists():  # connecting would create an empty one
+        raise TrackingError(
+            f"no MLflow database at {path} (tracking URI {uri}); pass --tracking-uri or set MLFLOW_TRACKING_URI"
+        )
+    if uri.startswith(("http://", "https://")):  # MLflow's own client retries for minutes, silently
+        check_mlflow_server(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+
+
+def all_pages(search: Any, *args: Any, **kwargs: Any) -> list:
+    """Every item of a paged MLflow search."""
+    items, token = [], None
+    while True:
+        page = search(*args, page_token=token, **kwargs)
+        items.extend(page)
+        if not (token := page.token):
+            return items
+
+
+def search_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> pd.DataFrame:
+    """Active runs matching ``filter_string``, one row each, in the columns of ``mlflow.search_runs``
+    (not that function: it reads only the process-wide tracking URI, and switching that here would
+    redirect whatever else the calling process logs meanwhile)."""
+    runs = all_pages(client.search_runs, [experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000)
+    # {"run_id": ..., "metrics": {"aa_acc": 0.5}, ...} -> columns "run_id", "metrics.aa_acc", ...
+    return pd.json_normalize([{**dict(r.info), **r.data.to_dictionary()} for r in runs], max_level=1)
+
+
+def _get_experiment(client: MlflowClient, name: str) -> Experiment:
+    exp = client.get_experiment_by_name(name)
+    if exp is None and name.isdigit():
+        with contextlib.suppress(MlflowException):  # else not an id either: reported below
+            exp = client.get_experiment(name)
+    if exp is None or exp.lifecycle_stage != "active":
+        known = ", ".join(sorted(e.name for e in all_pages(client.search_experiments))) or "none"
+        state = "is deleted" if exp is not None else "not found"
+        raise TrackingError(f"experiment {name!r} {state} at {client.tracking_uri}; experiments there: {known}")
+    return exp
+
+
+def quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _resolve_sweep(client: MlflowClient, exp: Experiment, sweep: str) -> str:
+    """Full run id of the sweep (parent) run named by id, id prefix or run name."""
+    sweeps = search_runs(client, exp.experiment_id, f"tags.`{names.ROLE_TAG}` = 'sweep'")
+    runs = list(zip(sweeps["run_id"], sweeps["run_name"], strict=True)) if len(sweeps) else []
+    hits = [(run_id, name) for run_id, name in runs if run_id.startswith(sweep) or name == sweep]
+    if len(hits) == 1:
+        return hits[0][0]
+    listed = ", ".join(f"{run_id} ({name})" for run_id, name in (hits or runs)) or "none"
+    if hits:
+        raise TrackingError(f"sweep {sweep!r} is ambiguous in experiment {exp.name!r}: {listed}")
+    raise TrackingError(f"sweep {sweep!r} not found in experiment {exp.name!r}; sweep runs: {listed}")
+
+
+_QUOTED = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""
+_BARE_METHOD = re.compile(rf"({_QUOTED})|\b(params|param|parameters|parameter)\.(?:method|`method`)(?![\w.`])")
+
+
+def translate_filter(filter_string: str) -> str:
+    """Read a bare ``params.method`` as ``params.`method.name``` (the key the sweep logs); quoted values stay."""
+    return _BARE_METHOD.sub(lambda m: m.group(1) or f"{m.group(2)}.`method.name`", filter_string)
+
+
+def trial_filter(filter_string: str | None = None, sweep_id: str | None = None) -> str:
+    """The MLflow filter for trial runs, ANDed with a user filter (MLflow filters only AND)."""
+    clauses = [f"tags.`{names.ROLE_TAG}` = 'trial'"]
+    if sweep_id:
+        clauses.append(f"tags.`{names.PARENT_TAG}` = {quote(sweep_id)}")
+    if filter_string and filter_string.strip():
+        clauses.append(translate_filter(filter_string.strip()))
+    return " and ".join(clauses)
+
+
+def _explain_no_trials(client: MlflowClient, exp: Experiment, sweep_id: str | None, user_filter: str | None) -> str:
+    scope = f"experiment {exp.name!r}" + (f", sweep {sweep_id}" if sweep_id else "")
+    trials = search_runs(client, exp.experiment_id, trial_filter(None, sweep_id))
+    if len(trials) and user_filter:
+        keys = ", ".join(sorted(c.removeprefix("params.") for c in trials.columns if c.startswith("params.")))
+        methods = ", ".join(sorted(set(column(trials, _METHOD).fillna("?"))))
+        return (
+            f"no trial run in {scope} matches --filter {user_filter!r} (it has {len(trials)} trial runs; "
+            f"method.name values: {methods}; param keys, written params.`key`: {keys})"
+        )
+    roles = Counter(column(search_runs(client, exp.experiment_id), f"tags.{names.ROLE_TAG}").fillna("untagged"))
+    held = ", ".join(f"{n} {role}" for role, n in sorted(roles.items())) or "no runs at all"
+    return f"{scope} has no trial runs (runs tagged {names.ROLE_TAG}='trial'); it holds {held}"
+
+
+def load_trials(
+    experiment: str, *, tracking_uri: str | None = None, filter_string: str | None = None, sweep: str | None = None
+) -> pd.DataFrame:
+    """Trial runs of ``experiment`` (name or id) as `search_runs` gives them, of one ``sweep`` (run id, prefix
+    or name) and filtered if asked; an unknown experiment or no trial run is a ValueError naming what exists."""
+    client = client_for(tracking_uri)
+    exp = _get_experiment(client, experiment)
+    sweep_id = _resolve_sweep(client, exp, sweep) if sweep else None
+    try:
+        trials = search_runs(client, exp.experiment_id, trial_filter(filter_string, sweep_id))
+    except MlflowException as err:
+        raise ConfigError(f"invalid --filter {filter_string!r}: {one_line(err)}") from None
+    if trials.empty:
+        raise TrackingError(_explain_no_trials(client, exp, sweep_id, filter_string))
+    return trials
+
+
+def sweep_objectives(client: MlflowClient, trials: pd.DataFrame) -> tuple[Objective, ...] | None:
+    """The objectives the trials' sweep recorded (param ``sweep.objectives`` of its parent run), or None
+    where no sweep recorded any; a ValueError when the trials come from sweeps that optimised different ones."""
+    found: dict[str, str] = {}
+    for parent in sorted(set(column(trials, f"tags.{names.PARENT_TAG}").dropna())):
+        with contextlib.suppress(MlflowException):  # a parent deleted since: nothing recorded
+            spec = client.get_run(parent).data.params.get(names.SWEEP_OBJECTIVES_PARAM)
+            if spec:
+                found[parent] = spec
+    if len(set(found.values())) > 1:
+        listed = "; ".join(f"{run_id[:8]}: {spec}" for run_id, spec in found.items())
+        raise ConfigError(
+            f"the trials come from sweeps with different objectives ({listed}); pass --sweep or --objectives"
+        )
+    if not found:
+        return None
+    return tuple(Objective.parse(s) for s in next(iter(found.values())).split(",") if s.strip())

@@ -1,0 +1,202 @@
+"""`python -m afm_ray.pareto --confirm` end to end: a real tiny sweep (local Ray, MLflow in SQLite),
+then the confirmation stage on its own local Ray, interrupted once and resumed.
+
+Digits, a width-8 CNN trained with PGD-AT (no teacher to train), 1 epoch, clean + PGD-20 only, so
+the whole module takes a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from test_sweep import run_sweep, sweep_env, write_space
+
+from afm_ray import attacks, names
+from afm_ray.config import from_flat
+from afm_ray.confirm import Job, _confirmed_frame, format_comparison, retrain_seeds
+from afm_ray.data import load_run_data
+from afm_ray.names import Objective
+from afm_ray.pareto import rank_trials
+from afm_ray.stats import mean_interval, wilson_interval
+from afm_ray.student_model import fetch_student
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
+SEEDS = 2
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("confirm")
+    space = write_space(
+        tmp_path,
+        name="confirm",
+        experiment="confirm-tests",
+        num_samples=2,
+        fixed={
+            "method.name": "pgd_at",
+            "optim.epochs": 1,
+            "eval.attacks": "clean,pgd20",
+            "eval.batch_size": 64,  # fixed, so a direct evaluation attacks exactly the same batches
+        },
+        search={"attack.eps": {"uniform": [0.05, 0.15]}, "optim.lr": {"loguniform": [0.05, 0.2]}},
+        objectives=[{"metric": "clean_acc", "mode": "max"}, {"metric": "pgd20_acc", "mode": "max"}],
+    )
+    run_sweep(tmp_path, space, "--name", "c1")
+    return {"tmp": tmp_path, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
+def _pareto(swept, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "afm_ray.pareto",
+        "--experiment",
+        "confirm-tests",
+        "--tracking-uri",
+        swept["uri"],
+        "--confirm",
+        "--seeds",
+        str(SEEDS),
+        *extra,
+    ]
+
+
+def _confirmations(client, exp_id):
+    return client.search_runs([exp_id], filter_string=f"tags.`{names.ROLE_TAG}` = 'confirmation'")
+
+
+@pytest.mark.slow
+def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
+    client = MlflowClient(swept["uri"], swept["uri"])
+    exp_id = client.get_experiment_by_name("confirm-tests").experiment_id
+    trials = {r.info.run_id: r for r in client.search_runs([exp_id], f"tags.`{names.ROLE_TAG}` = 'trial'")}
+    env = sweep_env(swept["tmp"])
+
+    # Interrupted (Ctrl-C) once the first confirmation is logged: what finished stays, the rest resumes.
+    proc = subprocess.Popen(
+        _pareto(swept), cwd=swept["tmp"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen = []
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("confirmed ") or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, "".join(seen) + rest  # interrupted, not finished
+    assert "run the same command again" in rest
+    before = _confirmations(client, exp_id)
+    assert sum(r.info.status == "FINISHED" for r in before) >= 1
+
+    done = subprocess.run(
+        _pareto(swept, "--register", "confirmed-students"),
+        cwd=swept["tmp"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "confirmations already done" in done.stdout and "confirmed front:" in done.stdout
+
+    after = _confirmations(client, exp_id)
+    keys = [
+        (r.data.tags[names.CONFIRMS_TAG], r.data.tags[names.CONFIRM_KIND_TAG], r.data.tags[names.CONFIRM_SEED_TAG])
+        for r in after
+    ]
+    assert len(keys) == len(set(keys)), "a confirmation was duplicated"  # resumed, not redone
+    assert {r.info.run_id for r in before} <= {r.info.run_id for r in after}
+    assert all(r.info.status == "FINISHED" for r in after)
+    candidates = {k[0] for k in keys}
+    assert candidates <= set(trials) and len(after) == len(candidates) * (1 + SEEDS)
+    for trial in candidates:  # K retrains with new seeds, each linked to its trial, each with its student
+        base = int(trials[trial].data.params["run.seed"])
+        retrains = [r for r in after if r.data.tags[names.CONFIRMS_TAG] == trial and "retrain" in r.data.tags.values()]
+        assert sorted(int(r.data.tags[names.CONFIRM_SEED_TAG]) for r in retrains) == [base + 1000, base + 2000]
+        for r in [*retrains]:
+            assert r.data.tags[names.PARENT_TAG] == trial and names.STUDENT_SHA_TAG in r.data.tags
+            assert r.data.metrics["eval/n_samples"] == 360  # the whole digits test split
+            assert (
+                r.data.metrics["clean_acc_ci_low"] < r.data.metrics["clean_acc"] < r.data.metrics["clean_acc_ci_high"]
+            )
+
+    # Only confirmed candidates are registered, with the confirmation recorded on the version.
+    versions = client.search_model_versions("name = 'confirmed-students'")
+    assert versions and {v.run_id for v in versions} <= candidates
+    assert all(v.tags["afm_ray.confirmed"] == f"samples=0 seeds={SEEDS}" for v in versions)
+    aliases = client.get_registered_model("confirmed-students").aliases
+    assert sorted(aliases) == [f"pareto-{i}" for i in range(1, len(versions) + 1)]
+
+    # A re-evaluation equals an evaluation of the same weights done directly, on the whole test split.
+    reeval = next(r for r in after if r.data.tags[names.CONFIRM_KIND_TAG] == "reevaluate")
+    trial = trials[reeval.data.tags[names.CONFIRMS_TAG]]
+    model, _ = fetch_student(client, f"runs:/{trial.info.run_id}")
+    cfg = from_flat({k: v for k, v in trial.data.params.items()}, ignore_unknown=True)
+    data = load_run_data(cfg)
+    torch.set_num_threads(1)  # as a 1-CPU Ray task runs it
+    direct = attacks.evaluate(
+        model,
+        data.x_test.float() / 255,
+        data.y_test,
+        eps=cfg.eval_eps,
+        norm=cfg.attack.norm,
+        attacks=("clean", "pgd20"),
+        batch_size=64,
+        seed=cfg.data.seed,
+    )
+    assert direct["test/n_samples"] == reeval.data.metrics["eval/n_samples"] == 360
+    assert reeval.data.metrics["clean_acc"] == direct["test/clean_acc"]
+    assert reeval.data.metrics["pgd20_acc"] == direct["test/pgd20_acc"]
+
+
+def test_confirmed_means_replace_the_sweeps_values():
+    """The aggregation alone, on hand-made numbers: a candidate's confirmed accuracy is the mean over its
+    re-evaluated student and its retrains, with mean_interval; the sweep's value is kept beside it."""
+    import pandas as pd
+
+    trials = pd.DataFrame(
+        {
+            "run_id": ["r1", "r2"],
+            "status": ["FINISHED"] * 2,
+            "start_time": [1, 2],
+            f"tags.{names.TRIAL_STATUS_TAG}": ["completed"] * 2,
+            "metrics.aa_acc": [0.52, 0.49],  # on 200 images in the sweep
+            "metrics.clean_acc": [0.80, 0.81],
+            "metrics.eval/n_samples": [200.0, 200.0],
+            "params.run.seed": ["0", "3"],
+            "params.method.name": ["advfunmatch", "rslad"],
+        }
+    )
+    objectives = [Objective("aa_acc", "max"), Objective("clean_acc", "max")]
+    ranked = rank_trials(trials, objectives)
+    assert ranked["pareto"].all()  # r1 wins aa, r2 wins clean
+    assert retrain_seeds(3, 2) == [1003, 2003]
+    jobs = [Job("r1", "reevaluate"), Job("r1", "retrain", 1000), Job("r2", "reevaluate")]
+    done = {
+        jobs[0]: {"aa_acc": 0.45, "clean_acc": 0.78, "eval/n_samples": 1000.0},
+        jobs[1]: {"aa_acc": 0.47, "clean_acc": 0.80, "eval/n_samples": 1000.0},
+        jobs[2]: {"aa_acc": 0.46, "clean_acc": 0.82, "eval/n_samples": 1000.0},
+    }
+    confirmed = _confirmed_frame(ranked, jobs, done).set_index("run_id")
+    assert confirmed.loc["r1", "metrics.aa_acc"] == pytest.approx(0.46)
+    assert confirmed.loc["r1", "metrics.aa_acc_ci_low"] == pytest.approx(mean_interval([0.45, 0.47], 1000)[1])
+    assert (confirmed.loc["r2", "metrics.aa_acc_ci_low"], confirmed.loc["r2", "metrics.aa_acc_ci_high"]) == (
+        wilson_interval(0.46, 1000)
+    )
+    assert (
+        confirmed.loc["r1", "metrics.sweep/aa_acc"] == 0.52 and confirmed.loc["r1", "params.confirm.seeds"] == "0,1000"
+    )
+    assert (
+        confirmed.loc["r2", "metrics.confirm/students"] == 1 and confirmed.loc["r2", "metrics.eval/n_samples"] == 1000
+    )
+    again = rank_trials(confirmed.reset_index(), objectives)  # same aa (0.46), r2 more accurate: r2 alone
+    assert list(again.loc[again["pareto"], "run_id"]) == ["r2"]
+    assert "aa_acc 52.00 (200 img) -> 46.00" in format_comparison(confirmed.reset_index(), objectives)
