@@ -26,7 +26,7 @@ from afm_ray.endpoints import check_ray_address
 from afm_ray.errors import ConfigError, UserError, one_line
 from afm_ray.evaluate import evaluate_checkpoint, format_results
 from afm_ray.methods import build_method
-from afm_ray.names import ACCURACY_METRICS, default_tracking_uri
+from afm_ray.names import ACCURACY_METRICS, TRAIN_TEACHER, default_tracking_uri
 from afm_ray.preflight import check_run
 from afm_ray.search_space import DEFAULT_SPACE, embedded_default, load_search_space
 from afm_ray.signals import install_sigterm_as_sigint, restore_sigterm
@@ -140,7 +140,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def _teacher(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    check_run(cfg, reads=("teacher.checkpoint",), trains_teacher=not cfg.teacher.checkpoint)
+    check_run(cfg, reads=("teacher.checkpoint",), trains_teacher=cfg.teacher.checkpoint in ("", TRAIN_TEACHER))
     path = ensure_teacher(cfg, force=args.force)
     print(f"teacher checkpoint: {path}")
     if not args.no_eval:

@@ -12,6 +12,7 @@ from afm_ray.config import ExperimentConfig
 from afm_ray.data import check_available
 from afm_ray.devices import resolve_device
 from afm_ray.errors import CheckpointNotFoundError, DataError, StorageError, one_line
+from afm_ray.names import TRAIN_TEACHER
 from afm_ray.storage import probe_writable
 from afm_ray.teacher import check_cache_writable, teacher_cache_dir
 
@@ -37,7 +38,7 @@ def check_run(
     for key in reads:
         section, name = key.split(".")
         path = getattr(getattr(cfg, section), name)
-        if path:
+        if path and path != TRAIN_TEACHER:  # "train": the teacher is trained (or taken from the cache)
             try:
                 checkpoint_file(path)
             except CheckpointNotFoundError as exc:
@@ -51,5 +52,9 @@ def check_run(
             raise StorageError(
                 f"run.output_dir {cfg.run.output_dir}: not writable ({one_line(exc)}); set it to a folder you can write"
             ) from None
-    if trains_teacher and not cfg.teacher.checkpoint and not (teacher_cache_dir(cfg) / "checkpoint.pt").is_file():
+    if (
+        trains_teacher
+        and cfg.teacher.checkpoint in ("", TRAIN_TEACHER)
+        and not (teacher_cache_dir(cfg) / "checkpoint.pt").is_file()
+    ):
         check_cache_writable(cfg)

@@ -185,6 +185,11 @@ def read_space_text(space: str | Path) -> tuple[str, str]:
     if name in shipped:
         return (_shipped_dir() / f"{name}.yaml").read_text(), name
     hint = f"; did you mean --space {path.stem}?" if path.stem in shipped else ""
+    if "/" in str(space) or str(space).endswith(".yaml"):  # meant as a file
+        raise ConfigError(
+            f"search space {str(space)!r} does not exist; see search_spaces/ for examples "
+            f"(shipped: {', '.join(shipped)}){hint}"
+        )
     raise ConfigError(f"search space {str(space)!r} is neither a file nor a shipped space ({', '.join(shipped)}){hint}")
 
 

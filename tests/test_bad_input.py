@@ -51,7 +51,13 @@ SPACE = {
     "name": "tiny",
     "description": "a valid digits space; each row breaks one thing",
     "experiment": "tiny-bad-input",
-    "fixed": {"data.name": "digits", "student.width": 8, "teacher.width": 8, "optim.epochs": 1},
+    "fixed": {
+        "data.name": "digits",
+        "student.width": 8,
+        "teacher.width": 8,
+        "optim.epochs": 1,
+        "teacher.checkpoint": "train",
+    },
     "search": {"attack.eps": {"uniform": [0.05, 0.15]}},
     "num_samples": 1,
 }
@@ -875,6 +881,8 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every path under `root`, files with their size and modification time (symlinks not followed)."""
     out = {}
     for folder, dirs, files in os.walk(root):
+        # torch's FLOP counter (the teacher's cost estimate) makes its empty cache folder in $TMPDIR
+        dirs[:] = [d for d in dirs if not (d.startswith("torchinductor_") and not os.listdir(os.path.join(folder, d)))]
         for name in dirs:  # a folder's own times change when a writability probe comes and goes
             out[os.path.relpath(os.path.join(folder, name), root)] = (0, 0)
         for name in files:
