@@ -26,9 +26,12 @@ from afm_ray.errors import ConfigError
 from afm_ray.evaluate import evaluate_checkpoint
 from afm_ray.front import non_dominated
 from afm_ray.methods import build_method
+from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC
 from afm_ray.search_space import SearchSpace, build_sampler
 from afm_ray.storage import write_bytes
+from afm_ray.sweep.front_registry import FrontRegistryFeed, registry_name, start_registry
 from afm_ray.sweep.progress import TrialProgress
+from afm_ray.sweep.schedulers import build_scheduler
 from afm_ray.sweep.tracking import TrialTracker, start_or_resume_sweep_run
 from afm_ray.sweep.trial import train_driver_fn
 from afm_ray.teacher import ensure_teacher, teacher_cache_dir
@@ -78,6 +81,12 @@ def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tu
         + (f" (clean {scores['clean_acc']:.3f}, pgd20 {scores['pgd20_acc']:.3f})" if scores else "")
     )
     return {"teacher.checkpoint": target}, scores
+
+
+def uses_staged_evaluation(space: SearchSpace) -> bool:
+    """Whether any trial may run with eval.aa_policy: candidates."""
+    searched = [d for d in space.search if d.key == "eval.aa_policy"]
+    return from_flat(space.fixed).eval.aa_policy == "candidates" or any("candidates" in d.choices for d in searched)
 
 
 def max_concurrent_trials(space: SearchSpace, cluster: dict[str, float]) -> int | None:
@@ -139,6 +148,16 @@ def run_sweep(
     for key, value in teacher_scores.items():
         client.log_metric(parent_id, f"teacher/{key}", value)
 
+    callbacks = [
+        TrialTracker(tracking_uri, experiment_name=experiment, parent_run_id=parent_id, sweep_name=name),
+        TrialProgress(space.objectives),
+    ]
+    if uses_staged_evaluation(space):
+        # Finished trials' objectives, for the workers' AutoAttack decision (afm_ray.staged_eval).
+        start_registry(name, space.objectives)
+        runtime["front_registry"] = registry_name(name)
+        callbacks.append(FrontRegistryFeed(registry_name(name), space.objectives))
+
     # The Tune function only waits on its Train run: it takes no CPU (a token of memory keeps
     # its bundle non-empty), so on a 2-CPU laptop the trial drivers cannot starve the workers.
     trainable = tune.with_resources(
@@ -157,17 +176,7 @@ def run_sweep(
             study_name=name,
             storage=optuna.storages.RDBStorage(optuna_url),
         )
-        scheduler = None
-        if space.scheduler["name"] == "asha":
-            s = space.scheduler
-            scheduler = tune.schedulers.ASHAScheduler(
-                metric=s["metric"],
-                mode=s["mode"],
-                time_attr="training_iteration",
-                max_t=int(from_flat(space.fixed).optim.epochs) + 1,
-                grace_period=s["grace_period"],
-                reduction_factor=s["reduction_factor"],
-            )
+        scheduler = build_scheduler(space.scheduler, from_flat(space.fixed).optim.epochs)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -180,10 +189,7 @@ def run_sweep(
                 name=name,
                 storage_path=storage_root,
                 verbose=0,
-                callbacks=[
-                    TrialTracker(tracking_uri, experiment_name=experiment, parent_run_id=parent_id, sweep_name=name),
-                    TrialProgress(space.objectives),
-                ],
+                callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
@@ -215,7 +221,8 @@ class CompletedOnlyOptunaSearch(OptunaSearch):
     """OptunaSearch that never tells Optuna a truncated result as complete.
 
     A trial a scheduler stopped early ends with its last per-epoch result, which lacks the
-    final metrics: Optuna records it as pruned, so it can never enter the Pareto front.
+    final metrics: Optuna records it as pruned, so it can never enter the Pareto front. So is a
+    trial whose AutoAttack staged evaluation skipped (user attribute `aa_skipped`: why).
     Each Optuna trial also records its Tune trial id, which MLflow runs carry as a tag.
     """
 
@@ -226,6 +233,11 @@ class CompletedOnlyOptunaSearch(OptunaSearch):
         return params
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result is not None and result.get("done") and result.get(AA_SKIPPED_METRIC):
+            # Staged evaluation skipped its AutoAttack: dominated, never on the front; PRUNED.
+            if trial_id in self._ot_trials:
+                self._ot_trials[trial_id].set_user_attr("aa_skipped", str(result.get(AA_SKIP_REASON_KEY, "")))
+            result = None
         if result is not None and not result.get("done"):
             result = None
         super().on_trial_complete(trial_id, result=result, error=error)
@@ -240,8 +252,12 @@ def print_summary(
         if m.get("done") and all(isinstance(m.get(o.metric), (int, float)) for o in space.objectives):
             m["config"] = result.config or {}
             rows.append(m)
+    finals = [dict(r.metrics or {}) for r in results]
+    stopped = sum(1 for m in finals if m and not m.get("done") and "epoch" in m)
+    skipped = sum(1 for m in finals if m.get("done") and m.get(AA_SKIPPED_METRIC))
+    notes = (f", {stopped} stopped early" if stopped else "") + (f", {skipped} AutoAttack skipped" if skipped else "")
     print()
-    print(f"sweep {name}: {len(rows)}/{len(results)} trials completed in {elapsed / 60:.1f} min")
+    print(f"sweep {name}: {len(rows)}/{len(results)} trials completed{notes} in {elapsed / 60:.1f} min")
     if rows:
         objectives = [(o.metric, o.mode) for o in space.objectives]
         front = non_dominated([[r[m] for m, _ in objectives] for r in rows], [mode for _, mode in objectives])
