@@ -6,8 +6,10 @@ assumed device throughputs. The accounting is clusters/README.md's ("What a tria
 - a backward to the input costs ~1 F, a backward with weight gradients ~2 F, so per training
   image and epoch, with K attack steps:
   teacher in the attack loop (AdvFunMatch, AdaAD): K x 2 (F_T + F_S) + F_T + 3 F_S;
-  student-only attack (RSLAD, ARD, AKD): F_T + K x 2 F_S + 2 x 3 F_S;
-  PGD-AT: K x 2 F_S + 3 F_S;  TRADES: K x 2 F_S + 2 x 3 F_S;  FunMatch (no attack): F_T + 3 F_S;
+  student-only attack (RSLAD): F_T + K x 2 F_S + 2 x 3 F_S; ARD and AKD train on the
+  adversarial view only (at their default weights): F_T + K x 2 F_S + 3 F_S;
+  PGD-AT: K x 2 F_S + 3 F_S;  TRADES: K x 2 F_S + F_S + 2 x 3 F_S;  FunMatch (no attack):
+  F_T + 3 F_S. tests/test_dry_run.py checks each against FlopCounterMode on a real step;
 - the final evaluation per test image: clean 1 F_S; PGD-20 and CW 20 x 2 F_S + 1 F_S each;
   AutoAttack standard: APGD-CE 100 x 2 F_S on the clean-correct images, then APGD-T
   (9 targets x 100 x 2 F_S), FAB-T (9 targets x 100 x 3 F_S) and Square (5000 queries x F_S) on
@@ -33,6 +35,7 @@ DATASET_FACTS: dict[str, tuple[int, int, int, int | None, int]] = {
 }
 ATTACK_THROUGH_TEACHER = ("advfunmatch", "adaad")  # the attack differentiates teacher and student
 STUDENT_ONLY_ATTACK = ("rslad", "ard", "akd")  # the teacher sees the clean image once
+ADVERSARIAL_VIEW_ONLY = ("ard", "akd")  # the student trains on x' alone
 # Assumed accuracies that size AutoAttack's later attacks (clusters/README.md).
 ASSUMED_CLEAN, ASSUMED_ROBUST = 0.85, 0.5
 # Effective training throughput, TFLOP/s, bf16 with the data on the GPU (clusters/README.md);
@@ -100,11 +103,12 @@ def train_flops_per_image(method: str, steps: float, f_student: float, f_teacher
     if method in ATTACK_THROUGH_TEACHER:
         return steps * 2 * (f_teacher + f_student) + f_teacher + 3 * f_student
     if method in STUDENT_ONLY_ATTACK:
-        return f_teacher + steps * 2 * f_student + 2 * 3 * f_student
+        views = 1 if method in ADVERSARIAL_VIEW_ONLY else 2
+        return f_teacher + steps * 2 * f_student + views * 3 * f_student
     if method == "pgd_at":
         return steps * 2 * f_student + 3 * f_student
-    if method == "trades":
-        return steps * 2 * f_student + 2 * 3 * f_student
+    if method == "trades":  # the attack's KL target is one more clean forward
+        return steps * 2 * f_student + f_student + 2 * 3 * f_student
     return f_teacher + 3 * f_student  # funmatch
 
 
