@@ -203,6 +203,11 @@ def _sweep(args: argparse.Namespace) -> int:
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples: got {args.num_samples}, expected >= 1")
         space = dataclasses.replace(space, num_samples=args.num_samples)
+    if args.dry_run:  # the resolved plan only: no Ray, no storage, no tracking server
+        from afm_ray.sweep.dry_run import describe_plan, format_plan
+
+        print(format_plan(describe_plan(space), args.format))
+        return 0
     root = storage_root(args.storage)
     optuna_url = args.optuna_storage or f"sqlite:///{Path('optuna.db').resolve()}"
     experiment = args.experiment or space.experiment
@@ -270,6 +275,13 @@ def sweep_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="pin a config key in every trial, e.g. --set optim.epochs=2 (repeatable)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved plan (sampler, scheduler, resources, evaluation, estimated cost) and exit; "
+        "starts nothing and writes nothing",
+    )
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="--dry-run output format")
     parser.add_argument(
         "--address",
         default=os.environ.get("RAY_ADDRESS"),

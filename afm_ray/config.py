@@ -23,6 +23,7 @@ from afm_ray.errors import ConfigError
 from afm_ray.methods import METHODS, build_method
 from afm_ray.models import MODELS
 from afm_ray.names import (
+    AA_POLICIES,
     AMP_SETTINGS,
     ATTACKS,
     CONFIG_RANDOM_STARTS,
@@ -129,6 +130,12 @@ class EvalConfig:
     attacks: str = "clean,pgd20,cw,aa"  # final evaluation; comma-separated
     val_samples: int = 256  # fixed held-out subset for the cheap per-epoch PGD-10
     batch_size: int = 0  # attack batch; 0 = chosen per model and device (afm_ray.eval_batch)
+    # all | candidates: in a sweep, run AutoAttack only for trials whose PGD-20 result (an upper
+    # bound on AutoAttack) is not dominated by a finished trial's AutoAttack (afm_ray.staged_eval).
+    aa_policy: str = "all"
+    # How far a finished trial's AutoAttack must clear this trial's PGD-20 before AutoAttack is
+    # skipped (accuracy units); see afm_ray.staged_eval for why.
+    aa_margin: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -423,6 +430,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(e.batch_size >= 0, f"eval.batch_size: got {e.batch_size}, expected >= 1, or 0 = chosen to fill the device")
     for attack in cfg.eval_attacks:
         _check_choice("eval.attacks", attack, ATTACKS)
+    _check_choice("eval.aa_policy", e.aa_policy, AA_POLICIES)
+    _check(0 <= e.aa_margin <= 1, f"eval.aa_margin: got {e.aa_margin}, expected 0 <= margin <= 1 (accuracy units)")
+    _check(
+        e.aa_policy != "candidates" or "aa" not in cfg.eval_attacks or "pgd20" in cfg.eval_attacks,
+        f"eval.aa_policy: candidates bounds AutoAttack by PGD-20, so eval.attacks needs pgd20; got {e.attacks!r}",
+    )
     r = cfg.run
     _check(r.checkpoint_every >= 0, f"run.checkpoint_every: got {r.checkpoint_every}, expected >= 0")
     _check_choice("run.amp", r.amp, AMP_SETTINGS)

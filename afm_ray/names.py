@@ -19,6 +19,7 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
 MODEL_ERROR_TAG = "afm_ray.model_error"  # why a completed trial has no logged student
 NODE_ID_TAG = "ray.node_id"  # the Ray node ids a trial's workers ran on, comma-separated
 NODE_ID_METRIC = "ray/node_id"  # what each Train worker reports: the id of the node it runs on
+AA_SKIPPED_TAG = "afm_ray.aa_skipped"  # why a trial's AutoAttack did not run (eval.aa_policy: candidates)
 STUDENT_MODEL = "student"  # the artifact path / logged-model name of a trial's student
 PARETO_ALIAS_PREFIX = "pareto-"  # registered front members get aliases pareto-1, pareto-2, ...
 # sha256 of a logged student's spec.json (which holds the weights' sha256): kept in the tracking
@@ -59,6 +60,11 @@ EVAL_PROTOCOLS = {
     "aa": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square; pyautoattack)",
 }
 ATTACKS = tuple(EVAL_PROTOCOLS)
+# eval.aa_policy: AutoAttack on every trial, or only on trials PGD-20 cannot rule out (staged).
+AA_POLICIES = ("all", "candidates")
+# Final-result keys of a trial whose AutoAttack was skipped: a flag (1.0) and the reason (text).
+AA_SKIPPED_METRIC = "eval/aa_skipped"
+AA_SKIP_REASON_KEY = "eval/aa_skip_reason"
 
 # --- Methods, data, training switches.
 HPARAM_NAMES = ("tau", "alpha", "beta", "lam")  # method.<name>; None = the method's default

@@ -112,8 +112,13 @@ def exclusion_reasons(trials: pd.DataFrame, objectives: Sequence[Objective]) -> 
     """Per trial, why it may not enter the front (failed, early-stopped, running, missing ...), else None."""
     reasons = []
     statuses = zip(column(trials, f"tags.{names.TRIAL_STATUS_TAG}"), trials["status"], strict=True)
-    for (trial_status, status), values in zip(statuses, _objective_values(trials, objectives), strict=True):
+    skipped = column(trials, f"tags.{names.AA_SKIPPED_TAG}")
+    for (trial_status, status), values, aa_skipped in zip(
+        statuses, _objective_values(trials, objectives), skipped, strict=True
+    ):
         missing = ", ".join(o.metric for o, v in zip(objectives, values, strict=True) if np.isnan(v))
+        if missing and not pd.isna(aa_skipped):  # staged evaluation: dominated already at PGD-20
+            missing = f"{missing} (AutoAttack skipped, {aa_skipped})"
         if pd.isna(trial_status):
             reasons.append(f"no {names.TRIAL_STATUS_TAG} tag")
         elif trial_status != "completed":

@@ -270,6 +270,7 @@ def parse_search_space(
         path=path,
     )
     _check_extremes(space, where, file_fixed, dict(overrides or {}))
+    _check_rungs(scheduler, fixed, {d.key for d in search}, where)
     return space
 
 
@@ -344,34 +345,65 @@ def _parse_objectives(raw: Any, where: str) -> tuple[Objective, ...]:
     return tuple(out)
 
 
+SCHEDULERS = ("fifo", "asha", "mo_asha")
+SCHEDULER_FIELDS = {
+    "fifo": ("name",),
+    "asha": ("name", "metric", "mode", "grace_period", "reduction_factor"),
+    "mo_asha": ("name", "metrics", "grace_period", "reduction_factor"),
+}
+
+
 def _parse_scheduler(raw: Any, objectives: tuple[Objective, ...], where: str) -> dict[str, Any]:
     spec = dict(_mapping(raw or {"name": "fifo"}, f"{where}: scheduler"))
     name = spec.get("name", "fifo")
-    if name not in ("fifo", "asha"):
-        raise ConfigError(f"{where}: scheduler.name {name!r} is unknown; use fifo or asha")
-    allowed = {"fifo": {"name"}, "asha": {"name", "metric", "mode", "grace_period", "reduction_factor"}}[name]
+    if name not in SCHEDULERS:
+        raise _unknown(f"{where}: scheduler.name", name, SCHEDULERS)
     for key in spec:
-        if key not in allowed:
-            raise _unknown(f"{where}: unknown scheduler field", key, sorted(allowed))
+        if key not in SCHEDULER_FIELDS[name]:
+            raise _unknown(f"{where}: unknown scheduler field", key, SCHEDULER_FIELDS[name])
     if name == "asha":
         if len(objectives) != 1:
             raise ConfigError(
                 f"{where}: scheduler asha needs a single objective (ASHA ranks trials on one metric); "
-                f"got {len(objectives)} objectives"
+                f"got {len(objectives)} objectives; use mo_asha for several"
             )
         spec.setdefault("metric", "val/pgd_acc")
         spec.setdefault("mode", "max")
-        spec.setdefault("grace_period", 1)
-        spec.setdefault("reduction_factor", 2)
         if spec["metric"] not in PER_EPOCH_METRICS:
             raise _unknown(
                 f"{where}: scheduler.metric must be reported every epoch; unknown", spec["metric"], PER_EPOCH_METRICS
             )
+    if name == "mo_asha":
+        # Validation clean and PGD accuracy, every epoch: the proxies of clean and AutoAttack accuracy.
+        spec.setdefault("metrics", list(PER_EPOCH_METRICS))
+        metrics = spec["metrics"]
+        if not isinstance(metrics, list) or not metrics or len(set(metrics)) != len(metrics):
+            raise ConfigError(
+                f"{where}: scheduler.metrics must be a list of distinct per-epoch metrics, got {metrics!r}"
+            )
+        for metric in metrics:
+            if metric not in PER_EPOCH_METRICS:
+                raise _unknown(f"{where}: scheduler.metrics: not reported every epoch:", metric, PER_EPOCH_METRICS)
+    if name in ("asha", "mo_asha"):
+        spec.setdefault("grace_period", 1)
+        spec.setdefault("reduction_factor", 2 if name == "asha" else 3)
         _positive_int(spec["grace_period"], f"{where}: scheduler.grace_period")
         if not (_is_number(spec["reduction_factor"]) and spec["reduction_factor"] > 1):
             raise ConfigError(f"{where}: scheduler.reduction_factor must be > 1, got {spec['reduction_factor']!r}")
     spec["name"] = name
     return spec
+
+
+def _check_rungs(scheduler: Mapping[str, Any], fixed: Mapping[str, Any], searched: set[str], where: str) -> None:
+    """A successive-halving scheduler needs a rung before the last epoch, or it never stops anything."""
+    if scheduler["name"] not in ("asha", "mo_asha") or "optim.epochs" in searched:
+        return
+    epochs = from_flat(fixed).optim.epochs
+    if scheduler["grace_period"] >= epochs:
+        raise ConfigError(
+            f"{where}: scheduler.grace_period {scheduler['grace_period']} leaves no rung before the last epoch "
+            f"(optim.epochs {epochs}); use a grace_period below {epochs}"
+        )
 
 
 def default_startup_trials(num_samples: int) -> int:

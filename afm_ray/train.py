@@ -39,14 +39,15 @@ from afm_ray.errors import ConfigError
 from afm_ray.eval_batch import resolve_eval_batch_size
 from afm_ray.methods import AttackSpec, build_method
 from afm_ray.models import build_model, count_parameters, measure_latency_ms, model_kwargs, unwrap
-from afm_ray.names import HPARAM_NAMES, TRAIN_TEACHER
+from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC, HPARAM_NAMES, TRAIN_TEACHER
 from afm_ray.stats import accuracy_intervals
 
 
 class Reporter(Protocol):
     """Where a run's metrics and checkpoints go, and where a resumed run starts from.
 
-    A reporter may also carry `device`: the accelerator its framework assigned this worker.
+    A reporter may also carry `device`: the accelerator its framework assigned this worker, and
+    `aa_gate`: a sweep's staged-evaluation check (see `final_evaluation`).
     """
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
@@ -348,7 +349,9 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         _report_with_checkpoint(reporter, metrics, cfg, student, optimizer, scheduler, epoch + 1, ctx, save, data)
 
     eval_started = time.perf_counter()
-    final = final_evaluation(cfg, unwrap(student), data, ctx, log, batch_size=eval_batch_size)
+    final = final_evaluation(
+        cfg, unwrap(student), data, ctx, log, batch_size=eval_batch_size, aa_gate=getattr(reporter, "aa_gate", None)
+    )
     final["time/eval_s"] = time.perf_counter() - eval_started
     final["time/worker_s"] = time.perf_counter() - worker_started
     # The last epoch's metrics ride along, so a scheduler's metric is present in every result.
@@ -399,29 +402,57 @@ def final_evaluation(
     log: Callable[[str], None],
     *,
     batch_size: int,
+    aa_gate: Callable[[dict[str, float], float], str | None] | None = None,
 ) -> dict[str, float]:
     """The fixed evaluation protocol (afm_ray.names.EVAL_PROTOCOLS) on `eval.samples` test images,
-    sharded across workers."""
+    sharded across workers.
+
+    With `eval.aa_policy: candidates` and an `aa_gate` (a sweep's: afm_ray.sweep.front_registry),
+    AutoAttack runs last, only if the gate, shown every other result and `eval.aa_margin`, answers
+    None; otherwise the
+    result carries `eval/aa_skipped` and the gate's reason instead of `aa_acc`.
+    """
     x_test, y_test = fixed_test_subset(data, cfg.eval.samples, cfg.data.seed)
     log(f"final evaluation on {len(y_test)} test images at eps={cfg.eval_eps:.4g}: {', '.join(cfg.eval_attacks)}")
-    final = evaluate_sharded(
-        student,
-        x_test,
-        y_test,
-        eps=cfg.eval_eps,
-        norm=cfg.attack.norm,
-        attack_names=cfg.eval_attacks,
-        batch_size=batch_size,
-        ctx=ctx,
-        progress=None,
-    )
+    staged = aa_gate is not None and cfg.eval.aa_policy == "candidates" and "aa" in cfg.eval_attacks
+
+    def run(attack_names: tuple[str, ...]) -> dict[str, float]:
+        return evaluate_sharded(
+            student,
+            x_test,
+            y_test,
+            eps=cfg.eval_eps,
+            norm=cfg.attack.norm,
+            attack_names=attack_names,
+            batch_size=batch_size,
+            ctx=ctx,
+            progress=None,
+        )
+
+    final: dict[str, Any] = run(tuple(a for a in cfg.eval_attacks if a != "aa") if staged else cfg.eval_attacks)
     final["params"] = float(count_parameters(student))
     final["latency_ms"] = measure_latency_ms(student, data.image_shape, device=ctx.device)
     final["eval/n_samples"] = float(len(y_test))
-    final.update(accuracy_intervals(final, len(y_test)))  # each accuracy's Wilson 95% interval
     final["eval/eps"] = cfg.eval_eps
+    if staged:
+        reason = _decided_on_rank0(lambda: aa_gate(dict(final), cfg.eval.aa_margin), ctx)
+        if reason is None:
+            final.update(run(("aa",)))
+        else:
+            log(f"AutoAttack skipped: {reason}")
+            final[AA_SKIPPED_METRIC] = 1.0
+            final[AA_SKIP_REASON_KEY] = reason
+    final.update(accuracy_intervals(final, len(y_test)))  # each accuracy's Wilson 95% interval
     final["done"] = 1.0
     return final
+
+
+def _decided_on_rank0(decide: Callable[[], Any], ctx: WorkerContext) -> Any:
+    """Rank 0's answer on every rank: all workers must attack (or skip) together."""
+    answer = [decide() if ctx.rank == 0 else None]
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(answer, src=0)
+    return answer[0]
 
 
 if __name__ == "__main__":  # python -m afm_ray.train; as __main__ this is not the library module, so no cycle

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from afm_ray.config import ExperimentConfig, from_flat
-from afm_ray.cost import teacher_cost
+from afm_ray.teacher_cost import teacher_cost
 from afm_ray.data import check_available
 from afm_ray.endpoints import bounded, check_mlflow_server, probe_timeout_s
 from afm_ray.errors import ConfigError, DataError, StorageError, TrackingError, UserError, one_line

@@ -26,14 +26,16 @@ from afm_ray.config import from_flat, to_flat
 from afm_ray.errors import ClusterError, ConfigError, UserError, one_line
 from afm_ray.evaluate import evaluate_checkpoint
 from afm_ray.front import non_dominated
-from afm_ray.names import TRAIN_TEACHER
+from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC, TRAIN_TEACHER
 from afm_ray.search_space import SearchSpace, build_sampler
 from afm_ray.signals import install_sigterm_as_sigint
 from afm_ray.storage import list_dirs, redact_uri, write_bytes
+from afm_ray.sweep.front_registry import FrontRegistryFeed, registry_name, start_registry
 from afm_ray.sweep.lifecycle import SweepRecords
 from afm_ray.sweep.local_ray import connect_or_start
 from afm_ray.sweep.plan import teacher_methods
 from afm_ray.sweep.progress import TrialProgress
+from afm_ray.sweep.schedulers import build_scheduler
 from afm_ray.sweep.tracking import TrialTracker, start_or_resume_sweep_run
 from afm_ray.sweep.trial import train_driver_fn
 from afm_ray.teacher import STAGING_PREFIX, ensure_teacher, remove_stale_staging, teacher_cache_dir
@@ -98,6 +100,11 @@ def _get_teacher(ref: Any, cache_folder: Path) -> Any:
             remove_stale_staging(cache_folder)
             time.sleep(0.2)
         raise
+
+def uses_staged_evaluation(space: SearchSpace) -> bool:
+    """Whether any trial may run with eval.aa_policy: candidates."""
+    searched = [d for d in space.search if d.key == "eval.aa_policy"]
+    return from_flat(space.fixed).eval.aa_policy == "candidates" or any("candidates" in d.choices for d in searched)
 
 
 def max_concurrent_trials(space: SearchSpace, cluster: dict[str, float]) -> int | None:
@@ -192,6 +199,16 @@ def _run_sweep(
     for key, value in teacher_scores.items():
         client.log_metric(parent_id, f"teacher/{key}", value)
 
+    callbacks = [
+        TrialTracker(tracking_uri, experiment_name=experiment, parent_run_id=parent_id, sweep_name=name),
+        TrialProgress(space.objectives),
+    ]
+    if uses_staged_evaluation(space):
+        # Finished trials' objectives, for the workers' AutoAttack decision (afm_ray.staged_eval).
+        start_registry(name, space.objectives)
+        runtime["front_registry"] = registry_name(name)
+        callbacks.append(FrontRegistryFeed(registry_name(name), space.objectives))
+
     # The Tune function only waits on its Train run: it takes no CPU (a token of memory keeps
     # its bundle non-empty), so on a 2-CPU laptop the trial drivers cannot starve the workers.
     trainable = tune.with_resources(
@@ -212,17 +229,7 @@ def _run_sweep(
             storage=optuna.storages.RDBStorage(optuna_url),
         )
         name_metrics(name, optuna_url, [o.metric for o in space.objectives])
-        scheduler = None
-        if space.scheduler["name"] == "asha":
-            s = space.scheduler
-            scheduler = tune.schedulers.ASHAScheduler(
-                metric=s["metric"],
-                mode=s["mode"],
-                time_attr="training_iteration",
-                max_t=int(from_flat(space.fixed).optim.epochs) + 1,
-                grace_period=s["grace_period"],
-                reduction_factor=s["reduction_factor"],
-            )
+        scheduler = build_scheduler(space.scheduler, from_flat(space.fixed).optim.epochs)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -235,10 +242,7 @@ def _run_sweep(
                 name=name,
                 storage_path=storage_root,
                 verbose=0,
-                callbacks=[
-                    TrialTracker(tracking_uri, experiment_name=experiment, parent_run_id=parent_id, sweep_name=name),
-                    TrialProgress(space.objectives),
-                ],
+                callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
@@ -281,7 +285,8 @@ class CompletedOnlyOptunaSearch(OptunaSearch):
     """OptunaSearch that never tells Optuna a truncated result as complete.
 
     A trial a scheduler stopped early ends with its last per-epoch result, which lacks the
-    final metrics: Optuna records it as pruned, so it can never enter the Pareto front.
+    final metrics: Optuna records it as pruned, so it can never enter the Pareto front. So is a
+    trial whose AutoAttack staged evaluation skipped (user attribute `aa_skipped`: why).
     Each Optuna trial also records its Tune trial id, which MLflow runs carry as a tag.
     """
 
@@ -299,6 +304,11 @@ class CompletedOnlyOptunaSearch(OptunaSearch):
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result is not None and result.get("done") and result.get(AA_SKIPPED_METRIC):
+            # Staged evaluation skipped its AutoAttack: dominated, never on the front; PRUNED.
+            if trial_id in self._ot_trials:
+                self._ot_trials[trial_id].set_user_attr("aa_skipped", str(result.get(AA_SKIP_REASON_KEY, "")))
+            result = None
         if result is not None and not result.get("done"):
             result = None
         super().on_trial_complete(trial_id, result=result, error=error)
@@ -313,8 +323,12 @@ def print_summary(
         if m.get("done") and all(isinstance(m.get(o.metric), (int, float)) for o in space.objectives):
             m["config"] = result.config or {}
             rows.append(m)
+    finals = [dict(r.metrics or {}) for r in results]
+    stopped = sum(1 for m in finals if m and not m.get("done") and "epoch" in m)
+    skipped = sum(1 for m in finals if m.get("done") and m.get(AA_SKIPPED_METRIC))
+    notes = (f", {stopped} stopped early" if stopped else "") + (f", {skipped} AutoAttack skipped" if skipped else "")
     print()
-    print(f"sweep {name}: {len(rows)}/{len(results)} trials completed in {elapsed / 60:.1f} min")
+    print(f"sweep {name}: {len(rows)}/{len(results)} trials completed{notes} in {elapsed / 60:.1f} min")
     if rows:
         objectives = [(o.metric, o.mode) for o in space.objectives]
         front = non_dominated([[r[m] for m, _ in objectives] for r in rows], [mode for _, mode in objectives])

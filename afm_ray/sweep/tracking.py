@@ -23,6 +23,8 @@ from afm_ray.checkpoints import checkpoint_data_spec, load_model
 from afm_ray.config import from_flat, to_flat
 from afm_ray.errors import ConfigError
 from afm_ray.names import (
+    AA_SKIP_REASON_KEY,
+    AA_SKIPPED_TAG,
     EVAL_PROTOCOLS,
     FINAL_METRICS,
     MODEL_ERROR_TAG,
@@ -142,6 +144,9 @@ class TrialTracker(MLflowLoggerCallback):
         ]
         if metrics:
             self._client.log_batch(run_id, metrics=metrics)
+        if result.get("done") and result.get(AA_SKIP_REASON_KEY):
+            # No aa_acc: pareto leaves the trial out and says why (eval.aa_policy: candidates).
+            self._client.set_tag(run_id, AA_SKIPPED_TAG, str(result[AA_SKIP_REASON_KEY])[:5000])
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
         run_id = self._trial_runs[trial]

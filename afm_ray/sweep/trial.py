@@ -8,6 +8,7 @@ restored sweep finds each trial's checkpoints again.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from typing import Any
 
@@ -15,18 +16,22 @@ import torch
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from afm_ray.names import NODE_ID_METRIC
+from afm_ray.sweep.front_registry import registry_gate
 from afm_ray.train import train_fn_per_worker
 
 
 class RayTrainReporter:
-    """`Reporter` for Ray Train workers: metrics and checkpoints go to `ray.train.report`."""
+    """`Reporter` for Ray Train workers: metrics and checkpoints go to `ray.train.report`; with a
+    sweep's front registry (eval.aa_policy: candidates), `aa_gate` asks it before AutoAttack."""
 
-    def __init__(self) -> None:
+    def __init__(self, front_registry: str | None = None) -> None:
         import ray
         import ray.train.torch
 
         self.device: torch.device = ray.train.torch.get_device()
         self.node_id: str = ray.get_runtime_context().get_node_id()
+        if front_registry:
+            self.aa_gate = registry_gate(front_registry)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         import ray.train
@@ -54,9 +59,9 @@ class NodeIdsReportCallback(TuneReportCallback):
         return checkpoint.to_directory(tempfile.mkdtemp(prefix="afm_ray_resume_"))
 
 
-def ray_train_worker(config: dict[str, Any]) -> None:
-    """`train_loop_per_worker` of the TorchTrainer."""
-    train_fn_per_worker(config, RayTrainReporter())
+def ray_train_worker(config: dict[str, Any], front_registry: str | None = None) -> None:
+    """`train_loop_per_worker` of the TorchTrainer (bound to the sweep's registry name, if any)."""
+    train_fn_per_worker(config, RayTrainReporter(front_registry))
 
 
 def build_trainer(
@@ -75,7 +80,7 @@ def build_trainer(
     if use_gpu:
         resources["GPU"] = runtime["gpus_per_worker"]
     return TorchTrainer(
-        ray_train_worker,
+        functools.partial(ray_train_worker, front_registry=runtime.get("front_registry")),
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -1,0 +1,130 @@
+"""`python -m afm_ray.sweep --dry-run`: the resolved plan and its cost, with no Ray and no writes;
+the FLOP accounting behind the estimate, checked against counted FLOPs of real steps."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from afm_ray.cli import sweep_main
+from afm_ray.config import from_flat
+from afm_ray.cost import dataset_shapes, eval_flops_per_image, forward_flops, train_flops_per_image, trial_flops
+from afm_ray.methods import METHODS, AttackSpec, build_method
+from afm_ray.models import build_model
+from afm_ray.search_space import load_search_space
+from afm_ray.sweep.dry_run import describe_plan, format_plan
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))
+NO_RAY = "import sys; from afm_ray.cli import sweep_main; rc = sweep_main(sys.argv[1:]); " + (
+    "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)"
+)
+
+
+def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", NO_RAY, "--dry-run", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_dry_run_starts_no_ray_and_writes_nothing(tmp_path):
+    proc = dry_run(
+        tmp_path,
+        "--format",
+        "json",
+        "--storage",
+        str(tmp_path / "results"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--optuna-storage",
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert {"num_samples", "sampler", "scheduler", "resources", "estimate"} <= set(plan)
+    assert {"name", "n_startup_trials"} <= set(plan["sampler"])
+    assert list(tmp_path.iterdir()) == []  # no storage, no tracking store, no Optuna database
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
+def test_every_shipped_space_plans_a_model_based_search(path):
+    plan = json.loads(format_plan(describe_plan(load_search_space(path)), "json"))
+    sampler = plan["sampler"]
+    assert sampler["name"] in ("tpe", "nsga2", "gp") and 1 <= sampler["n_startup_trials"] < plan["num_samples"]
+    estimate = plan["estimate"]
+    assert estimate["available"] and estimate["assumptions"]
+    f = estimate["flops_per_trial"]
+    assert 0 < f["min"] <= f["mean"] <= f["max"]
+    assert 0 < estimate["sweep_flops"]["expected"] <= estimate["sweep_flops"]["upper_bound"]
+    assert estimate["device_hours"]
+    text = format_plan(describe_plan(load_search_space(path)))
+    assert f"trials       {plan['num_samples']}" in text and "random start-up trials" in text
+    assert f"scheduler    {plan['scheduler']['name']}" in text and "h per full trial" in text
+
+
+def test_dry_run_reports_a_bad_space_like_a_real_run(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: {attack.eps: {uniform: [0.2, 0.1]}}\n")
+    assert sweep_main(["--dry-run", "--space", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "uniform needs low < high" in err
+
+
+def test_flop_accounting_matches_clusters_readme():
+    """clusters/README.md's assumed trial: CIFAR-10, ResNet-18 student (1.1 GFLOPs), WRN-34-10
+    teacher (13.3 GFLOPs), PGD-10: 305 and 42 GFLOPs per image and epoch; ~2.8 PFLOPs to evaluate
+    500 images (the formulas' 1-3% difference is the README's rounding)."""
+    cfg = from_flat(
+        {
+            "data.name": "cifar10",
+            "student.arch": "resnet18",
+            "teacher.arch": "wrn34_10",
+            "student.width": 0,
+            "teacher.width": 0,
+            "eval.samples": 500,
+        }
+    )
+    shapes = dataset_shapes(cfg)
+    f_s = forward_flops("resnet18", 0, 0, shapes)
+    f_t = forward_flops("wrn34_10", 0, 0, shapes)
+    assert f_s == pytest.approx(1.1e9, rel=0.02) and f_t == pytest.approx(13.3e9, rel=0.02)
+    assert train_flops_per_image("advfunmatch", 10, f_s, f_t) == pytest.approx(305e9, rel=0.02)
+    assert train_flops_per_image("rslad", 10, f_s, f_t) == pytest.approx(42e9, rel=0.02)
+    assert 500 * eval_flops_per_image(("clean", "pgd20", "cw", "aa"), f_s) == pytest.approx(2.8e15, rel=0.05)
+    flops = trial_flops(cfg, {"advfunmatch": 1.0}, 10, epochs=30)
+    assert flops["train_flops_per_epoch"] == pytest.approx(305e9 * shapes.train_images, rel=0.02)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_training_formula_matches_counted_flops_of_a_real_step(method):
+    bench_measure = _benchmark("bench_measure")
+    torch.manual_seed(0)
+    kw = dict(num_classes=10, in_channels=1, mean=(0.5,), std=(0.5,))
+    student = build_model("small_cnn", width=4, **kw)
+    teacher = build_model("small_cnn", width=8, **kw).eval().requires_grad_(False)
+    x = torch.rand(4, 1, 8, 8)
+    y = torch.nn.functional.one_hot(torch.arange(4) % 10, 10).float()
+    f_s = bench_measure.count_flops(lambda: student(x[:1]))
+    f_t = bench_measure.count_flops(lambda: teacher(x[:1]))
+    m = build_method(method)
+    attack = AttackSpec(eps=0.1, step_size=0.025, steps=5, norm="linf", random_start="default")
+    counted = bench_measure.count_flops(lambda: m(student, teacher, x, y, attack)["loss"].backward()) / len(x)
+    # Losses and softmaxes are not counted by either; convolutions and matmuls are all of it.
+    assert counted == pytest.approx(train_flops_per_image(method, 5, f_s, f_t), rel=0.02)
+
+
+def _benchmark(name: str):
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
