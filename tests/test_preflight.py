@@ -7,13 +7,13 @@ import pytest
 
 from afm_ray.checkpoints import save_training_state
 from afm_ray.config import from_flat
-from afm_ray.teacher_cost import adversarial_training_forwards, forward_flops, teacher_cost
 from afm_ray.errors import ConfigError, UserError
 from afm_ray.models import build_model
 from afm_ray.search_space import load_search_space, parse_search_space
 from afm_ray.storage import redact_uri
 from afm_ray.sweep.plan import check_teacher, preflight, preflight_checks
 from afm_ray.teacher import teacher_training_config
+from afm_ray.teacher_cost import adversarial_training_forwards, forward_flops, teacher_cost
 
 
 def space(fixed: dict, **raw):

@@ -14,7 +14,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from afm_ray.config import ExperimentConfig, from_flat
-from afm_ray.teacher_cost import teacher_cost
 from afm_ray.data import check_available
 from afm_ray.endpoints import bounded, check_mlflow_server, probe_timeout_s
 from afm_ray.errors import ConfigError, DataError, StorageError, TrackingError, UserError, one_line
@@ -23,6 +22,7 @@ from afm_ray.names import TRAIN_TEACHER
 from afm_ray.search_space import SearchSpace
 from afm_ray.storage import file_size, is_uri, list_dirs, probe_writable, redact_text, redact_uri
 from afm_ray.teacher import teacher_cache_dir, teacher_training_config
+from afm_ray.teacher_cost import teacher_cost
 
 
 def storage_root(storage: str | None) -> str:

@@ -101,6 +101,7 @@ def _get_teacher(ref: Any, cache_folder: Path) -> Any:
             time.sleep(0.2)
         raise
 
+
 def uses_staged_evaluation(space: SearchSpace) -> bool:
     """Whether any trial may run with eval.aa_policy: candidates."""
     searched = [d for d in space.search if d.key == "eval.aa_policy"]
