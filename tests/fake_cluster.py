@@ -194,6 +194,8 @@ def _descendants(root: int) -> set[int]:
     """Every process below `root` in the process tree, however deep."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
+        if not entry.isdigit():  # /proc/self, /proc/thread-self
+            continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:

@@ -70,11 +70,12 @@ def cluster(tmp_path_factory):
 
 
 def _space(path: Path, fixed: dict, **raw) -> Path:
+    search = raw.pop("search", None) or {"run.seed": {"choice": [fixed.get("run.seed", 0)]}}  # one config
     space = {
         "name": "sim",
         "experiment": "sim-tests",
-        "fixed": fixed,
-        "search": {},
+        "fixed": {k: v for k, v in fixed.items() if k not in search},  # a key is fixed or searched
+        "search": search,
         "objectives": [{"metric": "clean_acc", "mode": "max"}, {"metric": "pgd20_acc", "mode": "max"}],
         "num_samples": 1,
         "resources": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
