@@ -34,15 +34,16 @@ from ray_head import RAY, free_port, ray_head
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # the fake provider's own
+FAKE_HEAD_NODE_TYPE = "ray.head.default"  # the type the fake provider gives its head, whatever the config says
 
 
 def simulated_config(aws: Mapping[str, Any], *, gcs_address: str, idle_timeout_s: float) -> dict[str, Any]:
-    """clusters/aws.yaml's node types on the fake multi-node provider."""
-    head = aws["head_node_type"]
-    types: dict[str, Any] = {}
+    """clusters/aws.yaml's node types on the fake multi-node provider (its head under the fake
+    provider's own type name, which the autoscaler must find among the node types)."""
+    head = FAKE_HEAD_NODE_TYPE
+    types: dict[str, Any] = {head: {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}}
     for name, node_type in aws["available_node_types"].items():
-        if name == head:
-            types[name] = {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}
+        if name == aws["head_node_type"]:
             continue
         resources = {k: v for k, v in node_type["resources"].items() if k not in ("CPU", "GPU")}
         types[name] = {

@@ -39,6 +39,15 @@ class RayTrainReporter:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report({**metrics, NODE_ID_METRIC: self.node_id}, checkpoint=checkpoint)
 
+    def resume_checkpoint_dir(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        # A local copy: the checkpoint may live on S3/GCS.
+        return checkpoint.to_directory(tempfile.mkdtemp(prefix="afm_ray_resume_"))
+
 
 class NodeIdsReportCallback(TuneReportCallback):
     """TuneReportCallback forwards rank 0's metrics to Tune; this one also joins the node id every
@@ -48,15 +57,6 @@ class NodeIdsReportCallback(TuneReportCallback):
         nodes = dict.fromkeys(str(m[NODE_ID_METRIC]) for m in metrics if m.get(NODE_ID_METRIC))
         metrics = [{**metrics[0], NODE_ID_METRIC: ",".join(nodes)}, *metrics[1:]] if metrics else metrics
         super().after_report(run_context, metrics, checkpoint)
-
-    def resume_checkpoint_dir(self) -> str | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        # A local copy: the checkpoint may live on S3/GCS.
-        return checkpoint.to_directory(tempfile.mkdtemp(prefix="afm_ray_resume_"))
 
 
 def ray_train_worker(config: dict[str, Any], front_registry: str | None = None) -> None:
