@@ -38,11 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_S = 20  # aws.yaml's 10 minutes, shortened
 sys.path.insert(0, str(ROOT / "benchmarks"))
 ddp_noise = importlib.import_module("ddp_noise")  # DDP_CONFIG and worker_config: one config for both
-# benchmarks/ddp_noise.py, 5 seeds (docs/cluster_sim_cpu.md): the run-to-run standard deviation of the
-# paired difference between a one-worker and a two-worker run is at most 0.011 (clean and PGD-20
-# accuracy, 360 test images). Three of those: a real mismatch (a DDP bug: unsynchronised gradients,
-# a rank that trains on the wrong shard) moves the accuracy by far more.
-DDP_TOLERANCE = 0.035
+# benchmarks/ddp_noise.py, 12 seeds (docs/cluster_sim_cpu.md): the standard deviation of the paired
+# difference between a two-worker and a one-worker run is 0.011 for clean and 0.048 for PGD-20
+# accuracy (360 test images). The tolerance is four of those, rounded up.
+DDP_TOLERANCE = {"clean_acc": 0.05, "pgd20_acc": 0.20}
 
 
 def _only_head(nodes: dict) -> bool:
@@ -164,10 +163,10 @@ def test_ddp_trial_spans_two_nodes_and_matches_one_worker(cluster, teacher, tmp_
     print(
         "\n1 vs 2 workers (360 test images): "
         + ", ".join(f"{m} {one[m]:.4f} vs {two[m]:.4f}" for m in ddp_noise.METRICS)
-        + f" (tolerance {DDP_TOLERANCE})"
+        + f" (tolerances {DDP_TOLERANCE})"
     )
     for metric in ddp_noise.METRICS:
-        assert abs(two[metric] - one[metric]) <= DDP_TOLERANCE, (metric, one[metric], two[metric])
+        assert abs(two[metric] - one[metric]) <= DDP_TOLERANCE[metric], (metric, one[metric], two[metric])
 
 
 def test_node_loss_mid_trial_resumes_on_another_node(cluster, teacher, tmp_path):
