@@ -105,6 +105,8 @@ def _job_env(tmp: Path) -> dict[str, str]:
 def _trial_runs(tmp: Path) -> list:
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sim-tests")
+    if experiment is None:  # the sweep has not created it yet
+        return []
     return client.search_runs([experiment.experiment_id], filter_string="tags.`afm_ray.role` = 'trial'")
 
 
@@ -172,12 +174,15 @@ def test_ddp_trial_spans_two_nodes_and_matches_one_worker(cluster, teacher, tmp_
 def test_node_loss_mid_trial_resumes_on_another_node(cluster, teacher, tmp_path):
     fixed = {**ddp_noise.worker_config(teacher, 0, 1), "optim.epochs": 6}
     space = _space(tmp_path / "space.yaml", fixed, max_failures=2)
+    # The store exists before the sweep starts: polling a SQLite store while the sweep creates it
+    # would race MLflow's schema migration between the two processes.
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
     job = cluster.job(_sweep_args(tmp_path, space, "loss"), env_vars=_job_env(tmp_path))
     try:
         victim, deadline = None, time.monotonic() + 600
         while victim is None and time.monotonic() < deadline:  # the trial's node, once epoch 1 is checkpointed
             time.sleep(1)
-            runs = _trial_runs(tmp_path) if (tmp_path / "mlflow.db").exists() else []
+            runs = _trial_runs(tmp_path)
             if runs and runs[0].data.metrics.get("epoch", 0) >= 1 and "ray.node_id" in runs[0].data.tags:
                 victim = runs[0].data.tags["ray.node_id"].split(",")[0]
         assert victim, "the trial never reported its first epoch"

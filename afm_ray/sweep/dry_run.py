@@ -202,8 +202,13 @@ def format_plan(plan: dict[str, Any], fmt: str = "text") -> str:
         f"objectives   {', '.join(s['objectives'])}",
         "search       " + "; ".join(f"{k} {_short(v)}" for k, v in s["search"].items()),
         f"trials       {plan['num_samples']}, {plan['max_concurrent_trials']} at a time",
-        f"sampler      {sampler['name']} (seed {sampler['seed']}): {sampler['n_startup_trials']} random start-up "
-        f"trials, then model-based" + (" (random throughout)" if sampler["name"] == "random" else ""),
+        f"sampler      {sampler['name']} (seed {sampler['seed']}): "
+        + (
+            "every combination of the choices once, in random order"
+            if sampler["name"] == "grid"
+            else f"{sampler['n_startup_trials']} random start-up trials, then model-based"
+            + (" (random throughout)" if sampler["name"] == "random" else "")
+        ),
         f"scheduler    {sched['name']}"
         + (
             f": rungs at epochs {sched['rungs']} of {plan['evaluation']['epochs']}, reduction factor "
