@@ -102,6 +102,10 @@ def _job_env(tmp: Path) -> dict[str, str]:
     return env
 
 
+def _epochs_logged(tmp: Path, run_id: str) -> int:
+    return len(MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_metric_history(run_id, "time/epoch_s"))
+
+
 def _trial_runs(tmp: Path) -> list:
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sim-tests")
@@ -172,7 +176,8 @@ def test_ddp_trial_spans_two_nodes_and_matches_one_worker(cluster, teacher, tmp_
 
 
 def test_node_loss_mid_trial_resumes_on_another_node(cluster, teacher, tmp_path):
-    fixed = {**ddp_noise.worker_config(teacher, 0, 1), "optim.epochs": 6}
+    # Long enough (about 2 s per epoch here) for the kill to land mid-training; a checkpoint every epoch.
+    fixed = {**ddp_noise.worker_config(teacher, 0, 1), "optim.epochs": 30, "run.checkpoint_every": 1}
     space = _space(tmp_path / "space.yaml", fixed, max_failures=2)
     # The store exists before the sweep starts: polling a SQLite store while the sweep creates it
     # would race MLflow's schema migration between the two processes.
@@ -183,7 +188,7 @@ def test_node_loss_mid_trial_resumes_on_another_node(cluster, teacher, tmp_path)
         while victim is None and time.monotonic() < deadline:  # the trial's node, once epoch 1 is checkpointed
             time.sleep(1)
             runs = _trial_runs(tmp_path)
-            if runs and runs[0].data.metrics.get("epoch", 0) >= 1 and "ray.node_id" in runs[0].data.tags:
+            if runs and "ray.node_id" in runs[0].data.tags and _epochs_logged(tmp_path, runs[0].info.run_id) >= 2:
                 victim = runs[0].data.tags["ray.node_id"].split(",")[0]
         assert victim, "the trial never reported its first epoch"
         os.kill(cluster.raylet_pid(victim), signal.SIGKILL)
