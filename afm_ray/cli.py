@@ -28,7 +28,7 @@ from afm_ray.evaluate import evaluate_checkpoint, format_results
 from afm_ray.methods import build_method
 from afm_ray.names import ACCURACY_METRICS, TRAIN_TEACHER, default_tracking_uri
 from afm_ray.preflight import check_run
-from afm_ray.search_space import DEFAULT_SPACE, embedded_default, load_search_space
+from afm_ray.search_space import DEFAULT_SPACE, embedded_default, load_search_space, shipped_spaces
 from afm_ray.signals import install_sigterm_as_sigint, restore_sigterm
 from afm_ray.sweep.plan import (
     check_optuna_storage,
@@ -246,8 +246,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     parser = _parser("sweep", "Search space -> Optuna (via Ray Tune) -> Ray Train -> MLflow.")
     parser.add_argument(
         "--space",
-        help="search space: a YAML file, or the name of a shipped one (default, cifar10_resnet18, "
-        "cifar100_mobilenetv2; default: the embedded default)",
+        help=f"search space: a YAML file, or the name of a shipped one ({', '.join(shipped_spaces())}; "
+        "default: the embedded default)",
     )
     parser.add_argument("--experiment", help="MLflow experiment (default: the space's `experiment`)")
     parser.add_argument(
