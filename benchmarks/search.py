@@ -1,6 +1,6 @@
 """The search benchmark: hypervolume against compute, for searchers replayed on recorded trials.
 
-    python benchmarks/search.py [--seeds 10] [--json OUT] [--doc docs/search_cpu.md]   # the benchmark
+    python benchmarks/search.py [--seeds 10] [--json OUT] [--doc docs/search_<machine>.md]   # the benchmark
     python benchmarks/search.py export --tracking-uri URI --optuna-storage URL --out PARQUET
 
 The committed table benchmarks/data/search_table_mnist5k.parquet was made by

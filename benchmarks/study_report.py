@@ -1,7 +1,7 @@
 """Write the markdown report of a seed-replicated study (search_spaces/study_methods*.yaml) from MLflow.
 
     python benchmarks/study_report.py --experiment afm-ray-study --sweep study-cpu \
-        [--tracking-uri URI] --out docs/study_cpu.md [--csv docs/study_cpu.csv] [--notes NOTES.md]
+        [--tracking-uri URI] --out docs/study_cpu.md [--csv docs/study_cpu.csv] [--notes PATH]
 
 Per method and augmentation policy: the mean over seeds of each accuracy with its 95% interval
 (`afm_ray.stats.mean_interval`: the seeds' spread and the test images' binomial noise), the seeds,
