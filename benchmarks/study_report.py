@@ -116,13 +116,15 @@ def render(frame: pd.DataFrame, trials: pd.DataFrame, args: argparse.Namespace, 
     command = (
         " ".join(["python", "benchmarks/study_report.py", *sys.argv[1:]]) if args.command is None else args.command
     )
+    # Keys pinned on the command line (--set) are in every run's params but not in the space's source.
+    pinned = "".join(f" --set {k}={v}" for k, v in sweep.get("pinned", {}).items())
     out = [
         "# Seed-replicated study of the distillation methods (embedded data, CPU)",
         "",
-        f"Study: `python -m afm_ray.sweep --space {sweep.get('space', '?')} --name {sweep.get('name', '?')}` "
+        f"Study: `python -m afm_ray.sweep --space {sweep.get('space', '?')}{pinned} --name {sweep.get('name', '?')}` "
         f"(a grid: every combination once), then `{command}`.",
         "",
-        f"Machine: {_cpu()}, {os.cpu_count()} cores shared with other jobs; Ray 1 CPU per trial. "
+        f"Machine: {_cpu()}, {os.cpu_count()} cores; Ray 1 CPU per trial. "
         f"Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
         + (f"; the sweep ran {sweep['wall_s'] / 3600:.1f} h of wall time." if sweep.get("wall_s") else "."),
         "",
@@ -133,8 +135,9 @@ def render(frame: pd.DataFrame, trials: pd.DataFrame, args: argparse.Namespace, 
         f"training attack eps {p('attack.eps')} with {p('attack.steps')} PGD steps, each method's own defaults "
         "(docs/methods.md).",
         "",
-        f"Evaluation: {', '.join(metrics)} at eps {p('eval.eps')} on the whole test split "
-        f"({int(frame['metrics.eval/n_samples'].min())} images), protocol in docs/methods.md. "
+        f"Evaluation: {', '.join(metrics)} at eps {p('eval.eps')} on "
+        + ("the whole test split" if str(p("eval.samples")) == "0" else "the fixed test subset")
+        + f" ({int(frame['metrics.eval/n_samples'].min())} images), protocol in docs/methods.md. "
         "Seeds (`run.seed`) change the student's initialisation, batch order, augmentation and attack starts; "
         "the data split and the teacher stay fixed.",
         "",
@@ -203,6 +206,26 @@ def render(frame: pd.DataFrame, trials: pd.DataFrame, args: argparse.Namespace, 
     return "\n".join(out) + "\n"
 
 
+def _pinned(space: str, trials: pd.DataFrame) -> dict[str, str]:
+    """Fixed keys whose value in the runs differs from the space's: what `--set` pinned."""
+    from afm_ray.config import from_flat, to_flat
+    from afm_ray.errors import UserError
+    from afm_ray.search_space import load_search_space
+
+    try:
+        fixed = to_flat(from_flat(load_search_space(space).fixed))
+    except UserError:  # the space file is gone: nothing to compare with
+        return {}
+    first = trials.iloc[0]
+    return {
+        key: str(first[f"params.{key}"])
+        for key in load_search_space(space).fixed
+        if key != "teacher.checkpoint"  # the sweep replaces "train" by the teacher it trained
+        and f"params.{key}" in trials.columns
+        and str(first[f"params.{key}"]) != str(fixed[key])
+    }
+
+
 def sweep_info(client, trials: pd.DataFrame) -> dict:
     parents = trials[f"tags.{names.PARENT_TAG}"].dropna().unique()
     if len(parents) != 1:
@@ -212,6 +235,7 @@ def sweep_info(client, trials: pd.DataFrame) -> dict:
     space = info["space"]
     if "search_spaces/" in space:  # the path as a user of the repository types it
         info["space"] = "search_spaces/" + space.split("search_spaces/", 1)[1]
+    info["pinned"] = _pinned(run.data.params.get("sweep.space", ""), trials)
     metrics = run.data.metrics
     info["wall_s"] = metrics.get("sweep/wall_s")
     if "teacher/clean_acc" in metrics:
