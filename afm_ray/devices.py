@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -35,10 +36,20 @@ def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below its bf16 kernels.
+_ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates
-    it, slower than fp32."""
+    """Whether torch computes bf16 in hardware here (AVX512-BF16 or AMX); elsewhere it emulates
+    it, slower than fp32. The CPU must have the instructions, and neither torch's kernels
+    (ATEN_CPU_CAPABILITY) nor oneDNN's (ONEDNN_MAX_CPU_ISA) may be capped below them: a capped
+    machine emulates bf16 (measured: a benchmark that takes seconds ran for over 15 minutes)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
+    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])

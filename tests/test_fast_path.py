@@ -16,7 +16,10 @@ precision:
 """
 
 import copy
+import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -199,4 +202,15 @@ def test_amp_auto_is_bf16_exactly_where_measured_fast():
     assert amp_dtype_for("auto", torch.device("cpu")) is (torch.bfloat16 if cpu_has_native_bf16() else None)
     with open("/proc/cpuinfo") as f:
         native = any(flag in f.read().split() for flag in ("avx512_bf16", "amx_bf16"))
-    assert cpu_has_native_bf16() is native
+    capped = "AVX512" not in torch.backends.cpu.get_cpu_capability() or os.environ.get(
+        "ONEDNN_MAX_CPU_ISA", ""
+    ).upper() in ("AVX2", "AVX512_CORE")
+    assert cpu_has_native_bf16() is (native and not capped)
+
+
+def test_kernels_capped_below_bf16_mean_no_native_bf16():
+    """ATEN_CPU_CAPABILITY=avx2 / ONEDNN_MAX_CPU_ISA=AVX2 make torch emulate bf16, whatever the CPU."""
+    code = "from afm_ray.devices import cpu_has_native_bf16; print(cpu_has_native_bf16())"
+    for env in ({"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+        assert out.stdout.strip() == "False", (env, out.stderr[-500:])
