@@ -45,6 +45,9 @@ FINAL_METRICS = (*ACCURACY_METRICS, *INTERVAL_METRICS, "params", "latency_ms", "
 # Metrics a search space may optimise (final) and those a scheduler may read every epoch.
 OBJECTIVE_METRICS = (*ACCURACY_METRICS, "params", "latency_ms")
 PER_EPOCH_METRICS = ("val/clean_acc", "val/pgd_acc")
+# 1.0 on the result that carries a trial's final evaluation. Not Tune's reserved `done`, which
+# Tune also sets on the last per-epoch result of a trial its scheduler stopped early.
+FINAL_RESULT_FLAG = "final_result"
 
 # --- Attacks and the evaluation protocol (fixed, so numbers compare across trials).
 NORMS = ("linf", "l2")

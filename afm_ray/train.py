@@ -39,7 +39,7 @@ from afm_ray.errors import ConfigError
 from afm_ray.eval_batch import resolve_eval_batch_size
 from afm_ray.methods import AttackSpec, build_method
 from afm_ray.models import build_model, count_parameters, measure_latency_ms, model_kwargs, unwrap
-from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC, HPARAM_NAMES, TRAIN_TEACHER
+from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC, FINAL_RESULT_FLAG, HPARAM_NAMES, TRAIN_TEACHER
 from afm_ray.stats import accuracy_intervals
 
 
@@ -443,7 +443,7 @@ def final_evaluation(
             final[AA_SKIPPED_METRIC] = 1.0
             final[AA_SKIP_REASON_KEY] = reason
     final.update(accuracy_intervals(final, len(y_test)))  # each accuracy's Wilson 95% interval
-    final["done"] = 1.0
+    final[FINAL_RESULT_FLAG] = 1.0
     return final
 
 

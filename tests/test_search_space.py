@@ -6,6 +6,7 @@ import optuna
 import pytest
 import yaml
 
+from afm_ray import names
 from afm_ray.config import ConfigError, from_flat
 from afm_ray.search_space import find_default_space, load_search_space, parse_search_space, shipped_spaces
 
@@ -158,7 +159,7 @@ def test_grid_sampler_runs_every_point_once_through_tune_searcher():
         asked.append(searcher.suggest(f"t{i}"))
         if i % 3 == 2:  # three in flight, then they finish
             for j in range(i - 2, i + 1):
-                searcher.on_trial_complete(f"t{j}", {"clean_acc": 0.9, "aa_acc": 0.5, "done": True})
+                searcher.on_trial_complete(f"t{j}", {"clean_acc": 0.9, "aa_acc": 0.5, names.FINAL_RESULT_FLAG: 1.0})
     keys = [{k: v for k, v in a.items() if k in ("method.name", "augment.policy", "run.seed")} for a in asked]
     expected = grid_points(space.search, space.fixed)
     assert len(keys) == len(expected) and all(k in keys for k in expected)

@@ -9,7 +9,7 @@ import torch
 from afm_ray.config import ConfigError, from_flat
 from afm_ray.data import load_dataset
 from afm_ray.models import build_model, model_kwargs
-from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC, Objective
+from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC, FINAL_RESULT_FLAG, Objective
 from afm_ray.staged_eval import aa_verdict, optimistic_vector
 from afm_ray.train import final_evaluation, worker_context
 
@@ -96,7 +96,9 @@ def test_worker_skips_autoattack_when_the_gate_says_it_cannot_matter(digits_stud
     result, asked = _evaluate(digits_student, "candidates", "dominated by finished trial t1: ...")
     assert "aa_acc" not in result and "eval/aa_images_per_s" not in result  # AutoAttack never ran
     assert result[AA_SKIPPED_METRIC] == 1.0 and result[AA_SKIP_REASON_KEY].startswith("dominated by")
-    assert result["done"] == 1.0 and {"clean_acc", "pgd20_acc", "cw_acc", "params", "latency_ms"} <= set(result)
+    assert result[FINAL_RESULT_FLAG] == 1.0 and {"clean_acc", "pgd20_acc", "cw_acc", "params", "latency_ms"} <= set(
+        result
+    )
     # The gate saw every other result (the bound and the exact objectives) and the margin.
     ((metrics, margin),) = asked
     assert metrics["pgd20_acc"] == result["pgd20_acc"] and "aa_acc" not in metrics and margin == 0.01

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from afm_ray import checkpoints
+from afm_ray import checkpoints, names
 from afm_ray.checkpoints import load_teacher
 from afm_ray.cli import train_main
 from afm_ray.config import ConfigError, from_flat
@@ -97,7 +97,7 @@ def test_label_free_method_accepts_mixing_policy(teacher_path, tmp_path):
         "optim.epochs": 1,
     }
     final = train_fn_per_worker(config, LocalReporter(tmp_path, log=lambda line: None))
-    assert final["done"] == 1.0
+    assert final[names.FINAL_RESULT_FLAG] == 1.0
 
 
 def test_cli_rejects_bad_values_before_training(capsys):

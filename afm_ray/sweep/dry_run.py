@@ -29,13 +29,15 @@ from afm_ray.search_space import SearchSpace
 
 
 def sampler_plan(space: SearchSpace) -> dict[str, Any]:
-    """The sampler, its seed, and how many trials it draws at random before using a model."""
+    """The sampler, its seed, and how many trials it draws at random before using a model (for
+    random search all of them; for a grid none)."""
     spec = dict(space.sampler)
     startup = {
         "tpe": spec.get("n_startup_trials"),
         "gp": spec.get("n_startup_trials"),
         "nsga2": spec.get("population_size"),  # the first generation is drawn at random
         "random": space.num_samples,
+        "grid": 0,  # no draws at all: it enumerates the choices, nothing random and nothing learned
     }.get(spec["name"], space.num_samples)
     return {**spec, "n_startup_trials": min(int(startup), space.num_samples), "seed": space.seed}
 

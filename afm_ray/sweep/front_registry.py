@@ -18,7 +18,7 @@ from typing import Any
 import ray
 from ray.tune import Callback
 
-from afm_ray.names import AA_SKIPPED_METRIC
+from afm_ray.names import AA_SKIPPED_METRIC, FINAL_RESULT_FLAG
 from afm_ray.staged_eval import aa_verdict
 
 NAMESPACE = "afm_ray"
@@ -53,7 +53,7 @@ def start_registry(sweep_name: str, objectives: Sequence[Any]) -> Any:
 def _finished_metrics(result: dict[str, Any] | None, objectives: Sequence[Any]) -> dict[str, float] | None:
     """The objectives of a trial that completed with every objective measured (a skipped AutoAttack
     leaves aa_acc unmeasured: such a trial is no evidence against another); None for any other."""
-    if not result or not result.get("done") or result.get(AA_SKIPPED_METRIC):
+    if not result or not result.get(FINAL_RESULT_FLAG) or result.get(AA_SKIPPED_METRIC):
         return None
     metrics = {}
     for objective in objectives:

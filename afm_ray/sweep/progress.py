@@ -8,6 +8,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from afm_ray.names import FINAL_RESULT_FLAG
+
 SHOWN_CONFIG_KEYS = ("method.name", "attack.eps", "attack.steps", "method.tau", "augment.policy", "optim.lr")
 
 
@@ -25,7 +27,7 @@ class TrialProgress(Callback):
         self._print(trial, f"started  {shown}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if result.get("done"):
+        if result.get(FINAL_RESULT_FLAG):
             finals = "  ".join(
                 f"{m}={result[m]:.3f}" for m in ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc") if m in result
             )
@@ -42,7 +44,7 @@ class TrialProgress(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         took = time.monotonic() - self._started.get(trial.trial_id, time.monotonic())
         last = trial.last_result or {}
-        state = "completed" if last.get("done") else "stopped early"
+        state = "completed" if last.get(FINAL_RESULT_FLAG) else "stopped early"
         detail = ""
         if "time/worker_s" in last:  # what Ray itself added: start-up, placement, tear-down
             detail = (

@@ -26,7 +26,7 @@ from afm_ray.config import from_flat, to_flat
 from afm_ray.errors import ClusterError, ConfigError, UserError, one_line
 from afm_ray.evaluate import evaluate_checkpoint
 from afm_ray.front import non_dominated
-from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC, TRAIN_TEACHER
+from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC, FINAL_RESULT_FLAG, TRAIN_TEACHER
 from afm_ray.search_space import SearchSpace, build_sampler
 from afm_ray.signals import install_sigterm_as_sigint
 from afm_ray.storage import list_dirs, redact_uri, write_bytes
@@ -206,7 +206,8 @@ def _run_sweep(
     ]
     if uses_staged_evaluation(space):
         # Finished trials' objectives, for the workers' AutoAttack decision (afm_ray.staged_eval).
-        start_registry(name, space.objectives)
+        # Held until the sweep returns: Ray collects a named actor once no handle to it is left.
+        registry = start_registry(name, space.objectives)  # noqa: F841
         runtime["front_registry"] = registry_name(name)
         callbacks.append(FrontRegistryFeed(registry_name(name), space.objectives))
 
@@ -305,12 +306,12 @@ class CompletedOnlyOptunaSearch(OptunaSearch):
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result is not None and result.get("done") and result.get(AA_SKIPPED_METRIC):
+        if result is not None and result.get(FINAL_RESULT_FLAG) and result.get(AA_SKIPPED_METRIC):
             # Staged evaluation skipped its AutoAttack: dominated, never on the front; PRUNED.
             if trial_id in self._ot_trials:
                 self._ot_trials[trial_id].set_user_attr("aa_skipped", str(result.get(AA_SKIP_REASON_KEY, "")))
             result = None
-        if result is not None and not result.get("done"):
+        if result is not None and not result.get(FINAL_RESULT_FLAG):
             result = None
         super().on_trial_complete(trial_id, result=result, error=error)
 
@@ -321,12 +322,12 @@ def print_summary(
     rows = []
     for result in results:
         m = dict(result.metrics or {})
-        if m.get("done") and all(isinstance(m.get(o.metric), (int, float)) for o in space.objectives):
+        if m.get(FINAL_RESULT_FLAG) and all(isinstance(m.get(o.metric), (int, float)) for o in space.objectives):
             m["config"] = result.config or {}
             rows.append(m)
     finals = [dict(r.metrics or {}) for r in results]
-    stopped = sum(1 for m in finals if m and not m.get("done") and "epoch" in m)
-    skipped = sum(1 for m in finals if m.get("done") and m.get(AA_SKIPPED_METRIC))
+    stopped = sum(1 for m in finals if m and not m.get(FINAL_RESULT_FLAG) and "epoch" in m)
+    skipped = sum(1 for m in finals if m.get(FINAL_RESULT_FLAG) and m.get(AA_SKIPPED_METRIC))
     notes = (f", {stopped} stopped early" if stopped else "") + (f", {skipped} AutoAttack skipped" if skipped else "")
     print()
     print(f"sweep {name}: {len(rows)}/{len(results)} trials completed{notes} in {elapsed / 60:.1f} min")

@@ -2,7 +2,7 @@
 
 `MOASHAScheduler` is the Tune glue around afm_ray.mo_asha.RungLadder (the decision logic, pure
 and unit-tested): it reads each trial's per-epoch validation objectives from its results and
-answers CONTINUE or STOP. A stopped trial ends with a per-epoch result (no `done`), so the
+answers CONTINUE or STOP. A stopped trial ends with a per-epoch result (no FINAL_RESULT_FLAG), so the
 sweep's searcher tells Optuna it was PRUNED and the front never sees it.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from afm_ray.mo_asha import RungLadder
+from afm_ray.names import FINAL_RESULT_FLAG
 
 
 class MOASHAScheduler(FIFOScheduler):
@@ -44,7 +45,7 @@ class MOASHAScheduler(FIFOScheduler):
         return True  # ranks its own metrics; the searcher's objectives are final metrics
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: Mapping[str, Any]) -> str:
-        if result.get("done") or self.time_attr not in result or any(m not in result for m in self.metrics):
+        if result.get(FINAL_RESULT_FLAG) or self.time_attr not in result or any(m not in result for m in self.metrics):
             return TrialScheduler.CONTINUE  # the final result (evaluation) or a result without the curves
         keep = self.ladder.on_result(trial.trial_id, float(result[self.time_attr]), [result[m] for m in self.metrics])
         if not keep:

@@ -27,6 +27,7 @@ from afm_ray.names import (
     AA_SKIPPED_TAG,
     EVAL_PROTOCOLS,
     FINAL_METRICS,
+    FINAL_RESULT_FLAG,
     MODEL_ERROR_TAG,
     NODE_ID_METRIC,
     NODE_ID_TAG,
@@ -134,7 +135,7 @@ class TrialTracker(MLflowLoggerCallback):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         timestamp = int(result.get("timestamp", 0) * 1000)
         # The final result repeats the last epoch's curves (for schedulers); log them once.
-        curves = () if result.get("done") else ("train/", "val/", "run/")
+        curves = () if result.get(FINAL_RESULT_FLAG) else ("train/", "val/", "run/")
         metrics = [
             Metric(key, float(value), timestamp, step)
             for key, value in result.items()
@@ -144,14 +145,14 @@ class TrialTracker(MLflowLoggerCallback):
         ]
         if metrics:
             self._client.log_batch(run_id, metrics=metrics)
-        if result.get("done") and result.get(AA_SKIP_REASON_KEY):
+        if result.get(FINAL_RESULT_FLAG) and result.get(AA_SKIP_REASON_KEY):
             # No aa_acc: pareto leaves the trial out and says why (eval.aa_policy: candidates).
             self._client.set_tag(run_id, AA_SKIPPED_TAG, str(result[AA_SKIP_REASON_KEY])[:5000])
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
         run_id = self._trial_runs[trial]
         last = trial.last_result or {}
-        status = "failed" if failed else "completed" if last.get("done") else "early_stopped"
+        status = "failed" if failed else "completed" if last.get(FINAL_RESULT_FLAG) else "early_stopped"
         if status == "completed" and self.log_model:
             try:
                 self._log_student(run_id, trial)
