@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 import ray
+import ray.train
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -117,8 +118,38 @@ def _reevaluate(model_spec: dict[str, Any], weights: bytes, flat: dict[str, Any]
     return evaluate_model(model, cfg, load_run_data(cfg), samples=samples, log=lambda line: None)
 
 
+@ray.remote(num_cpus=0)
+class _LastReport:
+    """Holds the last metrics a Train run reported (its final evaluation)."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, Any] = {}
+
+    def put(self, metrics: dict[str, Any]) -> None:
+        self.metrics = metrics
+
+    def get(self) -> dict[str, Any]:
+        return self.metrics
+
+
+class _KeepLastReport(ray.train.UserCallback):
+    """Train V2's `Result.metrics` are those of the last report *with a checkpoint* (the last epoch);
+    the final evaluation is reported without one, so it is caught here, on Train's controller."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics:
+            ray.get(self.sink.put.remote(dict(metrics[0])))  # rank 0's
+
+
 def _retrain(flat: dict[str, Any], runtime: dict[str, Any], name: str) -> tuple[dict[str, float], bytes, bytes]:
-    result = build_trainer(flat, runtime, name=name).fit()
+    sink = _LastReport.remote()
+    result = build_trainer(flat, runtime, name=name, callbacks=[_KeepLastReport(sink)]).fit()
+    final = ray.get(sink.get.remote())
+    if not final.get(names.FINAL_RESULT_FLAG):
+        raise RuntimeError(f"Train run {name} ended without its final evaluation (last report: {sorted(final)})")
     with tempfile.TemporaryDirectory(prefix="afm_ray_confirm_") as tmp:
         local = result.checkpoint.to_directory(f"{tmp}/checkpoint")
         cfg = from_flat(load_training_state(local)["config"])
@@ -126,7 +157,7 @@ def _retrain(flat: dict[str, Any], runtime: dict[str, Any], name: str) -> tuple[
         model, _ = load_model(local, data)
         save_student(model, f"{tmp}/student", input_shape=data.image_shape)
         files = (Path(tmp) / "student" / SPEC_FILE).read_bytes(), (Path(tmp) / "student" / WEIGHTS_FILE).read_bytes()
-    return {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}, *files
+    return {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}, *files
 
 
 def confirm_candidates(
