@@ -1,0 +1,168 @@
+"""The search benchmark's replay (benchmarks/search_replay.py, benchmarks/search.py) on a synthetic
+table over the default space: known objectives, curves and seconds, so every number it reports
+can be checked by hand. The recorded table itself is data, not a test input.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from search import DEFAULT_LABELS, GRID_POINTS, headline  # noqa: E402
+from search_replay import Searcher, Table, hv_curve, replay, skipped_on_front  # noqa: E402
+
+from afm_ray.front import hypervolume, pareto_mask  # noqa: E402
+from afm_ray.search_space import parse_search_space  # noqa: E402
+
+EPOCHS, EPOCH_S, AA_S, PRE_AA_S, SETUP_S, OVERHEAD_S = 5, 10.0, 20.0, 5.0, 5.0, 10.0
+ROWS = 36
+
+
+def default_space_text() -> str:
+    return resources.files("afm_ray.search_spaces").joinpath("default.yaml").read_text()
+
+
+@pytest.fixture(scope="module")
+def table() -> Table:
+    """ROWS configurations drawn over the default space; clean falls and robust accuracy rises with
+    attack.eps (a trade-off, so the front has several members); PGD-20 is 0.05 above AutoAttack."""
+    text = default_space_text()
+    space = parse_search_space(yaml.safe_load(text))
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    keys = [d.key for d in space.search]
+    rows = []
+    for _ in range(ROWS):
+        trial = study.ask()
+        space.define_by_run()(trial)
+        p = trial.params
+        study.tell(trial, 0.0)
+        t = (p["attack.eps"] - 0.06) / 0.08  # 0..1
+        bonus = 0.02 * (p["method.name"] == "advfunmatch") + 0.01 * np.log(p["optim.lr"] / 0.03)
+        clean, aa = 0.97 - 0.10 * t + bonus, 0.40 + 0.20 * t + bonus
+        ramp = np.arange(1, EPOCHS + 1) / EPOCHS
+        rows.append(
+            {
+                **{f"param:{k}": p.get(k, np.nan) for k in keys},
+                "clean_acc": clean,
+                "aa_acc": aa,
+                "pgd20_acc": aa + 0.05,
+                "cw_acc": aa + 0.03,
+                "val_clean_acc": list(clean * ramp),
+                "val_pgd_acc": list((aa + 0.05) * ramp),
+                "epoch_s": [EPOCH_S] * EPOCHS,
+                "eval_clean_s": 1.0,
+                "eval_pgd20_s": 2.0,
+                "eval_cw_s": PRE_AA_S - 3.0,
+                "eval_aa_s": AA_S,
+                "eval_s": PRE_AA_S + AA_S + 1.0,
+                "worker_s": SETUP_S + EPOCHS * EPOCH_S + PRE_AA_S + AA_S + 1.0,
+                "setup_s": SETUP_S,
+                "wall_s": OVERHEAD_S + SETUP_S + EPOCHS * EPOCH_S + PRE_AA_S + AA_S + 1.0,
+            }
+        )
+    return Table(pd.DataFrame(rows), text)
+
+
+def test_table_front_reference_and_costs_follow_their_definitions(table):
+    values = table.frame[["clean_acc", "aa_acc"]].to_numpy()
+    assert np.allclose(table.reference, values.min(axis=0))
+    assert set(table.true_front) == set(np.flatnonzero(pareto_mask(values, ["max", "max"])))
+    assert table.true_hv == pytest.approx(hypervolume(values, ["max", "max"], values.min(axis=0)))
+    assert table.fixed_cost_s == pytest.approx(OVERHEAD_S + SETUP_S)
+    full = OVERHEAD_S + SETUP_S + EPOCHS * EPOCH_S + PRE_AA_S + AA_S + 1.0
+    assert np.allclose(table.full_cost_s, full) and np.allclose(table.aa_s, AA_S)
+
+
+def test_nearest_answers_a_recorded_configuration_with_its_own_row(table):
+    for row in (0, 7, ROWS - 1):
+        params = {
+            c[len("param:") :]: v for c, v in table.frame.loc[row].items() if c.startswith("param:") and pd.notna(v)
+        }
+        assert table.nearest(params) == row
+        assert table.nearest(params, used={row}) != row  # drawn once: the next nearest
+
+
+def test_random_search_given_every_row_finds_the_whole_front_at_full_cost(table):
+    full = float(table.full_cost_s[0])
+    log = replay(
+        table, Searcher("random", {"name": "random"}), seed=0, budget_s=ROWS * full, num_samples=ROWS, workers=2
+    )
+    assert sorted(t.row for t in log.trials) == list(range(ROWS))  # draw once: each row exactly once
+    assert all(t.state == "complete" and t.seconds == pytest.approx(full) for t in log.trials)
+    grid = np.linspace(0, ROWS * full, GRID_POINTS)
+    curve = hv_curve(table, log, grid)
+    assert curve[-1] == pytest.approx(table.true_hv) and np.all(np.diff(curve) >= -1e-12)
+    assert curve[0] == 0.0  # nothing is complete before the first trial's cost
+
+
+def test_mo_asha_replay_stops_trials_at_rungs_and_they_cost_only_their_epochs(table):
+    full = float(table.full_cost_s[0])
+    searcher = Searcher(
+        "mf", {"name": "random"}, scheduler={"name": "mo_asha", "grace_period": 1, "reduction_factor": 3}
+    )
+    log = replay(table, searcher, seed=1, budget_s=20 * full, num_samples=40, workers=2)
+    stopped = [t for t in log.trials if t.state == "stopped"]
+    assert stopped and any(t.state == "complete" for t in log.trials)
+    for t in stopped:  # rungs at epochs 1 and 3 of 5; a stopped trial never evaluates
+        assert t.epochs in (1, 3)
+        assert t.seconds == pytest.approx(OVERHEAD_S + SETUP_S + t.epochs * EPOCH_S)
+    done_rows = {t.row for t in log.trials if t.state == "complete"}
+    at, _ = log.completions(table.values)
+    assert len(at) == len(done_rows) and not ({t.row for t in stopped} & done_rows)
+
+
+def test_staged_replay_skips_autoattack_only_when_pgd20_is_dominated(table):
+    full = float(table.full_cost_s[0])
+    searcher = Searcher("staged", {"name": "random"}, aa_policy="candidates", aa_margin=0.0)
+    log = replay(table, searcher, seed=2, budget_s=ROWS * full, num_samples=ROWS, workers=1)
+    skipped = [t for t in log.trials if t.state == "aa_skipped"]
+    assert skipped, "the synthetic table has dominated configurations"
+    for t in skipped:
+        assert t.seconds == pytest.approx(full - AA_S)  # the AutoAttack seconds are saved
+        clean, pgd = table.values[t.row][0], table.frame.at[t.row, "pgd20_acc"]
+        before = [u for u in log.trials if u.state == "complete" and u.ended <= t.started + t.seconds]
+        assert any(table.values[u.row][0] >= clean and table.values[u.row][1] >= pgd for u in before)
+    assert skipped_on_front(table, log) == 0  # PGD-20 >= AutoAttack: nothing skipped belonged on the front
+
+
+def test_headline_is_the_ratio_of_median_regrets_and_the_first_fraction_reaching_95_percent():
+    grid = np.linspace(0, 100.0, GRID_POINTS)
+    true_hv = 1.0
+
+    def result(final_hvs, speed=1.0):
+        curves = np.array([np.minimum(grid * speed / 50.0, 1.0) * h for h in final_hvs])
+        regrets = true_hv - curves[:, -1]
+        return {
+            "curves": curves,
+            "regret": {1.0: tuple(np.percentile(regrets, [25, 50, 75]))},
+            "seeds": len(final_hvs),
+        }
+
+    default = DEFAULT_LABELS["tpe"]
+    bench = {
+        "grid": grid,
+        "budget": 100.0,
+        "results": {
+            "random": result([0.6, 0.7, 0.8]),  # median regret 0.3
+            default: result([0.85, 0.9, 0.95]),  # median regret 0.1
+            "mf": result([0.9, 0.9, 0.9], speed=4.0),  # reaches its 0.9 at 12.5% of the compute
+        },
+    }
+    head = headline(bench, default, "mf")
+    assert head["regret_ratio_vs_random"]["median"] == pytest.approx(0.1 / 0.3)
+    assert head["regret_ratio_vs_random"]["seeds"] == 3
+    mf = head["multi_fidelity"]
+    # 95% of the default's median final hypervolume (0.9) is 0.855, reached by 0.9 * 4 * c / 50 at c = 11.875.
+    first = grid[np.flatnonzero(np.minimum(grid * 4 / 50.0, 1.0) * 0.9 >= 0.95 * 0.9)[0]]
+    assert mf["reached"] and mf["compute_fraction"] == pytest.approx(first / 100.0)
+    assert 0.95 <= mf["hv_fraction"] < 0.96
