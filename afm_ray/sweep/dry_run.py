@@ -220,7 +220,8 @@ def format_plan(plan: dict[str, Any], fmt: str = "text") -> str:
         )
         + f"; expected {sched['expected_epochs_per_trial']:.2f} epochs per trial",
         "resources    " + ", ".join(f"{k} {v:g}" for k, v in plan["resources"].items()) + " per trial",
-        f"evaluation   {', '.join(plan['evaluation']['attacks'])} on {plan['evaluation']['samples']} test images at "
+        f"evaluation   {', '.join(plan['evaluation']['attacks'])} on {plan['evaluation']['samples'] or 'all'} "
+        "test images at "
         f"eps {plan['evaluation']['eps']:.4g}; AutoAttack policy {plan['evaluation']['aa_policy']}",
     ]
     if not est.get("available"):
