@@ -43,6 +43,7 @@ from typing import Any
 
 from afm_ray.config import apply_overrides, from_flat, valid_keys
 from afm_ray.errors import ConfigError
+from afm_ray.names import OBJECTIVE_METRICS, PER_EPOCH_METRICS
 from afm_ray.yaml_loading import parse_yaml, read_text_file
 
 TOP_LEVEL_KEYS = (
@@ -61,8 +62,6 @@ TOP_LEVEL_KEYS = (
     "seed",
 )
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
-OBJECTIVE_METRICS = ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc", "params", "latency_ms")
-PER_EPOCH_METRICS = ("val/clean_acc", "val/pgd_acc")
 RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 SAMPLER_FIELDS = {
