@@ -75,6 +75,10 @@ def _confirmations(client, exp_id):
 
 
 @pytest.mark.slow
+def _sigint_as_at_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
     client = MlflowClient(swept["uri"], swept["uri"])
     exp_id = client.get_experiment_by_name("confirm-tests").experiment_id
@@ -83,7 +87,15 @@ def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
 
     # Interrupted (Ctrl-C) once the first confirmation is logged: what finished stays, the rest resumes.
     proc = subprocess.Popen(
-        _pareto(swept), cwd=swept["tmp"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        _pareto(swept),
+        cwd=swept["tmp"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # Ctrl-C as at a terminal, even where pytest runs as a background job of a script, whose
+        # SIGINT is ignored and would be inherited (nothing then stops the confirmation).
+        preexec_fn=_sigint_as_at_a_terminal,
     )
     seen = []
     deadline = time.monotonic() + 600
