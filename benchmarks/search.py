@@ -222,6 +222,33 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def noise_section(t: Any) -> list[str]:
+    """How much of the table's spread a sampler could learn: the binomial noise of one accuracy
+    on n_samples images against the spread between configurations."""
+    n = float(t["n_samples"].median())
+    aa = t["aa_acc"].to_numpy(float)
+    binomial_sd = float(np.sqrt(np.median(aa) * (1 - np.median(aa)) / n))
+    by_method = t.groupby("param:method.name")["aa_acc"].agg(["mean", "std", "count"]).sort_values("mean")
+    top = np.sort(aa)[::-1][:8]
+    rows = ", ".join(
+        f"{m} {r['mean']:.3f} (sd {r['std']:.3f}, {int(r['count'])} trials)" for m, r in by_method.iterrows()
+    )
+    return [
+        "## Signal and noise in the table",
+        "",
+        f"One AutoAttack accuracy on {n:.0f} images has a binomial standard deviation of {binomial_sd:.3f} at the "
+        f"table's median ({np.median(aa):.3f}). AutoAttack accuracy by method, mean (sd between its trials): {rows}. "
+        f"The 8 best AutoAttack accuracies span {top[-1]:.3f}-{top[0]:.3f}, "
+        f"{(top[0] - top[-1]) / binomial_sd:.1f} binomial standard deviations"
+        + (
+            ": the front is drawn from a broad plateau of configurations that one evaluation cannot tell apart, "
+            "which bounds what any sampler can learn here beyond avoiding the poor regions."
+            if top[0] - top[-1] < 2 * binomial_sd
+            else ": the best configurations stand out of the evaluation noise."
+        ),
+    ]
+
+
 def markdown(bench: dict[str, Any], head: dict[str, Any], command: str, plot_name: str) -> str:
     table, args = bench["table"], bench["args"]
     t = table.frame
@@ -269,6 +296,9 @@ def markdown(bench: dict[str, Any], head: dict[str, Any], command: str, plot_nam
             f"{100 * r['stopped_fraction']:.0f}% | {100 * r['aa_skipped_fraction']:.0f}% | "
             f"{100 * r['aa_seconds_saved_fraction']:.0f}% | {r['skipped_on_front']} |"
         )
+    lines += ["", *noise_section(t)]
+    if not head:  # --only left out a searcher the headline compares
+        return "\n".join(lines) + "\n"
     rr, mf = head["regret_ratio_vs_random"], head["multi_fidelity"]
     lines += [
         "",
