@@ -11,7 +11,8 @@ The committed table benchmarks/data/search_table_mnist5k.parquet was made by
 
 The recording runs the sweep itself on the embedded default space (search_spaces/default.yaml:
 5000 MNIST digits at 14x14, small-CNN students, 5 epochs, final evaluation on 200 test images)
-with uniform random sampling: 160 configurations, full training and full evaluation each.
+with uniform random sampling, full training and full evaluation each: 150 completed trials (of 160
+drawn; the recording was stopped there, on the 2-core machine over four sessions).
 benchmarks/search_table.py describes the table, benchmarks/search_replay.py how a searcher is
 replayed against it (nearest recorded configuration, with replacement; the sweep's own MO-ASHA
 and staged-evaluation code on the recorded curves and seconds).
