@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -56,3 +59,13 @@ def cpu_has_native_bf16() -> bool:
     except OSError:  # not Linux: no way to tell here, stay on fp32
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows: for records of
+    where a figure was measured."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from afm_ray.devices import cpu_model_name
 from afm_ray.errors import ArtifactError, ConfigError
 from afm_ray.models import measure_latency_ms
 from afm_ray.student_model import SPEC_FILE, WEIGHTS_FILE, load_student, save_student, sha256
@@ -154,7 +154,7 @@ def export_student(
         "sha256": sha256(path.read_bytes()),
         "input_shape": spec["input_shape"],
         "verify": {"batch": batch, "max_abs_logit_diff": diff, "max_abs_logit": largest, "tolerance": tolerance},
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_model_name()}, {os.cpu_count()} cores",
     }
     if fmt == "onnx":
         report["latency_batch1"] = {
@@ -165,14 +165,6 @@ def export_student(
         report["spec"] = SPEC_FILE
     (out / "export.json").write_text(json.dumps(report, indent=1))
     return report
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _torch_latency(model: nn.Module, input_shape: list[int], threads: int) -> float:

@@ -51,6 +51,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # sibling modules, as 
 from search_replay import Searcher, Table, hv_curve, quartiles, replay, skipped_on_front  # noqa: E402
 from search_table import export_table, read_table  # noqa: E402
 
+from afm_ray.devices import cpu_model_name  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TABLE = REPO / "benchmarks" / "data" / "search_table_mnist5k.parquet"
 GRID_POINTS = 201
@@ -212,17 +214,6 @@ def plot(bench: dict[str, Any], path: Path, labels: list[str]) -> None:
     fig.savefig(path, dpi=110)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def noise_section(t: Any) -> list[str]:
     """How much of the table's spread a sampler could learn: the binomial noise of one accuracy
     on n_samples images against the spread between configurations."""
@@ -256,7 +247,7 @@ def markdown(bench: dict[str, Any], head: dict[str, Any], command: str, plot_nam
     lines = [
         "# Search benchmark (CPU)",
         "",
-        f"Made by `{command}` on {cpu_model()} ({platform.python_version()}), {time.strftime('%Y-%m-%d')}.",
+        f"Made by `{command}` on {cpu_model_name()} ({platform.python_version()}), {time.strftime('%Y-%m-%d')}.",
         "",
         "## The table",
         "",

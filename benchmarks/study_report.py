@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -25,21 +24,12 @@ from pathlib import Path
 import pandas as pd
 
 from afm_ray import names
+from afm_ray.devices import cpu_model_name
 from afm_ray.runs import client_for, load_trials
 from afm_ray.stats import mean_interval, t_quantile
 
 METRICS = [m for m in names.ACCURACY_METRICS]
 BASELINE = "crop_flip"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def completed(trials: pd.DataFrame) -> pd.DataFrame:
@@ -124,7 +114,7 @@ def render(frame: pd.DataFrame, trials: pd.DataFrame, args: argparse.Namespace, 
         f"Study: `python -m afm_ray.sweep --space {sweep.get('space', '?')}{pinned} --name {sweep.get('name', '?')}` "
         f"(a grid: every combination once), then `{command}`.",
         "",
-        f"Machine: {_cpu()}, {os.cpu_count()} cores; Ray 1 CPU per trial. "
+        f"Machine: {cpu_model_name()}, {os.cpu_count()} cores; Ray 1 CPU per trial. "
         f"Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
         + (f"; the sweep ran {sweep['wall_s'] / 3600:.1f} h of wall time." if sweep.get("wall_s") else "."),
         "",
