@@ -19,39 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from afm_ray.models import eval_mode
 from afm_ray.names import ATTACKS, NORMS, RANDOM_STARTS
-
-__all__ = [
-    "ATTACKS",
-    "cw_margin_loss",
-    "evaluate",
-    "model_modes_for_attack",
-    "pgd",
-    "robust_predictions",
-]
-
 
 # Smallest per-sample gradient norm used when normalising an l2 step; a zero gradient then
 # gives a zero step instead of NaN.
 _L2_TINY = 1e-12
-
-
-@contextlib.contextmanager
-def model_modes_for_attack(models: Sequence[nn.Module]) -> Iterator[None]:
-    """Put `models` in eval mode for the block; restore every submodule's exact flag after.
-
-    `Module.train(flag)` recurses, so a model in train mode with a frozen-BN submodule in eval
-    would come back with that submodule in train mode; setting `.training` per submodule
-    restores exactly what was there, also when the block raises.
-    """
-    saved = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 def _per_sample_norm(t: Tensor) -> Tensor:
@@ -117,7 +90,7 @@ def pgd(
         raise ValueError(f"eps={eps} and steps={steps} must both be >= 0")
 
     x = x.detach()
-    with model_modes_for_attack(models), torch.enable_grad():
+    with eval_mode(models), torch.enable_grad():
         x_adv = _project(_random_start(x, eps, norm, random_start), x, eps, norm).detach()
         for _ in range(steps):
             x_adv.requires_grad_(True)
@@ -244,7 +217,7 @@ def robust_predictions(
     while True:
         rng = _forked_rng(x.device, seed) if seed is not None else contextlib.nullcontext()
         try:
-            with model_modes_for_attack((model,)), rng:
+            with eval_mode((model,)), rng:
                 if attack == "aa":
                     return _autoattack_predictions(
                         model,
@@ -344,66 +317,3 @@ def _parameters_frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
-
-
-def fixed_subset(n: int, samples: int, seed: int) -> Tensor:
-    """Indices of the evaluation subset: the first `samples` of a permutation seeded by `seed`
-    on a CPU generator, so every model, trial and machine is scored on the same images."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
-
-
-def evaluate(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    eps: float,
-    norm: Literal["linf", "l2"] = "linf",
-    attacks: Sequence[str] = ("clean", "pgd20", "cw", "aa"),
-    samples: int | None = None,
-    batch_size: int = 256,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-    split: str = "test",
-) -> dict[str, float]:
-    """Accuracy of `model` under each of `attacks` (see `robust_predictions`), as fractions.
-
-    Keys "<split>/<attack>_acc", "<split>/<attack>_images_per_s" and "<split>/n_samples" for the full
-    split (samples None or >= len(x)); "<split>_n<samples>/..." for a fixed subset: the first `samples` of a
-    permutation seeded by `seed`, so every model is evaluated on the same images. Each attack's
-    randomness is seeded by `seed` (results do not depend on which attacks ran before) and the
-    caller's RNG state is left untouched. The model is in eval mode during the call and every
-    submodule's train/eval flag is restored after. progress: called with one line per attack
-    (and periodic lines within long ones, AutoAttack's log included).
-    """
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown:
-        raise ValueError(f"attacks {unknown} are unknown; use any of {ATTACKS}")
-    _check_eval_inputs(x, y, eps, norm)
-    n = x.shape[0]
-    if samples is not None and samples < 1:
-        raise ValueError(f"samples={samples} must be >= 1 or None (the full split)")
-    prefix = split
-    if samples is not None and samples < n:
-        # Seeded on a CPU generator so the subset is the same on every device and machine.
-        idx = fixed_subset(n, samples, seed).to(x.device)
-        x, y = x[idx], y[idx]
-        prefix = f"{split}_n{samples}"
-        n = samples
-
-    results: dict[str, float] = {f"{prefix}/n_samples": float(n)}
-    with model_modes_for_attack((model,)):
-        for attack in attacks:
-            started = time.monotonic()
-            if progress is not None:
-                progress(f"{prefix}/{attack}: running on {n} samples (eps={eps:g}, {norm})")
-            correct = robust_predictions(
-                model, x, y, attack=attack, eps=eps, norm=norm, batch_size=batch_size, seed=seed, progress=progress
-            )
-            acc = correct.float().mean().item()  # a host sync: the elapsed time is the attack's
-            elapsed = time.monotonic() - started
-            results[f"{prefix}/{attack}_acc"] = acc
-            results[f"{prefix}/{attack}_images_per_s"] = n / max(elapsed, 1e-9)
-            if progress is not None:
-                progress(f"{prefix}/{attack}_acc = {acc:.4f} ({elapsed:.1f} s, {n / max(elapsed, 1e-9):.0f} images/s)")
-    return results

@@ -22,10 +22,7 @@ from kornia.augmentation.auto.rand_augment.rand_augment import default_policy as
 from kornia.augmentation.auto.trivial_augment.trivial_augment import default_policy as trivialaugment_ops
 from torch import Tensor, nn
 
-__all__ = ["POLICIES", "MIXING", "BatchAugment", "parse_policy"]
-
-POLICIES = ("none", "crop_flip", "autoaugment", "randaugment", "trivialaugment", "mixup", "cutmix")
-MIXING = ("mixup", "cutmix")
+from afm_ray.names import MIXING_POLICIES, parse_policy
 
 # RandAugment N ops per sample at magnitude M on kornia's (0, 30) scale: torchvision's defaults
 # (num_ops=2, magnitude=9 of 31 bins). A guess for this project, not tuned.
@@ -35,23 +32,6 @@ RANDAUGMENT_M = 9
 # On a grey image repeated to RGB they are the identity, but they still run so every
 # sub-policy keeps its other ops.
 _RGB_ONLY_OPS = frozenset({"color"})
-
-
-def parse_policy(policy: str) -> tuple[str, ...]:
-    """Split "a+b" into its parts, mixing ops moved last, e.g. "cutmix+autoaugment" ->
-    ("autoaugment", "cutmix"). "none" stands alone; unknown or repeated parts raise ValueError."""
-    parts = tuple(p.strip().lower() for p in policy.split("+"))
-    unknown = [p for p in parts if p not in POLICIES]
-    if unknown:
-        raise ValueError(
-            f"unknown augmentation policy {', '.join(map(repr, unknown))} in {policy!r}; "
-            f"valid: {', '.join(POLICIES)} (combine with '+', e.g. 'autoaugment+cutmix')"
-        )
-    if len(set(parts)) != len(parts):
-        raise ValueError(f"augmentation policy {policy!r} repeats a part; use each of {POLICIES} at most once")
-    if "none" in parts and len(parts) > 1:
-        raise ValueError(f"augmentation policy {policy!r} combines 'none' with other parts; use 'none' alone")
-    return tuple(p for p in parts if p not in MIXING) + tuple(p for p in parts if p in MIXING)
 
 
 class _PerSampleChoice(nn.Module):
@@ -122,7 +102,7 @@ _IMAGE_POLICIES = {"autoaugment": _autoaugment, "randaugment": _randaugment, "tr
 
 
 class BatchAugment(nn.Module):
-    """A policy from POLICIES, or a '+' combination, applied per sample to whole batches.
+    """A policy from afm_ray.names.AUGMENT_POLICIES, or a '+' combination, applied per sample to whole batches.
 
     forward(x, y): x float (B, C, H, W) in [0,1] on any device; y int64 class indices (B,), soft
     labels (B, num_classes), or None. Returns x_aug in [0,1] (same shape, dtype, device) and soft
@@ -154,9 +134,9 @@ class BatchAugment(nn.Module):
             if part == "mixup"
             else K.RandomCutMixV2(p=1.0, data_keys=["input", "class"], use_correct_lambda=True)
             for part in self.parts
-            if part in MIXING
+            if part in MIXING_POLICIES
         )
-        self._mix_kinds = [part for part in self.parts if part in MIXING]
+        self._mix_kinds = [part for part in self.parts if part in MIXING_POLICIES]
         # kornia's auto-augment wrappers hold nn.Parameters (for learnable policies); this is a
         # fixed policy, and a graph back into them would only cost memory.
         self.requires_grad_(False)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from afm_ray.config import ExperimentConfig, from_flat
-from afm_ray.data import ImageDataset, load_run_data
+from afm_ray.data import ImageDataset
 from afm_ray.errors import CheckpointError, CheckpointNotFoundError, ConfigError, one_line
 from afm_ray.models import build_model, model_kwargs
 from afm_ray.storage import is_uri, local_file
@@ -166,8 +166,7 @@ def load_model(
 
     An afm-ray checkpoint names its architecture in its stored config (`student.*`); a bare
     state dict (from elsewhere) is built as `fallback` (an object with arch/width/depth) says.
-    With `data` None, the checkpoint's own data description is used, so no dataset is read;
-    a checkpoint written before it stored one loads its config's dataset instead.
+    With `data` None, the checkpoint's own data description is used, so no dataset is read.
     Loading always uses `weights_only=True`: a checkpoint can never run code.
     """
     file, spec, weights, stored, state = _model_state(path, fallback)
@@ -231,15 +230,15 @@ def checkpoint_data_spec(path: str | Path) -> DataSpec:
 
 
 def _stored_data(state: Any, stored: ExperimentConfig | None, file: Path) -> DataSpec:
-    """The data description a checkpoint holds, else (an older checkpoint) its config's dataset's."""
-    if isinstance(state, dict) and "data" in state:
-        try:
-            return DataSpec.from_dict(state["data"])
-        except ValueError as exc:
-            raise CheckpointError(f"checkpoint {file}: {exc}") from None
+    """The data description a checkpoint holds."""
     if stored is None:
         raise CheckpointError(f"checkpoint {file} is a bare state dict: pass the data it was trained on")
-    return DataSpec.of(load_run_data(stored))
+    if not (isinstance(state, dict) and "data" in state):
+        raise CheckpointError(f"checkpoint {file} holds no data description ('data'); save it with save_training_state")
+    try:
+        return DataSpec.from_dict(state["data"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {file}: {exc}") from None
 
 
 def _check_state_dict(

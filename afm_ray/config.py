@@ -9,19 +9,16 @@ strings MLflow gives back).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from afm_ray.augment import parse_policy
-from afm_ray.errors import ConfigError
-from afm_ray.methods import METHODS, build_method
-from afm_ray.models import MODELS
+from afm_ray.errors import ConfigError, unknown_value
 from afm_ray.names import (
     AA_POLICIES,
     AMP_SETTINGS,
@@ -30,22 +27,14 @@ from afm_ray.names import (
     DATASETS,
     HPARAM_NAMES,
     LR_SCHEDULES,
+    METHOD_HPARAMS,
+    METHODS,
+    MODELS,
     NORMS,
     TEACHER_METHODS,
+    parse_policy,
 )
 from afm_ray.yaml_loading import load_yaml_mapping, parse_yaml
-
-__all__ = [
-    "ConfigError",
-    "ExperimentConfig",
-    "apply_overrides",
-    "from_flat",
-    "to_flat",
-    "parse_overrides",
-    "load_yaml",
-    "validate",
-]
-
 
 # Default l_inf budgets of the evaluation protocol (docs/methods.md). MNIST-like data uses 0.1,
 # the "small demo" budget: our embedded MNIST subset is a demo, and 0.3 needs far longer
@@ -67,7 +56,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "small_cnn"  # a name from afm_ray.models.MODELS
+    arch: str = "small_cnn"  # a name from afm_ray.names.MODELS
     width: int = 16  # small_cnn channels / WRN widen factor; 0 = the architecture's default
     depth: int = 0  # WRN depth; 0 = the architecture's default
 
@@ -87,7 +76,7 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    name: str = "advfunmatch"  # a name from afm_ray.methods.METHODS
+    name: str = "advfunmatch"  # a name from afm_ray.names.METHODS
     # None = the method's own default (from its official code; see methods.py).
     tau: float | None = None  # softmax temperature
     alpha: float | None = None  # AdaAD/ARD mixing weight of the adversarial term
@@ -108,7 +97,7 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    policy: str = "crop_flip"  # e.g. none, crop_flip, autoaugment+cutmix (afm_ray.augment.POLICIES)
+    policy: str = "crop_flip"  # e.g. none, crop_flip, autoaugment+cutmix (afm_ray.names.AUGMENT_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -131,10 +120,10 @@ class EvalConfig:
     val_samples: int = 256  # fixed held-out subset for the cheap per-epoch PGD-10
     batch_size: int = 0  # attack batch; 0 = chosen per model and device (afm_ray.eval_batch)
     # all | candidates: in a sweep, run AutoAttack only for trials whose PGD-20 result (an upper
-    # bound on AutoAttack) is not dominated by a finished trial's AutoAttack (afm_ray.staged_eval).
+    # bound on AutoAttack) is not dominated by a finished trial's AutoAttack (afm_ray.search.staged_aa).
     aa_policy: str = "all"
     # How far a finished trial's AutoAttack must clear this trial's PGD-20 before AutoAttack is
-    # skipped (accuracy units); see afm_ray.staged_eval for why.
+    # skipped (accuracy units); see afm_ray.search.staged_aa for why.
     aa_margin: float = 0.01
 
 
@@ -207,7 +196,7 @@ def valid_keys() -> list[str]:
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Convert YAML/CLI/MLflow values (often strings) to the field's declared type."""
-    optional = typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", ()))
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     args = [a for a in typing.get_args(annotation) if a is not type(None)] if optional else [annotation]
     base = args[0]
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
@@ -275,13 +264,6 @@ def _parse_float(text: str) -> float:
     return float(text)
 
 
-def _unknown_key_error(key: str, known: Iterable[str]) -> ConfigError:
-    known = list(known)
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(known)}"
-    return ConfigError(f"unknown config key {key!r}{hint}")
-
-
 def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"attack": {"eps": 0.1}} -> {"attack.eps": 0.1}; already-dotted keys pass through."""
     flat: dict[str, Any] = {}
@@ -305,7 +287,7 @@ def from_flat(values: Mapping[str, Any], *, ignore_unknown: bool = False) -> Exp
         if section not in SECTIONS or name not in _section_types(SECTIONS[section]):
             if ignore_unknown:
                 continue
-            raise _unknown_key_error(key, keys)
+            raise unknown_value("unknown config key", key, keys)
         grouped[section][name] = _coerce(key, value, _section_types(SECTIONS[section])[name])
     cfg = ExperimentConfig(**{s: SECTIONS[s](**kw) for s, kw in grouped.items()})
     validate(cfg)
@@ -363,7 +345,8 @@ def _check(ok: bool, message: str) -> None:
 
 def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
     choices = list(choices)
-    _check(value in choices, f"{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
+    if value not in choices:
+        raise unknown_value(f"{key}: unknown value", value, choices)
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -387,11 +370,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(m.alpha is None or 0 <= m.alpha <= 1, f"method.alpha: got {m.alpha}, expected 0 <= alpha <= 1")
     _check(m.beta is None or m.beta >= 0, f"method.beta: got {m.beta}, expected beta >= 0")
     _check(m.lam is None or 0 <= m.lam <= 1, f"method.lam: got {m.lam}, expected 0 <= lam <= 1")
-    given = {k: getattr(m, k) for k in HPARAM_NAMES if getattr(m, k) is not None}
-    try:  # a hyperparameter the method does not take is an error, not silently ignored
-        build_method(m.name, **given)
-    except ValueError as exc:
-        raise ConfigError(f"method: {exc}") from None
+    for name in HPARAM_NAMES:  # a hyperparameter the method does not take is an error, not silently ignored
+        _check(
+            getattr(m, name) is None or name in METHOD_HPARAMS[m.name],
+            f"method.{name}: {m.name} has no hyperparameter {name!r} (it takes "
+            f"{', '.join(METHOD_HPARAMS[m.name]) or 'none'}); leave method.{name} unset (null)",
+        )
     a = cfg.attack
     _check_choice("attack.norm", a.norm, NORMS)
     _check(a.eps is None or a.eps >= 0, f"attack.eps: got {a.eps}, expected eps >= 0")
@@ -406,7 +390,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_choice("attack.random_start", a.random_start, CONFIG_RANDOM_STARTS)
     try:
         parse_policy(cfg.augment.policy)
-    except ValueError as exc:
+    except ConfigError as exc:
         raise ConfigError(f"augment.policy: {exc}") from None
     o = cfg.optim
     _check(o.epochs >= 1, f"optim.epochs: got {o.epochs}, expected >= 1")

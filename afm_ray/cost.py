@@ -1,5 +1,6 @@
-"""What a trial costs, estimated before anything runs: FLOPs from operation counts, seconds from
-assumed device throughputs. The accounting is clusters/README.md's ("What a trial costs"):
+"""What a trial, a sweep or a teacher costs, estimated before anything runs: FLOPs from operation
+counts, seconds from assumed device throughputs (one table of datasets, one of devices). The
+accounting is clusters/README.md's ("What a trial costs"):
 
 - forward FLOPs F_S (student) and F_T (teacher) per image are counted exactly, by running each
   architecture once on a meta-device image (no memory, no compute) under FlopCounterMode;
@@ -14,7 +15,12 @@ assumed device throughputs. The accounting is clusters/README.md's ("What a tria
   AutoAttack standard: APGD-CE 100 x 2 F_S on the clean-correct images, then APGD-T
   (9 targets x 100 x 2 F_S), FAB-T (9 targets x 100 x 3 F_S) and Square (5000 queries x F_S) on
   the images still robust; 85% clean and 50% robust accuracy assumed (clusters/README.md);
-- per-epoch validation: clean + PGD-10 on eval.val_samples images.
+- per-epoch validation: clean + PGD-10 on eval.val_samples images;
+- a teacher (PGD-AT or TRADES, trained by afm_ray.teacher.training) costs its method's training
+  FLOPs per image on the images the training loop trains on.
+
+The hours are those counts over an assumed effective throughput: an estimate to within a factor
+of about two; measure one epoch and rescale for real numbers.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from afm_ray.config import ExperimentConfig
+from afm_ray.names import TEACHER_METHODS
 
 # Images per dataset as afm_ray.data loads them: (channels, side, train images, test images,
-# classes); None = the split of the whole set by data.test_fraction.
+# classes); None = the split of the whole set by data.test_fraction. Parquet is unknown until read.
 DATASET_FACTS: dict[str, tuple[int, int, int, int | None, int]] = {
     "digits": (1, 8, 1797, None, 10),
     "mnist5k": (1, 28, 5000, None, 10),
@@ -38,9 +45,27 @@ STUDENT_ONLY_ATTACK = ("rslad", "ard", "akd")  # the teacher sees the clean imag
 ADVERSARIAL_VIEW_ONLY = ("ard", "akd")  # the student trains on x' alone
 # Assumed accuracies that size AutoAttack's later attacks (clusters/README.md).
 ASSUMED_CLEAN, ASSUMED_ROBUST = 0.85, 0.5
-# Effective training throughput, TFLOP/s, bf16 with the data on the GPU (clusters/README.md);
-# the fp32 evaluation runs at EVAL_RATE_FRACTION of it.
-DEVICE_TFLOPS = {"A10G": 8.0, "L4": 6.0, "A100-40GB": 20.0}
+
+
+@dataclass(frozen=True)
+class Device:
+    """A GPU of the shipped clusters: its effective training throughput (TFLOP/s, bf16 with the data
+    on the GPU: a small fraction of the card's dense peak) and its price per hour on one-GPU
+    instances (clusters/README.md: spot, on-demand; spot moves daily on AWS, monthly on GCP)."""
+
+    name: str
+    instance: str
+    train_tflops: float
+    usd_per_hour: tuple[float, float]  # (spot, on-demand)
+
+
+DEVICES = (
+    Device("A10G", "AWS g5.xlarge", 8.0, (0.45, 1.006)),
+    Device("L4", "GCP g2-standard-4", 6.0, (0.28, 0.707)),
+    Device("A100-40GB", "GCP a2-highgpu-1g", 20.0, (1.25, 3.67)),
+)
+REFERENCE_GPU = DEVICES[0]  # what a single GPU figure (a teacher's cost) is quoted on
+# The fp32 evaluation runs at this fraction of the training throughput.
 EVAL_RATE_FRACTION = 0.6
 # The 2-core CPU machine of the search benchmark (benchmarks/data/search_table_mnist5k.parquet):
 # FLOPs above over the recorded seconds, median over trials, one core per trial; and the
@@ -105,7 +130,7 @@ def train_flops_per_image(method: str, steps: float, f_student: float, f_teacher
     if method in STUDENT_ONLY_ATTACK:
         views = 1 if method in ADVERSARIAL_VIEW_ONLY else 2
         return f_teacher + steps * 2 * f_student + views * 3 * f_student
-    if method == "pgd_at":
+    if method == "pgd_at":  # the attack, then one training forward and backward on x'
         return steps * 2 * f_student + 3 * f_student
     if method == "trades":  # the attack's KL target is one more clean forward
         return steps * 2 * f_student + f_student + 2 * 3 * f_student
@@ -138,7 +163,7 @@ def trial_flops(
     if shapes is None:
         return None
     f_s = forward_flops(cfg.student.arch, cfg.student.width, cfg.student.depth, shapes)
-    needs_teacher = any(m not in ("pgd_at", "trades") for m in methods)
+    needs_teacher = any(m not in TEACHER_METHODS for m in methods)
     f_t = forward_flops(cfg.teacher.arch, cfg.teacher.width, cfg.teacher.depth, shapes) if needs_teacher else 0.0
     epochs = cfg.optim.epochs if epochs is None else epochs
     per_image = sum(p * train_flops_per_image(m, steps, f_s, f_t) for m, p in methods.items())
@@ -154,3 +179,75 @@ def trial_flops(
         "train_images": float(shapes.train_images),
         "eval_images": float(n_eval),
     }
+
+
+@dataclass(frozen=True)
+class TeacherCost:
+    """What training a config's teacher costs: total FLOPs, and what they take where trials run."""
+
+    arch: str
+    method: str
+    epochs: int
+    images: int
+    forward_flops: float  # one image, one forward pass
+    total_flops: float
+    on_gpu: bool
+    assumed_images: bool  # True when the image count or shape is a guess (Parquet)
+
+    @property
+    def hours(self) -> float:
+        rate = REFERENCE_GPU.train_tflops * 1e12 if self.on_gpu else CPU_GFLOPS_TRAIN * 1e9
+        return self.total_flops / rate / 3600
+
+    def __str__(self) -> str:
+        spot, on_demand = REFERENCE_GPU.usd_per_hour
+        where = (
+            f"~{_hours(self.hours)} on one {REFERENCE_GPU.name} ({REFERENCE_GPU.instance}) at "
+            f"{REFERENCE_GPU.train_tflops:g} TFLOP/s effective, ~${self.hours * spot:.2f} spot / "
+            f"${self.hours * on_demand:.2f} on-demand"
+            if self.on_gpu
+            else f"~{_hours(self.hours)} on a CPU core at {CPU_GFLOPS_TRAIN:g} GFLOP/s"
+        )
+        guess = " (image count and shape assumed)" if self.assumed_images else ""
+        return (
+            f"{self.arch} by {self.method}, {self.epochs} epochs on {self.images} images{guess}: "
+            f"{_flops(self.total_flops)} ({where})"
+        )
+
+
+# Assumed for a dataset whose shapes are known only once read (Parquet): a CIFAR-sized set.
+_ASSUMED_SHAPES = Shapes(channels=3, side=32, train_images=50000, test_images=10000, classes=10)
+
+
+def teacher_cost(cfg: ExperimentConfig, teacher_cfg: ExperimentConfig, *, on_gpu: bool) -> TeacherCost:
+    """Estimate of training ``cfg``'s teacher, whose training run is ``teacher_cfg``
+    (afm_ray.teacher.training.teacher_training_config): its student is the teacher."""
+    shapes = dataset_shapes(teacher_cfg) or _ASSUMED_SHAPES
+    model = teacher_cfg.student
+    per_forward = forward_flops(model.arch, model.width, model.depth, shapes)
+    per_image = train_flops_per_image(teacher_cfg.method.name, teacher_cfg.attack.steps, per_forward, 0.0)
+    return TeacherCost(
+        arch=model.arch,
+        method=teacher_cfg.method.name,
+        epochs=teacher_cfg.optim.epochs,
+        images=shapes.train_images,
+        forward_flops=per_forward,
+        total_flops=per_image * shapes.train_images * teacher_cfg.optim.epochs,
+        on_gpu=on_gpu,
+        assumed_images=dataset_shapes(teacher_cfg) is None,
+    )
+
+
+def _flops(value: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g} FLOP"
+
+
+def _hours(hours: float) -> str:
+    if hours >= 1:
+        return f"{hours:.3g} h"
+    if hours * 60 >= 1:
+        return f"{hours * 60:.3g} min"
+    return f"{hours * 3600:.2g} s"

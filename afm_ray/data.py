@@ -39,22 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from afm_ray.attacks import fixed_subset
 from afm_ray.config import ExperimentConfig
 from afm_ray.errors import DataError, DataNotFoundError, one_line
 from afm_ray.names import DATASETS
 from afm_ray.safe_pickle import UnsafePickleError, load_data_pickle
-
-__all__ = [
-    "DATASETS",
-    "DeviceBatchLoader",
-    "ImageDataset",
-    "fixed_test_subset",
-    "load_dataset",
-    "load_run_data",
-    "split_validation",
-    "to_unit",
-]
 
 _MNIST5K_LAYOUT = "785 comma-separated integers per row: 784 pixels 0..255 (28x28 row-major), then the label 0..9"
 _CIFAR_LAYOUT = {
@@ -207,7 +195,8 @@ def fixed_test_subset(data: ImageDataset, samples: int, seed: int) -> tuple[torc
     n = len(data.y_test)
     if not samples or samples >= n:
         return data.x_test, data.y_test
-    idx = fixed_subset(n, samples, seed)
+    # Seeded on a CPU generator, so every model, trial and machine is scored on the same images.
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
     return data.x_test[idx], data.y_test[idx]
 
 

@@ -1,4 +1,4 @@
-"""Which device a run uses, and which precision its training step runs in."""
+"""Which device a run uses, where a worker sits among its peers, and which precision its training step runs in."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import contextlib
 import functools
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from afm_ray.errors import ConfigError
 
@@ -30,6 +32,27 @@ def resolve_device(setting: str) -> torch.device:
                 f"device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
             )
     return device
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def worker_context(device_setting: str, device: torch.device | None = None) -> WorkerContext:
+    """Rank and world size from torch.distributed; `device` (the Ray worker's) wins if given."""
+    initialized = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
+    return WorkerContext(rank, world, device if device is not None else resolve_device(device_setting))
+
+
+def all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    """`t` summed over the workers, in place (itself on a single worker)."""
+    if world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
 
 
 def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:

@@ -8,6 +8,10 @@ base (a missing dataset is still a FileNotFoundError), so callers that catch tho
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
 
 class UserError(Exception):
     """An expected failure: bad input, a missing file, an unreachable service."""
@@ -57,3 +61,11 @@ def one_line(exc: BaseException) -> str:
     file read by torch raises an EOFError whose message is '')."""
     text = " ".join(str(getattr(exc, "message", None) or exc).split())
     return text or type(exc).__name__
+
+
+def unknown_value(label: str, value: Any, known: Iterable[Any]) -> ConfigError:
+    """`label 'valu': did you mean 'value'?` when one known value is close, else the list of valid ones."""
+    known = [str(k) for k in known]
+    close = difflib.get_close_matches(str(value), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(known)}"
+    return ConfigError(f"{label} {value!r}{hint}")

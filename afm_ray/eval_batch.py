@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from afm_ray.attacks import model_modes_for_attack
+from afm_ray.models import eval_mode
 
 # Share of the free device memory an evaluation batch may plan for: AutoAttack keeps a few
 # per-image buffers beside the graph, and the allocator needs room to fragment.
@@ -130,7 +130,7 @@ def choose_eval_batch_size(
     if n_images < 1:
         raise ValueError(f"n_images={n_images} must be >= 1")
     cap = min(largest, n_images)
-    with model_modes_for_attack((model,)):
+    with eval_mode((model,)):
         if device.type == "cuda":
             return _choose_cuda(model, image_shape, device, cap, channels_last)
         return _choose_cpu(model, image_shape, device, cap, channels_last)

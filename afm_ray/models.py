@@ -25,11 +25,12 @@ Every builder takes ``in_channels`` and ``num_classes`` plus its own ``width`` (
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import statistics
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -471,6 +472,24 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
         "std": norm.std.flatten().tolist(),
         **m.arch_kwargs,
     }
+
+
+@contextlib.contextmanager
+def eval_mode(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Put `models` in eval mode for the block; restore every submodule's exact flag after.
+
+    `Module.train(flag)` recurses, so a model in train mode with a frozen-BN submodule in eval
+    would come back with that submodule in train mode; setting `.training` per submodule
+    restores exactly what was there, also when the block raises.
+    """
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
 
 
 def unwrap(model: nn.Module, *, keep_compiled: bool = False) -> nn.Module:

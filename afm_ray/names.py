@@ -1,16 +1,22 @@
-"""Names shared across modules, defined once: MLflow tags, metric keys, attack vocabulary,
-objectives, the evaluation protocol's wording. Standard library only, so any module (and any
-tool reading MLflow) can import it without pulling torch, Ray or MLflow.
+"""Names shared across modules, defined once: MLflow tags, metric keys, attack vocabulary, the
+methods, architectures and augmentation policies by name, objectives, the evaluation protocol's
+wording. Standard library only (and afm_ray.errors), so any module (and any tool reading MLflow)
+can import it without pulling torch, Ray or MLflow; the registries that build the real things
+(afm_ray.methods.METHODS, afm_ray.models.MODELS, afm_ray.augment) are checked against these tables
+by tests/test_names.py.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from afm_ray.errors import ConfigError
+
 # --- MLflow layout: one parent run per sweep (role "sweep"), one child run per trial ("trial"), and
-# under a trial the runs that confirm it (role "confirmation", afm_ray.confirm).
+# under a trial the runs that confirm it (role "confirmation", afm_ray.pareto.confirm).
 ROLE_TAG = "afm_ray.role"
 TRIAL_STATUS_TAG = "afm_ray.trial_status"  # running | completed | early_stopped | failed
 TRIAL_ID_TAG = "afm_ray.trial_id"  # the Tune trial id
@@ -44,7 +50,7 @@ INTERVAL_METRICS = tuple(m + end for m in ACCURACY_METRICS for end in (CI_LOW, C
 FINAL_METRICS = (*ACCURACY_METRICS, *INTERVAL_METRICS, "params", "latency_ms", "eval/n_samples", "eval/eps")
 # Metrics a search space may optimise (final) and those a scheduler may read every epoch.
 OBJECTIVE_METRICS = (*ACCURACY_METRICS, "params", "latency_ms")
-PER_EPOCH_METRICS = ("val/clean_acc", "val/pgd_acc")
+PER_EPOCH_METRICS = ("val/clean_acc", "val/pgd10_acc")
 # 1.0 on the result that carries a trial's final evaluation. Not Tune's reserved `done`, which
 # Tune also sets on the last per-epoch result of a trial its scheduler stopped early.
 FINAL_RESULT_FLAG = "final_result"
@@ -69,30 +75,94 @@ AA_POLICIES = ("all", "candidates")
 AA_SKIPPED_METRIC = "eval/aa_skipped"
 AA_SKIP_REASON_KEY = "eval/aa_skip_reason"
 
-# --- Methods, data, training switches.
+# --- Methods, models, augmentation, data, training switches.
+# Each method's hyperparameters (config keys method.<name>), in afm_ray.methods' field order.
+METHOD_HPARAMS: dict[str, tuple[str, ...]] = {
+    "advfunmatch": ("tau",),
+    "rslad": ("tau", "alpha"),
+    "adaad": ("tau", "alpha"),
+    "akd": ("lam", "tau"),
+    "ard": ("tau", "alpha"),
+    "funmatch": ("tau",),
+    "pgd_at": (),
+    "trades": ("beta",),
+}
+METHODS = tuple(METHOD_HPARAMS)
 HPARAM_NAMES = ("tau", "alpha", "beta", "lam")  # method.<name>; None = the method's default
+TEACHER_METHODS = ("pgd_at", "trades")  # adversarial training without a teacher: how teachers are trained
+MODELS = ("small_cnn", "resnet18", "preact_resnet18", "wrn", "wrn34_10", "wrn28_10", "mobilenet_v2")
+AUGMENT_POLICIES = ("none", "crop_flip", "autoaugment", "randaugment", "trivialaugment", "mixup", "cutmix")
+MIXING_POLICIES = ("mixup", "cutmix")  # mixing ops run last, after the per-image ops
 DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "parquet")
-TEACHER_METHODS = ("pgd_at", "trades")
 # teacher.checkpoint's value that says, explicitly, "train the teacher first" (a sweep refuses "").
 TRAIN_TEACHER = "train"
 LR_SCHEDULES = ("cosine", "step", "constant")
 AMP_SETTINGS = ("auto", "off", "bf16")
 
 
+def needs_teacher(method: str) -> bool:
+    """Whether `method` distils a teacher (every method but adversarial training itself)."""
+    return method not in TEACHER_METHODS
+
+
+def parse_policy(policy: str) -> tuple[str, ...]:
+    """Split an augmentation policy "a+b" into its parts, mixing ops moved last, e.g. "cutmix+autoaugment"
+    -> ("autoaugment", "cutmix"). "none" stands alone; unknown or repeated parts raise a ConfigError."""
+    parts = tuple(p.strip().lower() for p in policy.split("+"))
+    unknown = [p for p in parts if p not in AUGMENT_POLICIES]
+    if unknown:
+        raise ConfigError(
+            f"unknown augmentation policy {', '.join(map(repr, unknown))} in {policy!r}; "
+            f"valid: {', '.join(AUGMENT_POLICIES)} (combine with '+', e.g. 'autoaugment+cutmix')"
+        )
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"augmentation policy {policy!r} repeats a part; use each of {AUGMENT_POLICIES} at most once")
+    if "none" in parts and len(parts) > 1:
+        raise ConfigError(f"augmentation policy {policy!r} combines 'none' with other parts; use 'none' alone")
+    return tuple(p for p in parts if p not in MIXING_POLICIES) + tuple(p for p in parts if p in MIXING_POLICIES)
+
+
 @dataclass(frozen=True)
 class Objective:
-    """One metric to optimise: an MLflow metric key and whether larger (max) or smaller (min) wins."""
+    """One metric to optimise: an MLflow metric key and whether larger (max) or smaller (min) wins.
+    Written "aa_acc:max"; a list of them "clean_acc:max,aa_acc:max" (the sweep's parent run param)."""
 
     metric: str
     mode: str  # max | min
 
+    def __post_init__(self) -> None:
+        if not self.metric or self.mode not in ("max", "min"):
+            raise ConfigError(
+                f"bad objective {self.metric!r} with mode {self.mode!r}: expected a metric name and max or min"
+            )
+
     @classmethod
-    def parse(cls, spec: str) -> Objective:
-        """``"aa_acc:max"`` -> Objective("aa_acc", "max")."""
-        metric, sep, mode = spec.rpartition(":")
+    def parse(cls, spec: str | Objective) -> Objective:
+        """``"aa_acc:max"`` -> Objective("aa_acc", "max"); an Objective passes through."""
+        if isinstance(spec, Objective):
+            return spec
+        metric, sep, mode = str(spec).rpartition(":")
         if not sep or not metric or mode not in ("max", "min"):
-            raise ValueError(f"bad objective {spec!r}: expected NAME:max or NAME:min (e.g. aa_acc:max clean_acc:max)")
+            raise ConfigError(f"bad objective {spec!r}: expected NAME:max or NAME:min (e.g. aa_acc:max clean_acc:max)")
         return cls(metric, mode)
+
+    @classmethod
+    def parse_all(cls, specs: str | Iterable[str | Objective]) -> tuple[Objective, ...]:
+        """Objectives from "a:max,b:min" or an iterable of specs: at least one, no metric twice."""
+        items = [s for s in specs.split(",") if s.strip()] if isinstance(specs, str) else list(specs)
+        objectives = tuple(cls.parse(s.strip() if isinstance(s, str) else s) for s in items)
+        if not objectives:
+            raise ConfigError("no objectives given: expected NAME:max|min, e.g. aa_acc:max clean_acc:max")
+        metrics = [o.metric for o in objectives]
+        twice = sorted({m for m in metrics if metrics.count(m) > 1})
+        if twice:
+            raise ConfigError(f"objective metric(s) given more than once: {', '.join(twice)}")
+        return objectives
+
+    @staticmethod
+    def join(objectives: Iterable[Objective]) -> str:
+        """The inverse of `parse_all` on a string: "clean_acc:max,aa_acc:max"."""
+        return ",".join(map(str, objectives))
 
     def __str__(self) -> str:
         return f"{self.metric}:{self.mode}"

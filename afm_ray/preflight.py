@@ -1,20 +1,50 @@
-"""What a single run (`train`, `teacher`, `evaluate`) checks before it computes anything: the
-device is there, the data is where the config says, the checkpoints it reads exist, and the
-folders it writes take writes. Each failure is a one-line UserError (afm_ray.errors); the
-sweep has its own plan checks (afm_ray.sweep.plan)."""
+"""What a command checks before it computes anything or any node is requested: each check takes
+milliseconds (network probes give up after a bounded time-out), creates nothing but a probe
+object it deletes, and fails as one line (an afm_ray.errors.UserError).
+
+- a single run (`train`, `teacher`, `evaluate`): `check_run`: device, data, the checkpoints it
+  reads, the folders it writes;
+- a sweep: `sweep_checks`: data reachable, storage writable, the teacher there (or explicitly
+  `train`, with its cost), the tracking store and the Optuna storage usable; no Ray.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
 
 from afm_ray.checkpoints import check_teacher_checkpoint, checkpoint_file
 from afm_ray.config import ExperimentConfig
+from afm_ray.cost import teacher_cost
 from afm_ray.data import check_available
 from afm_ray.devices import resolve_device
-from afm_ray.errors import CheckpointNotFoundError, DataError, StorageError, one_line
-from afm_ray.names import TRAIN_TEACHER
-from afm_ray.storage import probe_writable
-from afm_ray.teacher import check_cache_writable, teacher_cache_dir
+from afm_ray.endpoints import bounded, check_mlflow_server, probe_timeout_s
+from afm_ray.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    DataError,
+    StorageError,
+    TrackingError,
+    UserError,
+    one_line,
+)
+from afm_ray.names import TRAIN_TEACHER, needs_teacher
+from afm_ray.search.space import SearchSpace
+from afm_ray.storage import file_size, probe_writable, redact_text, redact_uri
+from afm_ray.teacher.training import check_cache_writable, teacher_cache_dir, teacher_training_config
+
+
+def check_dataset(cfg: ExperimentConfig) -> str:
+    """The dataset is where the workers will read it (data.name / data.root), checked by listing
+    its files, not by reading its images; returns the line that says so."""
+    try:
+        check_available(cfg.data.name, cfg.data.root or None)
+    except DataError as exc:
+        raise type(exc)(f"data.root: {redact_text(one_line(exc))}") from None
+    return f"data: {cfg.data.name}" + (f" at {redact_uri(cfg.data.root)}" if cfg.data.root else "")
 
 
 def check_run(
@@ -24,17 +54,14 @@ def check_run(
     writes_output: bool = False,
     trains_teacher: bool = False,
 ) -> None:
-    """Everything `cfg` needs that can be checked in milliseconds, cheapest first.
+    """Everything a single run of `cfg` needs, cheapest first.
 
     `reads`: the checkpoint keys the run loads (when set). `writes_output`: the run writes
     checkpoints under run.output_dir. `trains_teacher`: the run trains the teacher unless the
     cache already holds it (then the cache must take writes).
     """
     resolve_device(cfg.run.device)
-    try:
-        check_available(cfg.data.name, cfg.data.root or None)
-    except DataError as exc:
-        raise type(exc)(f"data.root: {one_line(exc)}") from None
+    check_dataset(cfg)
     for key in reads:
         section, name = key.split(".")
         path = getattr(getattr(cfg, section), name)
@@ -58,3 +85,155 @@ def check_run(
         and not (teacher_cache_dir(cfg) / "checkpoint.pt").is_file()
     ):
         check_cache_writable(cfg)
+
+
+def check_tracking_uri(uri: str, timeout_s: float | None = None, experiment: str | None = None) -> None:
+    """Fail fast, before Ray starts, if the tracking backend cannot be reached; creates nothing
+    (a SQLite store that does not exist yet is only checked for a writable folder)."""
+    parsed, shown = urlparse(uri), redact_uri(uri)  # messages name the URI without its credentials
+    if parsed.scheme in ("http", "https"):
+        check_mlflow_server(uri, timeout_s)
+    elif parsed.scheme == "sqlite":
+        path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+        if path is None or not path.is_absolute():
+            raise TrackingError(
+                f"tracking URI {shown!r}: use an absolute SQLite URI, e.g. sqlite:////abs/path/mlflow.db"
+            )
+        _check_sqlite_file(path, f"tracking URI {shown!r}")
+        if not path.exists():
+            return  # the sweep creates it; nothing in it to check
+    elif parsed.scheme in ("", "file"):
+        raise TrackingError(
+            f"tracking URI {shown!r}: MLflow's file store is disabled; use sqlite:///<absolute path> "
+            f"or http://host:port of an mlflow server"
+        )
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+        found = client.get_experiment_by_name(experiment) if experiment else None
+    except Exception as exc:
+        raise TrackingError(f"tracking URI {shown!r} is not usable: {redact_text(one_line(exc))}") from None
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment {experiment!r} is deleted at {shown}; restore it (mlflow experiments restore "
+            f"--experiment-id {found.experiment_id}) or pick another --experiment"
+        )
+
+
+def _check_sqlite_file(path: Path, label: str) -> None:
+    """A SQLite file can be created in its folder, or is there and is an SQLite database."""
+    if path.is_dir():
+        raise UserError(f"{label}: {path} is a directory, expected an SQLite file")
+    if path.exists():
+        with open(path, "rb") as fh:
+            header = fh.read(16)
+        if header and header != b"SQLite format 3\x00":
+            raise UserError(f"{label}: {path} exists but is not an SQLite database")
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{label}: {path} is not writable")
+    elif not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UserError(f"{label}: folder {path.parent} does not exist or is not writable")
+
+
+def check_optuna_storage(url: str) -> None:
+    """--optuna-storage is an SQLAlchemy URL Optuna can open: an SQLite file that can be created
+    (or is a database), or a server that answers; checked without creating anything."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    label = f"--optuna-storage {redact_uri(url)!r}"
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except ArgumentError:
+        raise StorageError(f"{label}: not an SQLAlchemy URL; e.g. sqlite:////abs/path/optuna.db") from None
+    except NoSuchModuleError as exc:
+        raise StorageError(f"{label}: {one_line(exc)}; use sqlite, postgresql or mysql") from None
+    except ImportError as exc:
+        raise StorageError(f"{label}: its database driver is not installed ({one_line(exc)})") from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            raise StorageError(f"{label}: an in-memory database would lose the study; name a file")
+        try:
+            _check_sqlite_file(Path(database).expanduser().resolve(), label)
+        except UserError as exc:
+            raise StorageError(str(exc)) from None
+        return
+    if parsed.host:
+        port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(parsed.get_backend_name(), 0)
+        try:
+            timeout_s = probe_timeout_s()
+            bounded(lambda: socket.create_connection((parsed.host, port), timeout=timeout_s).close(), timeout_s + 1)
+        except (OSError, TimeoutError) as exc:
+            raise StorageError(f"{label}: no database answers at {parsed.host}:{port} ({one_line(exc)})") from None
+
+
+def check_storage_writable(root: str) -> str:
+    """--storage must take writes before a teacher trains or a trial starts: write and delete a
+    probe object there (local folder or s3://, gs://, ... through pyarrow)."""
+    try:
+        probe_writable(root)
+    except Exception as exc:  # PermissionError, pyarrow's OSError for a bucket, a missing scheme
+        reason = redact_text(one_line(exc))
+        raise StorageError(
+            f"--storage {redact_uri(root)}: not writable ({reason}); pass a folder or bucket you can write"
+        ) from None
+    return f"storage: {redact_uri(root)} takes writes"
+
+
+def teacher_methods(space: SearchSpace) -> list[str]:
+    """The methods of `space` (fixed or searched) that distil a teacher."""
+    methods = [space.base.method.name]
+    methods += [c for d in space.search if d.key == "method.name" for c in d.choices]
+    return sorted({m for m in methods if needs_teacher(m)})
+
+
+def check_teacher(space: SearchSpace) -> str:
+    """The teacher every trial distils exists (local or URI; its size is read, not its bytes), or
+    the space says `teacher.checkpoint: train`: then the estimated cost of training it is the line
+    returned. An empty teacher.checkpoint is refused, with that estimate, when a method needs one."""
+    methods = teacher_methods(space)
+    if not methods:
+        return "teacher: none needed"
+    cfg = space.base
+    given = cfg.teacher.checkpoint
+    if given in ("", TRAIN_TEACHER):
+        cached = teacher_cache_dir(cfg) / "checkpoint.pt"
+        if given == TRAIN_TEACHER and cached.is_file():
+            return f"teacher: trained already, reused from the cache {cached}"
+        cost = teacher_cost(cfg, teacher_training_config(cfg), on_gpu=space.resources.gpus_per_worker > 0)
+        if given == "":
+            raise ConfigError(
+                f"teacher.checkpoint is empty but {', '.join(methods)} {'distils' if len(methods) == 1 else 'distil'} "
+                "a teacher: give a checkpoint (path or "
+                f"s3://, gs:// URI), or {TRAIN_TEACHER!r} to have the sweep train one first: {cost}"
+            )
+        return f"teacher: to be trained before the first trial: {cost}"
+    try:
+        size = file_size(given, "checkpoint.pt")
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"teacher.checkpoint: {exc}; give an existing checkpoint, or {TRAIN_TEACHER!r} to have the sweep train one"
+        ) from None
+    return f"teacher: {redact_uri(given)} ({size / 1e6:.1f} MB)"
+
+
+def sweep_checks(
+    space: SearchSpace, storage_root: str, tracking_uri: str, experiment: str | None = None
+) -> list[tuple[str, Callable[[], str]]]:
+    """(name, check) of everything a sweep verifies before Ray starts, cheapest first: each check
+    returns one line saying what it found, or raises a UserError of one line."""
+
+    def tracking() -> str:  # last: it may ask a server over the network
+        check_tracking_uri(tracking_uri, experiment=experiment)
+        return f"tracking: {redact_uri(tracking_uri)} answers"
+
+    return [
+        ("data", lambda: check_dataset(space.base)),
+        ("storage", lambda: check_storage_writable(storage_root)),
+        ("teacher", lambda: check_teacher(space)),
+        ("tracking", tracking),
+    ]

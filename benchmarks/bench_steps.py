@@ -1,6 +1,6 @@
 """The two training steps benchmarks/bench.py compares, on one set-up: data, models, optimizer.
 
-`make_our_step` is one iteration of training's inner loop (afm_ray.train.TrainStep fed by
+`make_our_step` is one iteration of training's inner loop (afm_ray.train.loop.TrainStep fed by
 afm_ray.data.DeviceBatchLoader). `make_reference_step` is the plain research-code step it is
 measured against; bench.py's module docstring lists which parts of it are deliberately
 independent of afm_ray and which are shared, and why.
@@ -35,7 +35,7 @@ from afm_ray.methods import (
     soft_cross_entropy,
 )
 from afm_ray.models import build_model
-from afm_ray.train import TrainStep
+from afm_ray.train.loop import TrainStep
 
 __all__ = [
     "REFERENCE_NOTES",

@@ -27,8 +27,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from afm_ray.config import from_flat, to_flat
-from afm_ray.teacher import ensure_teacher
-from afm_ray.train import LocalReporter, train_fn_per_worker
+from afm_ray.teacher.training import ensure_teacher
+from afm_ray.train.loop import LocalReporter, train_fn_per_worker
 
 # The config the simulated cluster's DDP trial runs (tests/test_cluster_sim.py imports it).
 # optim.batch_size is the global batch: a run with W workers gives each batch_size / W.

@@ -33,8 +33,8 @@ from afm_ray.devices import resolve_device
 from afm_ray.errors import ConfigError
 from afm_ray.methods import build_method
 from afm_ray.names import TRAIN_TEACHER
-from afm_ray.teacher import ensure_teacher
-from afm_ray.train import LocalReporter, method_hparams, train_fn_per_worker
+from afm_ray.teacher.training import ensure_teacher
+from afm_ray.train.loop import LocalReporter, method_hparams, train_fn_per_worker
 
 # The sibling modules import as top-level names: Python puts a script's own folder on sys.path, an importer may not.
 if str(Path(__file__).resolve().parent) not in sys.path:

@@ -68,7 +68,7 @@ FRACTIONS = (0.25, 0.5, 1.0)
 def _gp(seed: int, num_samples: int) -> Any:
     import optuna
 
-    from afm_ray.search_space import default_startup_trials
+    from afm_ray.search.specs import default_startup_trials
 
     return optuna.samplers.GPSampler(
         seed=seed, n_startup_trials=default_startup_trials(num_samples), warn_independent_sampling=False

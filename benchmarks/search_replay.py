@@ -22,10 +22,10 @@ How a searcher runs here (and why it is fair):
   tear-down, data/teacher/student set-up: the table's medians, the same for every trial since
   they do not depend on the configuration), its recorded epochs, then its recorded evaluation
   parts. Compute = slot-seconds; every slot is busy until the budget, so compute = workers x wall.
-- **MO-ASHA** (afm_ray.mo_asha.RungLadder, the code the Tune scheduler runs) sees each
+- **MO-ASHA** (afm_ray.search.mo_asha.RungLadder, the code the Tune scheduler runs) sees each
   recorded epoch's (val/clean_acc, val/pgd_acc) at the moment the replayed epoch ends; a
   stopped trial pays only its epochs so far and is told to Optuna as PRUNED.
-- **Staged evaluation** (afm_ray.staged_eval.aa_verdict, the code the workers run) decides
+- **Staged evaluation** (afm_ray.search.staged_aa.aa_verdict, the code the workers run) decides
   after PGD-20 against the trials finished by then; a skipped trial saves its recorded
   AutoAttack seconds and is told as PRUNED; it never enters the front.
 
@@ -35,7 +35,6 @@ completed (with AutoAttack) by c.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -46,14 +45,15 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from afm_ray.front import hypervolume, non_dominated
-from afm_ray.mo_asha import RungLadder
-from afm_ray.names import PER_EPOCH_METRICS
-from afm_ray.search_space import SearchSpace, build_sampler, parse_search_space
-from afm_ray.staged_eval import aa_verdict
+from afm_ray.domination import hypervolume, non_dominated
+from afm_ray.names import DEFAULT_OBJECTIVES, PER_EPOCH_METRICS
+from afm_ray.search.mo_asha import RungLadder
+from afm_ray.search.samplers import build_sampler
+from afm_ray.search.space import SearchSpace, parse_search_space
+from afm_ray.search.staged_aa import aa_verdict
 
-OBJECTIVES = (("clean_acc", "max"), ("aa_acc", "max"))
-CURVE_COLUMNS = {"val/clean_acc": "val_clean_acc", "val/pgd_acc": "val_pgd_acc"}
+OBJECTIVES = DEFAULT_OBJECTIVES
+CURVE_COLUMNS = {"val/clean_acc": "val_clean_acc", "val/pgd10_acc": "val_pgd_acc"}
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,8 @@ class Table:
         raw["sampler"] = {"name": "random"}
         self.space: SearchSpace = parse_search_space(raw)
         self.frame = frame.reset_index(drop=True)
-        self.values = self.frame[[m for m, _ in OBJECTIVES]].to_numpy(dtype=float)
-        self.modes = [mode for _, mode in OBJECTIVES]
+        self.values = self.frame[[o.metric for o in OBJECTIVES]].to_numpy(dtype=float)
+        self.modes = [o.mode for o in OBJECTIVES]
         # Worst recorded value of each objective: every recorded trial lies inside the box.
         self.reference = self.values.min(axis=0)
         self.true_front = non_dominated(self.values, self.modes)
@@ -172,10 +172,9 @@ def make_sampler(table: Table, searcher: Searcher, seed: int, num_samples: int) 
     if searcher.build is not None:
         return searcher.build(seed, num_samples)
     raw_sampler = dict(searcher.sampler)
-    from afm_ray.search_space import _parse_sampler  # the sweep's own defaults and validation
+    from afm_ray.search.specs import parse_sampler  # the sweep's own defaults and validation
 
-    spec = _parse_sampler(raw_sampler, num_samples, "benchmark")
-    return build_sampler(dataclasses.replace(table.space, sampler=spec, seed=seed, num_samples=num_samples))
+    return build_sampler(parse_sampler(raw_sampler, num_samples, "benchmark"), seed)
 
 
 def replay(
@@ -194,7 +193,7 @@ def replay(
     run; "replace" to the nearest of all (see the module docstring)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(
-        directions=["maximize" if m == "max" else "minimize" for _, m in OBJECTIVES],
+        directions=["maximize" if o.mode == "max" else "minimize" for o in OBJECTIVES],
         sampler=make_sampler(table, searcher, seed, num_samples),
     )
     define = table.space.define_by_run()
@@ -228,7 +227,7 @@ def replay(
         row = state["row"]
         if kind == "complete":
             study.tell(state["trial"], [float(v) for v in table.values[row]])
-            finished.append((state["key"], dict(zip([m for m, _ in OBJECTIVES], table.values[row], strict=True))))
+            finished.append((state["key"], dict(zip([o.metric for o in OBJECTIVES], table.values[row], strict=True))))
             finished[-1][1]["pgd20_acc"] = float(table.frame.at[row, "pgd20_acc"])
         else:
             study.tell(state["trial"], state=optuna.trial.TrialState.PRUNED)

@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ATTACK_PARTS = ("clean", "pgd20", "cw", "aa")
-CURVES = {"val_clean_acc": "val/clean_acc", "val_pgd_acc": "val/pgd_acc", "epoch_s": "time/epoch_s"}
-SPACE_KEY = b"afm_ray.search_space"
+CURVES = {"val_clean_acc": "val/clean_acc", "val_pgd_acc": "val/pgd10_acc", "epoch_s": "time/epoch_s"}
+SPACE_KEY = b"afm_ray.search.space"
 INFO_KEY = b"afm_ray.table_info"
 
 

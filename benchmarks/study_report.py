@@ -25,8 +25,8 @@ import pandas as pd
 
 from afm_ray import names
 from afm_ray.devices import cpu_model_name
-from afm_ray.runs import client_for, load_trials
 from afm_ray.stats import mean_interval, t_quantile
+from afm_ray.tracking.mlflow_runs import client_for, load_trials
 
 METRICS = [m for m in names.ACCURACY_METRICS]
 BASELINE = "crop_flip"
@@ -200,7 +200,7 @@ def _pinned(space: str, trials: pd.DataFrame) -> dict[str, str]:
     """Fixed keys whose value in the runs differs from the space's: what `--set` pinned."""
     from afm_ray.config import from_flat, to_flat
     from afm_ray.errors import UserError
-    from afm_ray.search_space import load_search_space
+    from afm_ray.search.space import load_search_space
 
     try:
         fixed = to_flat(from_flat(load_search_space(space).fixed))

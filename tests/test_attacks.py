@@ -1,15 +1,14 @@
-"""Behaviour of the shared PGD routine and the evaluation protocol (CPU, seconds)."""
+"""Behaviour of the shared PGD routine and the evaluation attacks (CPU, seconds)."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import digits
 from torch import nn
 
-from afm_ray.attacks import ATTACKS, cw_margin_loss, evaluate, pgd, robust_predictions
+from afm_ray.attacks import ATTACKS, cw_margin_loss, pgd, robust_predictions
 
 NORMS = ("linf", "l2")
 STARTS = ("uniform", "normal", "none")
@@ -262,102 +261,6 @@ def test_cw_margin_loss_values():
     assert torch.allclose(cw_margin_loss(logits, y), torch.tensor(-2.0))
 
 
-# ------------------------------------------------------------------------------- evaluation
-
-
-@pytest.fixture(scope="module")
-def digits_model():
-    """A tiny CNN trained for a few steps on sklearn digits (8x8 grey, /16 -> [0,1])."""
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16
-    y = torch.tensor(d.target)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        idx = torch.randint(0, 1500, (128,))
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model, x[1500:], y[1500:]
-
-
-def test_evaluate_orders_attacks_by_strength(digits_model):
-    model, x, y = digits_model
-    lines = []
-    res = evaluate(
-        model,
-        x,
-        y,
-        eps=0.2,
-        attacks=("clean", "pgd20", "pgd10", "cw", "aa"),
-        samples=64,
-        batch_size=32,
-        progress=lines.append,
-    )
-    p = "test_n64/"
-    assert res[p + "n_samples"] == 64
-    names = ("clean", "pgd20", "pgd10", "cw", "aa")
-    assert set(res) == {p + "n_samples", *(f"{p}{a}_acc" for a in names), *(f"{p}{a}_images_per_s" for a in names)}
-    assert all(res[f"{p}{a}_images_per_s"] > 0 for a in names)
-    assert res[p + "clean_acc"] > 0.7  # the model did learn
-    assert res[p + "clean_acc"] >= res[p + "pgd20_acc"] >= res[p + "aa_acc"]
-    assert res[p + "pgd20_acc"] < res[p + "clean_acc"]  # eps 0.2 on digits is a real attack
-    assert res[p + "cw_acc"] <= res[p + "clean_acc"]
-    assert all(0.0 <= v <= 1.0 for k, v in res.items() if k.endswith("_acc"))
-    # progress: one line per attack plus AutoAttack's own log, forwarded.
-    assert any(line.startswith("test_n64/pgd20_acc") for line in lines)
-    assert any(line.startswith("test_n64/cw_acc") for line in lines)
-    assert any(line.startswith("aa: ") and "apgd-ce" in line for line in lines)
-    # FAB inside AutoAttack calls .backward(): still no parameter gradient may accumulate.
-    assert all(p.grad is None for p in model.parameters())
-    assert all(p.requires_grad for p in model.parameters())
-    aa_logger = logging.getLogger("auto-attack")
-    assert not aa_logger.handlers and aa_logger.propagate  # handler removed, logger untouched
-
-
-def test_evaluate_with_eps_zero_is_clean(digits_model):
-    model, x, y = digits_model
-    for norm in NORMS:
-        res = evaluate(model, x, y, eps=0.0, norm=norm, attacks=("clean", "pgd20", "cw"))
-        assert res["test/pgd20_acc"] == res["test/clean_acc"] == res["test/cw_acc"]
-        assert res["test/n_samples"] == len(x)
-
-
-def test_evaluate_subset_is_fixed_and_results_reproducible(digits_model):
-    model, x, y = digits_model
-    torch.manual_seed(123)
-    expected_next = torch.rand(3)
-    torch.manual_seed(123)
-    a = evaluate(model, x, y, eps=0.1, attacks=("pgd20",), samples=50, seed=7)
-    assert torch.equal(torch.rand(3), expected_next)  # caller's RNG stream untouched
-    b = evaluate(model, x, y, eps=0.1, attacks=("clean", "pgd20"), samples=50, seed=7)
-    assert a["test_n50/pgd20_acc"] == b["test_n50/pgd20_acc"]
-    # The subset is the first 50 of a seeded permutation: recompute clean accuracy on it.
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(7))[:50]
-    with torch.no_grad():
-        clean = (model(x[idx]).argmax(1) == y[idx]).float().mean().item()
-    assert b["test_n50/clean_acc"] == pytest.approx(clean)
-    # samples >= N is the full split, under the split's own name.
-    full = evaluate(model, x, y, eps=0.1, attacks=("clean",), samples=10_000, split="val")
-    assert set(full) == {"val/n_samples", "val/clean_acc", "val/clean_images_per_s"}
-
-
-def test_evaluate_restores_modes_and_leaves_no_grads(digits_model):
-    model, x, y = digits_model
-    model.train()
-    model[0].eval()
-    before = module_flags(model)
-    evaluate(model, x[:32], y[:32], eps=0.1, attacks=("clean", "pgd10", "cw"))
-    assert module_flags(model) == before
-    assert all(p.grad is None for p in model.parameters())
-    model.eval()
-
-
 def test_robust_predictions_is_per_sample_bool(digits_model):
     model, x, y = digits_model
     clean = robust_predictions(model, x, y, attack="clean", eps=0.1, batch_size=50)
@@ -369,25 +272,22 @@ def test_robust_predictions_is_per_sample_bool(digits_model):
     assert adv.sum() < clean.sum()
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(attacks=("pgd7",)), "pgd7"),
-        (dict(norm="l1"), "norm='l1'"),
-        (dict(samples=0), "samples=0"),
-    ],
-)
-def test_evaluate_rejects_bad_arguments(digits_model, kwargs, match):
-    model, x, y = digits_model
-    with pytest.raises(ValueError, match=match):
-        evaluate(model, x, y, eps=0.1, **kwargs)
-
-
-def test_evaluate_rejects_uint8_images(digits_model):
-    model, x, y = digits_model
-    with pytest.raises(ValueError, match="uint8"):
-        evaluate(model, (x * 255).to(torch.uint8), y, eps=0.1, attacks=("clean",))
-
-
 def test_attack_names_cover_protocol():
     assert set(ATTACKS) == {"clean", "pgd20", "pgd10", "cw", "aa"}
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    """A tiny CNN trained for a few steps on sklearn digits, and the images it did not train on."""
+    x, y = digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        idx = torch.randint(0, 1500, (128,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model, x[1500:], y[1500:]

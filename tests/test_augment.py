@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afm_ray.augment import MIXING, POLICIES, BatchAugment, _PerSampleChoice, parse_policy
+from afm_ray.augment import BatchAugment, _PerSampleChoice
+from afm_ray.names import AUGMENT_POLICIES as POLICIES
+from afm_ray.names import MIXING_POLICIES as MIXING
+from afm_ray.names import parse_policy
 
 NUM_CLASSES = 10
 SHAPES = [(1, 28, 28), (3, 32, 32)]

@@ -10,7 +10,7 @@ full or read-only disk, a crafted pickle) and checks what a user sees and what i
   cannot have started), and for the rows run as `python -m afm_ray.<command>` no process of
   the command's session outlives it.
 
-Most rows call the command in-process (`afm_ray.cli.<command>_main`, the function behind
+Most rows call the command in-process (`afm_ray.<command>.__main__.main`, the function behind
 `python -m`); a representative subset runs the real `python -m afm_ray.<command>` in a
 subprocess. Every row fails before any compute, so the file takes seconds.
 """
@@ -18,6 +18,7 @@ subprocess. Every row fails before any compute, so the file takes seconds.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import pickle
 import socket
@@ -36,14 +37,10 @@ import torch
 import yaml
 from ray_head import free_port, session_processes
 
-from afm_ray import cli
-
+COMMANDS = ("train", "teacher", "evaluate", "sweep", "pareto", "export")
+# The function behind `python -m afm_ray.<command>`: the main of its package's __main__ module.
 MAINS: dict[str, Callable[[list[str]], int]] = {
-    "train": cli.train_main,
-    "teacher": cli.teacher_main,
-    "evaluate": cli.evaluate_main,
-    "sweep": cli.sweep_main,
-    "pareto": cli.pareto_main,
+    command: importlib.import_module(f"afm_ray.{command}.__main__").main for command in COMMANDS
 }
 REPO = Path(__file__).resolve().parents[1]
 
@@ -738,6 +735,40 @@ ROWS: dict[str, Row] = {
         under_a_file,
         env=(("AFM_RAY_CACHE", "{file}/c"),),
     ),  # fmt: skip
+    # --- export
+    "export-unknown-flag": Row(
+        "export", ("--bogus",), "the following arguments are required: --model, --format, --out", subprocess=True
+    ),  # fmt: skip
+    "export-unknown-format": Row(
+        "export", ("--model", "runs:/abc", "--format", "pdf", "--out", "{tmp}/out"), "argument --format: invalid choice"
+    ),  # fmt: skip
+    "export-batch-zero": Row(
+        "export", ("--model", "runs:/abc", "--format", "onnx", "--out", "{tmp}/out", "--batch", "0"), "--batch: got 0"
+    ),  # fmt: skip
+    "export-not-a-model-uri": Row(
+        "export",
+        ("--model", "s3://bucket/student", "--format", "onnx", "--out", "{tmp}/out", "--tracking-uri", "{mlflow_uri}"),
+        "expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID",
+    ),  # fmt: skip
+    "export-unknown-model": Row(
+        "export",
+        (
+            "--model",
+            "models:/nope@pareto-1",
+            "--format",
+            "onnx",
+            "--out",
+            "{tmp}/out",
+            "--tracking-uri",
+            "{mlflow_uri}",
+        ),
+        "models:/nope@pareto-1",
+    ),  # fmt: skip
+    "export-no-database": Row(
+        "export",
+        ("--model", "runs:/abc", "--format", "onnx", "--out", "{tmp}/out", "--tracking-uri", "sqlite:///{tmp}/typo.db"),
+        "no MLflow database at {tmp}/typo.db",
+    ),  # fmt: skip
     # --- pareto
     "pareto-unreachable": Row(
         "pareto",
@@ -956,13 +987,13 @@ def run_in_process(cmd: str, argv: list[str], tmp: Path, env: dict[str, str], mo
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp / "systmp"))
-    ray_before = {m for m in ("ray", "afm_ray.sweep.run") if m in sys.modules}
+    ray_before = {m for m in ("ray", "afm_ray.sweep.driver") if m in sys.modules}
     capsys.readouterr()
     try:
         code = MAINS[cmd](argv)
     except SystemExit as exit_:  # argparse exits on a bad argument
         code = exit_.code
-    assert {m for m in ("ray", "afm_ray.sweep.run") if m in sys.modules} == ray_before, "Ray was imported"
+    assert {m for m in ("ray", "afm_ray.sweep.driver") if m in sys.modules} == ray_before, "Ray was imported"
     return code, capsys.readouterr().err
 
 

@@ -9,8 +9,9 @@ import torch
 from afm_ray.checkpoints import DataSpec, load_model, load_training_state, save_training_state
 from afm_ray.config import from_flat, to_flat
 from afm_ray.data import load_run_data
+from afm_ray.errors import CheckpointError
 from afm_ray.models import build_model, model_kwargs
-from afm_ray.train import LocalReporter, train_fn_per_worker
+from afm_ray.train.loop import LocalReporter, train_fn_per_worker
 
 CFG = from_flat({"data.name": "digits", "student.width": 4})
 
@@ -38,20 +39,17 @@ def test_data_spec_round_trips_through_a_weights_only_checkpoint(tmp_path, digit
 def test_model_rebuilds_without_the_dataset(tmp_path, digits, monkeypatch):
     student = _student(digits).eval()
     save_training_state(tmp_path, model=student, config=to_flat(CFG), epoch=1, data=digits)
-    monkeypatch.setattr("afm_ray.checkpoints.load_run_data", _no_dataset)  # proves none is read
+    monkeypatch.setattr("afm_ray.data.load_run_data", _no_dataset)  # proves none is read
     model, stored = load_model(tmp_path)
     x = torch.rand(5, 1, 8, 8)
     assert stored.student.arch == CFG.student.arch
     torch.testing.assert_close(model.eval()(x), student(x), rtol=0, atol=0)  # normalisation included
 
 
-def test_old_checkpoint_without_a_description_loads_its_dataset(tmp_path, digits):
-    student = _student(digits).eval()
-    save_training_state(tmp_path, model=student, config=to_flat(CFG), epoch=1)  # as before: no data
-    assert "data" not in load_training_state(tmp_path)
-    model, _ = load_model(tmp_path)
-    x = torch.rand(3, 1, 8, 8)
-    torch.testing.assert_close(model.eval()(x), student(x), rtol=0, atol=0)
+def test_checkpoint_without_a_description_is_refused_in_one_line(tmp_path, digits):
+    save_training_state(tmp_path, model=_student(digits), config=to_flat(CFG), epoch=1)  # no data description
+    with pytest.raises(CheckpointError, match="holds no data description"):
+        load_model(tmp_path)
 
 
 def test_training_writes_the_description(tmp_path):

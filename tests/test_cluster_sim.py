@@ -51,7 +51,7 @@ def _only_head(nodes: dict) -> bool:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     from afm_ray.config import from_flat
-    from afm_ray.teacher import ensure_teacher
+    from afm_ray.teacher.training import ensure_teacher
 
     cache = tmp_path_factory.mktemp("teacher")
     cfg = from_flat({**ddp_noise.DDP_CONFIG, "teacher.cache_dir": str(cache)})
@@ -151,7 +151,7 @@ def test_autoscales_from_zero_runs_trials_on_workers_and_back(cluster, teacher, 
 
 
 def test_ddp_trial_spans_two_nodes_and_matches_one_worker(cluster, teacher, tmp_path):
-    from afm_ray.train import LocalReporter, train_fn_per_worker
+    from afm_ray.train.loop import LocalReporter, train_fn_per_worker
 
     fixed = ddp_noise.worker_config(teacher, 0, 2)  # half the global batch per worker
     space = _space(tmp_path / "space.yaml", fixed, resources={"num_workers": 2, "cpus_per_worker": 1})

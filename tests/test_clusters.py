@@ -531,15 +531,16 @@ def _fill_bucket(root: Path) -> None:
 
 def test_rayjob_arguments_pass_the_sweeps_preflight(tmp_path):
     """The manifest's own arguments, parsed by the sweep's own parser, pass every preflight check."""
-    from afm_ray.cli import sweep_parser
     from afm_ray.config import parse_overrides
-    from afm_ray.search_space import load_search_space
-    from afm_ray.sweep.plan import preflight, storage_root
+    from afm_ray.preflight import sweep_checks
+    from afm_ray.search.space import load_search_space
+    from afm_ray.sweep.__main__ import parser
+    from afm_ray.sweep.plan import storage_root
 
     _fill_bucket(tmp_path)
-    args = sweep_parser().parse_args(_rayjob_sweep_arguments(tmp_path))
+    args = parser().parse_args(_rayjob_sweep_arguments(tmp_path))
     space = load_search_space(args.space, overrides=parse_overrides(args.overrides))
-    lines = preflight(space, storage_root(args.storage), args.tracking_uri)
+    lines = [check() for _, check in sweep_checks(space, storage_root(args.storage), args.tracking_uri)]
     assert lines == [
         f"data: parquet at file://{tmp_path}/bucket/data/cifar10",
         f"storage: file://{tmp_path}/bucket/afm-ray takes writes",

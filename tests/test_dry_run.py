@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from afm_ray.cli import sweep_main
 from afm_ray.config import from_flat
 from afm_ray.cost import dataset_shapes, eval_flops_per_image, forward_flops, train_flops_per_image, trial_flops
 from afm_ray.methods import METHODS, AttackSpec, build_method
 from afm_ray.models import build_model
-from afm_ray.search_space import load_search_space
+from afm_ray.search.space import load_search_space
+from afm_ray.sweep.__main__ import main as sweep_main
 from afm_ray.sweep.dry_run import describe_plan, format_plan
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))
-NO_RAY = "import sys; from afm_ray.cli import sweep_main; rc = sweep_main(sys.argv[1:]); " + (
+NO_RAY = "import sys; from afm_ray.sweep.__main__ import main as sweep_main; rc = sweep_main(sys.argv[1:]); " + (
     "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)"
 )
 

@@ -11,13 +11,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from mlflow import MlflowClient
+from helpers import mlflow_store, trained_student
 
-from afm_ray.cli import export_main
 from afm_ray.errors import ArtifactError
-from afm_ray.export import TOLERANCE, export_file, verify_export
-from afm_ray.models import build_model
-from afm_ray.student_model import fetch_student, load_student, log_student
+from afm_ray.export.__main__ import main as export_main
+from afm_ray.export.formats import TOLERANCE, export_file, verify_export
+from afm_ray.tracking.student_model import fetch_student, load_student, log_student
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning"),
@@ -25,30 +24,12 @@ pytestmark = [
 ]
 
 
-def _trained_student(seed: int = 0) -> torch.nn.Module:
-    """A small CNN trained a little on digits, so its logits have a realistic scale (several units)."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8), torch.tensor(y)
-    torch.manual_seed(seed)
-    model = build_model("small_cnn", num_classes=10, in_channels=1, mean=[0.3], std=[0.4], width=4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri, uri)
-    exp = client.create_experiment("export", artifact_location=str(root / "artifacts"))
+    store = mlflow_store(tmp_path_factory.mktemp("export"), "export")
+    uri, client, exp = store["uri"], store["client"], store["exp"]
     run_id = client.create_run(exp).info.run_id
-    model = _trained_student()
+    model = trained_student()
     model_id = log_student(client, run_id, model, input_shape=(1, 8, 8))
     client.create_registered_model("students")
     location = client.search_logged_models([exp])[0].artifact_location
@@ -99,7 +80,7 @@ def test_export_by_alias_agrees_with_pytorch(registered, tmp_path, capsys, fmt):
 
 def test_verification_refuses_an_export_of_another_model(registered, tmp_path):
     model, spec = fetch_student(registered["client"], f"runs:/{registered['run_id']}")
-    path = export_file(_trained_student(seed=1), spec, "torchscript", tmp_path)
+    path = export_file(trained_student(seed=1), spec, "torchscript", tmp_path)
     with pytest.raises(ArtifactError, match="the export is not the model"):
         verify_export(path, "torchscript", model, spec["input_shape"])
 

@@ -24,9 +24,9 @@ import sys
 import pytest
 import torch
 
-from afm_ray.attacks import model_modes_for_attack, pgd
+from afm_ray.attacks import pgd
 from afm_ray.methods import METHODS, AttackSpec, build_method
-from afm_ray.models import build_model
+from afm_ray.models import build_model, eval_mode
 
 BF16_U = 2.0**-9  # unit roundoff of bf16
 FP32_U = 2.0**-24
@@ -116,9 +116,9 @@ def test_bf16_attack_is_as_strong_as_fp32(name):
                     models=(student,),
                 )
             assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-            with torch.no_grad(), model_modes_for_attack((student,)):
+            with torch.no_grad(), eval_mode((student,)):
                 reached[precision].append(objective(x_adv).item())
-    with torch.no_grad(), model_modes_for_attack((student,)):
+    with torch.no_grad(), eval_mode((student,)):
         start = objective(x).item()
     fp32, bf16 = statistics.mean(reached["fp32"]), statistics.mean(reached["bf16"])
     spread = statistics.stdev(reached["fp32"])
@@ -170,7 +170,7 @@ def test_channels_last_float32_logits_agree(name):
 def test_training_step_never_waits_for_the_gpu(policy):
     """No host-device synchronisation inside a step: CUDA's sync debug mode raises on any."""
     from afm_ray.augment import BatchAugment
-    from afm_ray.train import TrainStep
+    from afm_ray.train.loop import TrainStep
 
     student, teacher = (m.cuda() for m in _models())
     step = TrainStep(

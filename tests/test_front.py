@@ -1,4 +1,4 @@
-"""afm_ray.front: domination, layers, crowding distance and hypervolume on hand-made points.
+"""afm_ray.domination: domination, layers, crowding distance and hypervolume on hand-made points.
 
 Every expected value is worked out by hand in the comments; random cases are checked against a
 brute-force definition instead.
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from afm_ray.front import (
+from afm_ray.domination import (
     crowding_distance,
     dominance_matrix,
     hypervolume,

@@ -8,7 +8,7 @@ import os
 import pytest
 from ray_head import ray_head
 
-from afm_ray.mo_asha import RungLadder, promoted, rank_positions, rung_milestones
+from afm_ray.search.mo_asha import RungLadder, promoted, rank_positions, rung_milestones
 
 MAX2 = ("max", "max")
 
@@ -84,7 +84,7 @@ def test_tune_scheduler_stops_exactly_the_dominated_trials_on_a_real_ray(tmp_pat
     def trainable(config):
         clean, pgd = config["curve"]
         for epoch in (1, 2, 3):
-            tune.report({"epoch": epoch, "val/clean_acc": clean, "val/pgd_acc": pgd})
+            tune.report({"epoch": epoch, "val/clean_acc": clean, "val/pgd10_acc": pgd})
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # this process is the head's only client
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -92,7 +92,7 @@ def test_tune_scheduler_stops_exactly_the_dominated_trials_on_a_real_ray(tmp_pat
         ray.init(address=head["gcs"], log_to_driver=False)
         try:
             scheduler = MOASHAScheduler(
-                ["val/clean_acc", "val/pgd_acc"], ["max", "max"], max_t=3, grace_period=1, reduction_factor=2
+                ["val/clean_acc", "val/pgd10_acc"], ["max", "max"], max_t=3, grace_period=1, reduction_factor=2
             )
             tuner = tune.Tuner(
                 tune.with_resources(trainable, {"CPU": 1}),

@@ -88,15 +88,15 @@ def test_installed_package_runs_from_an_empty_folder(installed, tmp_path):
     script = f"""
 import afm_ray, torch
 from pathlib import Path
-from afm_ray.search_space import load_search_space, shipped_spaces
-from afm_ray.sweep.plan import preflight
+from afm_ray.search.space import load_search_space, shipped_spaces
+from afm_ray.preflight import sweep_checks
 assert Path(afm_ray.__file__).is_relative_to({str(python.parent.parent)!r}), afm_ray.__file__
 assert torch.__version__.startswith("2.13.0") and torch.version.cuda is None, torch.__version__
 assert shipped_spaces() == {[name[: -len(".yaml")] for name in SPACES]!r}, shipped_spaces()
 space = load_search_space()  # no argument: the embedded default, from the installed package
 assert space.path == "default" and space.name == "embedded-default"
-for line in preflight(space, str(Path.cwd() / "ray_results"), "sqlite:///" + str(Path.cwd() / "mlflow.db")):
-    print(line)
+for _, check in sweep_checks(space, str(Path.cwd() / "ray_results"), "sqlite:///" + str(Path.cwd() / "mlflow.db")):
+    print(check())
 """
     proc = _run([str(python), "-c", script], cwd=empty, env=env)
     lines = proc.stdout.splitlines()

@@ -18,14 +18,18 @@ import pandas as pd
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+import torch
+from helpers import digits, trained_student
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from afm_ray import pareto
-from afm_ray.cli import pareto_main as main
 from afm_ray.names import Objective
-from afm_ray.pareto import load_trials, parse_objectives, rank_trials
-from afm_ray.student_model import fetch_student, log_student
+from afm_ray.pareto.__main__ import main
+from afm_ray.pareto.ranking import objective_bounds, rank_trials
+from afm_ray.pareto.registry import register_front, verify_registered
+from afm_ray.pareto.report import axis_label, format_table, plot_front, summary, write_table
+from afm_ray.tracking.mlflow_runs import load_trials, translate_filter, trial_filter
+from afm_ray.tracking.student_model import fetch_student, log_student
 
 REPO = Path(__file__).resolve().parents[1]
 # SQLAlchemy 2 deprecation inside MLflow's own store; nothing this module can act on.
@@ -35,25 +39,25 @@ NAN = float("nan")
 # --------------------------------------------------------------------------- objectives and filters
 
 
-def test_parse_objectives():
-    assert parse_objectives(["aa_acc:max", "params:min"]) == (Objective("aa_acc", "max"), Objective("params", "min"))
+def test_objectives_parse():
+    assert Objective.parse_all(["aa_acc:max", "params:min"]) == (Objective("aa_acc", "max"), Objective("params", "min"))
     for bad in ("aa_acc", "aa_acc:up", ":max"):
         with pytest.raises(ValueError, match="expected NAME:max or NAME:min"):
-            parse_objectives([bad])
+            Objective.parse_all([bad])
     with pytest.raises(ValueError, match="more than once: aa_acc"):
-        parse_objectives(["aa_acc:max", "aa_acc:min"])
+        Objective.parse_all(["aa_acc:max", "aa_acc:min"])
 
 
 def test_filters():
-    assert pareto.translate_filter("params.method = 'rslad'") == "params.`method.name` = 'rslad'"
+    assert translate_filter("params.method = 'rslad'") == "params.`method.name` = 'rslad'"
     for unchanged in (
         "params.`method.name` = 'x'",
         "params.method.name = 'x'",
         "tags.note = 'params.method'",
         "params.method_x = '1'",
     ):
-        assert pareto.translate_filter(unchanged) == unchanged
-    assert pareto.trial_filter("params.method = 'ard'", "abc") == (
+        assert translate_filter(unchanged) == unchanged
+    assert trial_filter("params.method = 'ard'", "abc") == (
         "tags.`afm_ray.role` = 'trial' and tags.`mlflow.parentRunId` = 'abc' and params.`method.name` = 'ard'"
     )
 
@@ -192,20 +196,20 @@ def test_table_and_csv(sweep_db, tmp_path):
     trials = load_trials("sweep-a", tracking_uri=sweep_db["uri"], sweep=sweep_db["p1"])
     objectives = ["aa_acc:max", "clean_acc:max"]
     ranked = rank_trials(trials, objectives)
-    path = pareto.write_table(ranked, objectives, tmp_path / "front.csv")
+    path = write_table(ranked, objectives, tmp_path / "front.csv")
     table = pacsv.read_csv(path).to_pydict()
     assert len(table["run_id"]) == 11
     on_front = {r for r, p in zip(table["run_id"], table["pareto"], strict=True) if p}
     assert _names(sweep_db, sorted(on_front, key=table["run_id"].index)) == ["t2", "t1", "t4", "t3"]
     assert table["excluded"][table["run_id"].index(sweep_db["ids"]["t6"])] == "failed"
     assert {"attack.eps", "method.name", "params", "latency_ms"} <= set(table)
-    text = pareto.format_table(ranked, objectives)
+    text = format_table(ranked, objectives)
     lines = text.splitlines()
     assert lines[0].split()[:4] == ["rank", "front", "run", "method"]
     assert lines[2].split()[:3] == ["1", "1", sweep_db["ids"]["t2"][:8]]
     assert "early-stopped" in text and "missing aa_acc" in text
     with pytest.raises(ValueError, match=r"\.parquet or \.csv"):
-        pareto.write_table(ranked, objectives, tmp_path / "front.xlsx")
+        write_table(ranked, objectives, tmp_path / "front.xlsx")
 
 
 # --------------------------------------------------------------------------- errors
@@ -321,9 +325,9 @@ def test_cli_error_exit_status(tmp_path):
 def test_plot_two_objectives(sweep_db, tmp_path):
     trials = load_trials("sweep-a", tracking_uri=sweep_db["uri"], sweep=sweep_db["p1"])
     ranked = rank_trials(trials, ["aa_acc:max", "clean_acc:max"])
-    path = pareto.plot_front(ranked, ["aa_acc:max", "clean_acc:max"], tmp_path / "sub" / "two.png")
+    path = plot_front(ranked, ["aa_acc:max", "clean_acc:max"], tmp_path / "sub" / "two.png")
     assert path.stat().st_size > 20_000
-    assert pareto.axis_label(Objective("params", "min")) == "student parameters (millions, lower is better)"
+    assert axis_label(Objective("params", "min")) == "student parameters (millions, lower is better)"
 
 
 # --------------------------------------------------------------------------- registry
@@ -344,30 +348,9 @@ def global_uri(sweep_db, monkeypatch, tmp_path):
 
 
 def _digits():
-    import torch
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)  # [0, 1]
-    y = torch.tensor(y)
+    x, y = digits()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     return x[perm[:1400]], y[perm[:1400]], x[perm[1400:]], y[perm[1400:]]
-
-
-def _train(x, y, steps):
-    import torch
-
-    from afm_ray.models import build_model
-
-    torch.manual_seed(0)
-    # BatchNorm makes the round trip mode-sensitive: logged in eval mode, it must come back so
-    model = build_model("small_cnn", num_classes=10, in_channels=1, mean=[0.3], std=[0.4], width=4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
 
 
 def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
@@ -382,7 +365,7 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
     # "good" is more accurate, "robust" has the better (made-up) aa_acc: both are on the front,
     # and the rank follows aa_acc: robust is pareto-1, good is pareto-2.
     for step, (name, steps, aa) in enumerate([("good", 40, 0.20), ("robust", 12, 0.30)]):
-        model = _train(x_train, y_train, steps)
+        model = trained_student(steps=steps, x=x_train, y=y_train)
         with torch.no_grad():
             clean = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
         rid = _add_trial(client, exp, parent, name, {"clean_acc": clean, "aa_acc": aa}, step=step, status="RUNNING")
@@ -407,10 +390,10 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
         with torch.no_grad():
             again = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
         assert again == logged[name][1]
-        # MLflow's own loader works too (the MLmodel names afm_ray.student_model as its loader)
+        # MLflow's own loader works too (the MLmodel names afm_ray.tracking.student_model as its loader)
         logits = mlflow.pyfunc.load_model(f"models:/afm-students@{alias}").predict(x_test.numpy())
         assert int((torch.as_tensor(logits).argmax(1) == y_test).sum()) / len(y_test) == logged[name][1]
-    assert pareto.verify_registered("afm-students", "pareto-2", data=(x_test, y_test)) == (
+    assert verify_registered("afm-students", "pareto-2", data=(x_test, y_test)) == (
         logged["good"][1],
         logged["good"][1],
     )
@@ -418,7 +401,7 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
     # again with one objective: the front is "good" alone; its version is reused, the stale
     # pareto-2 alias goes, and nothing new is registered
     ranked = rank_trials(load_trials("digits-sweep"), ["clean_acc:max"])
-    again = pareto.register_front(ranked, ["clean_acc:max"], "afm-students")
+    again = register_front(ranked, ["clean_acc:max"], "afm-students")
     assert [v.version for v in again] == [versions[1].version]
     aliases = client.get_registered_model("afm-students").aliases
     assert aliases == {"pareto-1": versions[1].version}
@@ -438,7 +421,7 @@ def test_registry_uses_only_the_given_uri(global_uri, tmp_path, monkeypatch):
     client = MlflowClient(global_uri, global_uri)
     exp = client.create_experiment("uri-sweep", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(exp, tags={"afm_ray.role": "sweep"}).info.run_id
-    model = _train(x_train, y_train, 10)
+    model = trained_student(steps=10, x=x_train, y=y_train)
     with torch.no_grad():
         clean = int((model(x_test).argmax(1) == y_test).sum()) / len(y_test)
     rid = _add_trial(client, exp, parent, "only", {"clean_acc": clean, "aa_acc": 0.1}, status="RUNNING")
@@ -450,9 +433,9 @@ def test_registry_uses_only_the_given_uri(global_uri, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     mlflow.set_tracking_uri(elsewhere)
     ranked = rank_trials(load_trials("uri-sweep", tracking_uri=global_uri), ["clean_acc:max"])
-    [mv] = pareto.register_front(ranked, ["clean_acc:max"], "uri-students", tracking_uri=global_uri)
+    [mv] = register_front(ranked, ["clean_acc:max"], "uri-students", tracking_uri=global_uri)
     assert mv.run_id == rid
-    assert pareto.verify_registered("uri-students", tracking_uri=global_uri, data=(x_test, y_test)) == (clean, clean)
+    assert verify_registered("uri-students", tracking_uri=global_uri, data=(x_test, y_test)) == (clean, clean)
     assert mlflow.get_tracking_uri() == elsewhere and os.environ["MLFLOW_TRACKING_URI"] == elsewhere
     assert "MLFLOW_REGISTRY_URI" not in os.environ
     assert not (tmp_path / "elsewhere.db").exists()  # nothing reached for the global URI
@@ -521,16 +504,16 @@ def test_intervals_and_within_noise(noisy_db, tmp_path):
     assert by["b"]["within_noise"] and not by["c"]["within_noise"] and not by["a"]["within_noise"]
     # a and d: aa 0.43-0.57 vs 0.38-0.52, clean 0.74-0.85 vs 0.80-0.90: indistinguishable on both
     assert by["a"]["ties"] == str(by["d"]["rank"]) and by["d"]["ties"] == str(by["a"]["rank"])
-    low, high = pareto.objective_bounds(ranked, parse_objectives(objectives))
+    low, high = objective_bounds(ranked, Objective.parse_all(objectives))
     row = ranked.index[ranked["run_id"] == noisy_db["ids"]["c"]][0]
     assert (low[row, 0], high[row, 0]) == wilson_interval(0.30, 2000)  # computed from eval/n_samples
     row = ranked.index[ranked["run_id"] == noisy_db["ids"]["a"]][0]
     assert (low[row, 0], high[row, 0]) == (0.43, 0.57)  # as logged
-    table = pareto.format_table(ranked, objectives)
+    table = format_table(ranked, objectives)
     assert "50.00 [43.0, 57.0]" in table and "within noise" in table
-    assert "1 dominated trial(s) 'within noise'" in pareto.summary(ranked, objectives)
+    assert "1 dominated trial(s) 'within noise'" in summary(ranked, objectives)
     # the plot: error bars, and the within-noise trial in its own legend entry
-    pareto.plot_front(ranked, objectives, tmp_path / "noisy.png")
+    plot_front(ranked, objectives, tmp_path / "noisy.png")
     assert (tmp_path / "noisy.png").stat().st_size > 20_000
 
 

@@ -7,13 +7,13 @@ import pytest
 
 from afm_ray.checkpoints import save_training_state
 from afm_ray.config import from_flat
+from afm_ray.cost import dataset_shapes, forward_flops, teacher_cost, train_flops_per_image
 from afm_ray.errors import ConfigError, UserError
 from afm_ray.models import build_model
-from afm_ray.search_space import load_search_space, parse_search_space
+from afm_ray.preflight import check_teacher, sweep_checks
+from afm_ray.search.space import load_search_space, parse_search_space
 from afm_ray.storage import redact_uri
-from afm_ray.sweep.plan import check_teacher, preflight, preflight_checks
-from afm_ray.teacher import teacher_training_config
-from afm_ray.teacher_cost import adversarial_training_forwards, forward_flops, teacher_cost
+from afm_ray.teacher.training import teacher_training_config
 
 
 def space(fixed: dict, **raw):
@@ -36,21 +36,24 @@ def test_empty_teacher_is_refused_with_the_cost_of_training_one():
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("teacher.checkpoint is empty but adaad, advfunmatch, ard, rslad distil a teacher")
-    assert "'train'" in message and "wrn34_10 by trades, 100 epochs on 50000 images" in message
+    images = 50000 - 256  # CIFAR-10's training split less the validation images the training loop holds out
+    assert "'train'" in message and f"wrn34_10 by trades, 100 epochs on {images} images" in message
     assert "EFLOP" in message and "A10G" in message and "$" in message
 
 
 def test_train_says_so_and_prints_the_estimate(tmp_path):
     fixed = {"teacher.checkpoint": "train", "teacher.cache_dir": str(tmp_path)}
     line = check_teacher(space(fixed, resources={"gpus_per_worker": 0}))
-    assert line.startswith("teacher: to be trained before the first trial: small_cnn by pgd_at, 5 epochs on 1437")
-    assert "on a CPU at 0.1 TFLOP/s" in line
+    images = 1438 - 256  # digits' training split (1797 less 359 test images) less the 256 validation images
+    assert line.startswith(f"teacher: to be trained before the first trial: small_cnn by pgd_at, 5 epochs on {images}")
+    assert "on a CPU core at 70 GFLOP/s" in line
 
 
 def test_the_default_space_trains_its_teacher_explicitly(tmp_path, monkeypatch):
     monkeypatch.setenv("AFM_RAY_CACHE", str(tmp_path))  # nothing cached
     line = check_teacher(load_search_space())
-    assert line.startswith("teacher: to be trained before the first trial: small_cnn by pgd_at, 5 epochs on 4000")
+    images = 4000 - 256  # mnist5k's training split (80% of 5000) less the validation images held out
+    assert line.startswith(f"teacher: to be trained before the first trial: small_cnn by pgd_at, 5 epochs on {images}")
 
 
 def test_given_teacher_must_exist(tmp_path):
@@ -65,6 +68,11 @@ def test_given_teacher_must_exist(tmp_path):
         check_teacher(space({"teacher.checkpoint": f"file://{missing}"}))
 
 
+def preflight(space, storage_root: str, tracking_uri: str) -> list[str]:
+    """Every sweep check in order, as the sweep command runs them; the first failure raises."""
+    return [check() for _, check in sweep_checks(space, storage_root, tracking_uri)]
+
+
 # ----------------------------------------------------------------------------- the estimate
 
 
@@ -72,19 +80,19 @@ def test_forward_flops_match_the_published_counts():
     """ResNet-18 (CIFAR variant) is 0.56 GMACs and WRN-34-10 6.7 GMACs per 32x32 image (the figures
     clusters/README.md's cost table uses); a multiply-add is 2 FLOPs."""
     for arch, gmacs in (("resnet18", 0.556), ("wrn34_10", 6.66)):
-        flops = forward_flops(from_flat({"student.arch": arch, "student.width": 0}).student, (3, 32, 32), 10)
+        flops = forward_flops(arch, 0, 0, dataset_shapes(from_flat({"data.name": "cifar10"})))
         assert flops == pytest.approx(2 * gmacs * 1e9, rel=0.01)
 
 
 def test_teacher_cost_is_the_readmes_arithmetic():
     """clusters/README.md: PGD-AT of WRN-34-10 is ~15 PFLOPs an epoch on CIFAR-10 (23 forwards per
     image with PGD-10); TRADES adds the clean forward and a second loss: 27."""
-    assert adversarial_training_forwards("pgd_at", 10) == 23 and adversarial_training_forwards("trades", 10) == 27
+    assert train_flops_per_image("pgd_at", 10, 1.0, 0.0) == 23 and train_flops_per_image("trades", 10, 1.0, 0.0) == 27
     teacher = {"teacher.arch": "wrn34_10", "teacher.width": 0, "teacher.epochs": 1, "teacher.method": "pgd_at"}
     cfg = from_flat({"data.name": "cifar10", **teacher})
     cost = teacher_cost(cfg, teacher_training_config(cfg), on_gpu=True)
     assert cost.total_flops == pytest.approx(15.3e15, rel=0.02)
-    assert cost.hours == pytest.approx(cost.total_flops / 8e12 / 3600)
+    assert cost.hours == pytest.approx(cost.total_flops / 8e12 / 3600)  # one A10G at 8 TFLOP/s effective
 
 
 # --------------------------------------------------------------------------- all the checks
@@ -92,7 +100,7 @@ def test_teacher_cost_is_the_readmes_arithmetic():
 
 def test_preflight_runs_every_check_in_order(tmp_path):
     fixed = {"method.name": "pgd_at"}
-    names = [name for name, _ in preflight_checks(space(fixed), str(tmp_path), "sqlite:///x.db")]
+    names = [name for name, _ in sweep_checks(space(fixed), str(tmp_path), "sqlite:///x.db")]
     assert names == ["data", "storage", "teacher", "tracking"]
     lines = preflight(space(fixed), str(tmp_path / "results"), f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert lines == [

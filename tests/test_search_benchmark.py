@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from search import DEFAULT_LABELS, GRID_POINTS, headline  # noqa: E402
 from search_replay import Searcher, Table, hv_curve, replay, skipped_on_front  # noqa: E402
 
-from afm_ray.front import hypervolume, pareto_mask  # noqa: E402
-from afm_ray.search_space import parse_search_space  # noqa: E402
+from afm_ray.domination import hypervolume, pareto_mask  # noqa: E402
+from afm_ray.search.space import parse_search_space  # noqa: E402
 
 EPOCHS, EPOCH_S, AA_S, PRE_AA_S, SETUP_S, OVERHEAD_S = 5, 10.0, 20.0, 5.0, 5.0, 10.0
 ROWS = 36

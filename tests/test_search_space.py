@@ -8,7 +8,7 @@ import yaml
 
 from afm_ray import names
 from afm_ray.config import ConfigError, from_flat
-from afm_ray.search_space import find_default_space, load_search_space, parse_search_space, shipped_spaces
+from afm_ray.search.space import find_default_space, load_search_space, parse_search_space, shipped_spaces
 
 SPACES = sorted((Path(__file__).parent.parent / "afm_ray" / "search_spaces").glob("*.yaml"))
 
@@ -132,7 +132,7 @@ GRID = {
 
 
 def test_grid_points_follow_the_conditions():
-    from afm_ray.search_space import grid_points
+    from afm_ray.search.space import grid_points
 
     space = parse_search_space(GRID)
     points = grid_points(space.search, space.fixed)
@@ -147,12 +147,16 @@ def test_grid_sampler_runs_every_point_once_through_tune_searcher():
     parallel: each point exactly once, none missing."""
     from ray.tune.search.optuna import OptunaSearch
 
-    from afm_ray.search_space import build_sampler, grid_points
+    from afm_ray.search.samplers import build_sampler
+    from afm_ray.search.space import grid_points
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = parse_search_space(GRID)
     searcher = OptunaSearch(
-        space=space.define_by_run(), metric=["clean_acc", "aa_acc"], mode=["max", "max"], sampler=build_sampler(space)
+        space=space.define_by_run(),
+        metric=["clean_acc", "aa_acc"],
+        mode=["max", "max"],
+        sampler=build_sampler(space.sampler, space.seed),
     )
     asked = []
     for i in range(space.num_samples):

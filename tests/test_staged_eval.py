@@ -8,10 +8,11 @@ import torch
 
 from afm_ray.config import ConfigError, from_flat
 from afm_ray.data import load_dataset
+from afm_ray.devices import worker_context
+from afm_ray.evaluate.protocol import final_evaluation
 from afm_ray.models import build_model, model_kwargs
 from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC, FINAL_RESULT_FLAG, Objective
-from afm_ray.staged_eval import aa_verdict, optimistic_vector
-from afm_ray.train import final_evaluation, worker_context
+from afm_ray.search.staged_aa import aa_verdict, optimistic_vector
 
 TWO = (Objective("clean_acc", "max"), Objective("aa_acc", "max"))
 FINISHED = [("t1", {"clean_acc": 0.90, "aa_acc": 0.50}), ("t2", {"clean_acc": 0.97, "aa_acc": 0.30})]

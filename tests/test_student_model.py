@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow import MlflowClient
+from helpers import mlflow_store
 
 from afm_ray.errors import ArtifactError
 from afm_ray.models import build_model
-from afm_ray.student_model import (
+from afm_ray.tracking.student_model import (
     DATA_DIR,
     SPEC_FILE,
     WEIGHTS_FILE,
@@ -43,10 +43,7 @@ def _student(seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri, uri)
-    return {"client": client, "uri": uri, "root": root, "exp": client.create_experiment("students", str(root / "a"))}
+    return mlflow_store(tmp_path_factory.mktemp("mlflow"), "students")
 
 
 @pytest.fixture
@@ -56,7 +53,7 @@ def logged(store):
     run_id = client.create_run(store["exp"]).info.run_id
     model = _student()
     model_id = log_student(client, run_id, model, input_shape=(1, 8, 8))
-    files = store["root"] / "a" / "models" / model_id / "artifacts"
+    files = store["root"] / "artifacts" / "models" / model_id / "artifacts"
     return {"client": client, "run_id": run_id, "model": model, "files": files, "uri": store["uri"]}
 
 
@@ -86,7 +83,7 @@ def test_logged_student_holds_no_pickle_and_loads_with_pickle_forbidden(logged, 
         ]
     )
     mlmodel = (logged["files"] / "MLmodel").read_text()
-    assert "loader_module: afm_ray.student_model" in mlmodel and "signature:" in mlmodel
+    assert "loader_module: afm_ray.tracking.student_model" in mlmodel and "signature:" in mlmodel
     assert "cloudpickle" not in mlmodel and "pickle" not in mlmodel
 
     def refuse(*args, **kwargs):
@@ -100,7 +97,7 @@ def test_logged_student_holds_no_pickle_and_loads_with_pickle_forbidden(logged, 
     model, spec = fetch_student(logged["client"], f"runs:/{logged['run_id']}")
     x = torch.rand(4, 1, 8, 8)
     assert torch.equal(model(x), logged["model"](x))
-    # MLflow's own loader goes through afm_ray.student_model too, so it needs no pickle either
+    # MLflow's own loader goes through afm_ray.tracking.student_model too, so it needs no pickle either
     local = mlflow.artifacts.download_artifacts(str(logged["files"]), tracking_uri=logged["uri"])
     logits = mlflow.pyfunc.load_model(local).predict(x.numpy())
     assert torch.equal(torch.as_tensor(logits), logged["model"](x).detach())

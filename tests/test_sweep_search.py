@@ -15,10 +15,11 @@ import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_sweep import TINY_SPACE, run_sweep, trial_runs, write_space
+from sweeps import TINY_SPACE, run_sweep, trial_runs, write_space
 
-from afm_ray.pareto import load_trials, rank_trials
-from afm_ray.search_space import parse_search_space
+from afm_ray.pareto.ranking import rank_trials
+from afm_ray.search.space import parse_search_space
+from afm_ray.tracking.mlflow_runs import load_trials
 
 pytestmark = pytest.mark.slow
 GOOD, FROZEN = 0.2, 1e-5

@@ -7,12 +7,12 @@ import torch
 
 from afm_ray import checkpoints, names
 from afm_ray.checkpoints import load_teacher
-from afm_ray.cli import train_main
 from afm_ray.config import ConfigError, from_flat
 from afm_ray.data import load_run_data
-from afm_ray.evaluate import evaluate_checkpoint
-from afm_ray.teacher import ensure_teacher, teacher_cache_key
-from afm_ray.train import LocalReporter, train_fn_per_worker
+from afm_ray.evaluate.protocol import evaluate_checkpoint
+from afm_ray.teacher.training import ensure_teacher, teacher_cache_key
+from afm_ray.train.__main__ import main as train_main
+from afm_ray.train.loop import LocalReporter, train_fn_per_worker
 
 TINY = {
     "data.name": "digits",
@@ -72,7 +72,7 @@ def test_student_trains_reports_checkpoints_and_resumes(teacher_path, tmp_path, 
     reporter = LocalReporter(tmp_path / "run", log=lines.append)
     final = train_fn_per_worker(config, reporter)
     epochs = [line for line in lines if line.startswith("epoch=")]
-    assert len(epochs) == 2 and all("val/pgd_acc" in line and "train/kl_adv" in line for line in epochs)
+    assert len(epochs) == 2 and all("val/pgd10_acc" in line and "train/kl_adv" in line for line in epochs)
     assert 0 <= final["pgd20_acc"] <= final["clean_acc"] <= 1 and final["params"] > 0
     # eval.batch_size 0 (default): chosen once, logged, and every attack reports its speed.
     assert 1 <= final["eval/batch_size"] <= 64

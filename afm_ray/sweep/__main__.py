@@ -1,7 +1,110 @@
-"""`python -m afm_ray.sweep`: the command lives in afm_ray.cli."""
+"""`python -m afm_ray.sweep`: search space -> Optuna (via Ray Tune) -> Ray Train -> MLflow.
 
+The space and the plan are validated, and every preflight check runs, before Ray is imported;
+then afm_ray.sweep.driver.run_sweep runs the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
 import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
 
-from afm_ray.cli import sweep_main
+from afm_ray.cli import add_address, add_overrides, add_tracking_uri, command_parser, run_command
+from afm_ray.config import parse_overrides
+from afm_ray.endpoints import check_ray_address
+from afm_ray.errors import ConfigError
+from afm_ray.names import default_tracking_uri
+from afm_ray.preflight import check_optuna_storage, sweep_checks
+from afm_ray.search.space import DEFAULT_SPACE, load_search_space, shipped_spaces
+from afm_ray.sweep.plan import SweepPlan, check_sweep_name, newest_sweep, storage_root
 
-sys.exit(sweep_main())
+
+def sweep(args: argparse.Namespace) -> int:
+    space = load_search_space(args.space or DEFAULT_SPACE, overrides=parse_overrides(args.overrides))
+    if args.num_samples is not None:
+        if args.num_samples < 1:
+            raise ConfigError(f"--num-samples: got {args.num_samples}, expected >= 1")
+        space = dataclasses.replace(space, num_samples=args.num_samples)
+    if args.dry_run:  # the resolved plan only: no Ray, no storage, no tracking server
+        from afm_ray.sweep.dry_run import describe_plan, format_plan
+
+        print(format_plan(describe_plan(space), args.format))
+        return 0
+    root = storage_root(args.storage)
+    optuna_url = args.optuna_storage or f"sqlite:///{Path('optuna.db').resolve()}"
+    experiment = args.experiment or space.experiment
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    # Before Ray starts, a teacher trains or any node is requested: the cluster answers, the stores
+    # take writes, the workers' data is there, the teacher exists (or is to be trained, at a cost
+    # shown), the tracking server answers. None of these checks creates anything.
+    check_ray_address(args.address)
+    check_optuna_storage(optuna_url)
+    for _, check in sweep_checks(space, root, tracking_uri, experiment=experiment):
+        print(f"preflight: {check()}", flush=True)
+    name = args.name
+    if args.resume and not name:
+        name = newest_sweep(root, space.name)
+        if name is None:
+            raise ConfigError(f"--resume: no sweep of space {space.name!r} under {root}; pass --name")
+    name = name or f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    check_sweep_name(root, name, args.resume)
+
+    from afm_ray.sweep.driver import run_sweep  # Ray is imported only once the plan is valid
+
+    plan = SweepPlan(
+        space=space,
+        name=name,
+        experiment=experiment,
+        tracking_uri=tracking_uri,
+        storage_root=root,
+        optuna_url=optuna_url,
+        resume=args.resume,
+        address=args.address,
+    )
+    return run_sweep(plan)
+
+
+def parser() -> argparse.ArgumentParser:
+    """`python -m afm_ray.sweep`'s arguments (also read by tests that check a manifest's entrypoint)."""
+    p = command_parser("sweep", "Search space -> Optuna (via Ray Tune) -> Ray Train -> MLflow.")
+    p.add_argument(
+        "--space",
+        help=f"search space: a YAML file, or the name of a shipped one ({', '.join(shipped_spaces())}; "
+        "default: the embedded default)",
+    )
+    p.add_argument("--experiment", help="MLflow experiment (default: the space's `experiment`)")
+    add_tracking_uri(p)
+    p.add_argument(
+        "--storage",
+        help="where Ray keeps trial results and checkpoints: a path or s3://, gs:// URI (default: ./ray_results)",
+    )
+    p.add_argument(
+        "--optuna-storage", help="Optuna study storage, any SQLAlchemy URL (default: sqlite:///<cwd>/optuna.db)"
+    )
+    p.add_argument(
+        "--name", help="sweep name (default: <space name>-<timestamp>; with --resume: the newest sweep of the space)"
+    )
+    p.add_argument("--num-samples", type=int, help="number of trials (default: the space's num_samples)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (same --storage and --name)")
+    add_overrides(p, help="pin a config key in every trial, e.g. --set optim.epochs=2")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved plan (sampler, scheduler, resources, evaluation, estimated cost) and exit; "
+        "starts nothing and writes nothing",
+    )
+    p.add_argument("--format", choices=("text", "json"), default="text", help="--dry-run output format")
+    add_address(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(sweep, parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

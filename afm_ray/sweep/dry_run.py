@@ -10,36 +10,30 @@ trials reaching the last epoch are evaluated; the upper bound trains and evaluat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
-from afm_ray.config import ExperimentConfig, from_flat
+from afm_ray.config import ExperimentConfig
 from afm_ray.cost import (
     ASSUMED_CLEAN,
     ASSUMED_ROBUST,
     CPU_GFLOPS_EVAL,
     CPU_GFLOPS_TRAIN,
     CPU_TRIAL_OVERHEAD_S,
-    DEVICE_TFLOPS,
+    DEVICES,
     EVAL_RATE_FRACTION,
     trial_flops,
 )
-from afm_ray.mo_asha import rung_milestones
-from afm_ray.search_space import SearchSpace
+from afm_ray.search.mo_asha import rung_milestones
+from afm_ray.search.space import SearchSpace
 
 
 def sampler_plan(space: SearchSpace) -> dict[str, Any]:
     """The sampler, its seed, and how many trials it draws at random before using a model (for
     random search all of them; for a grid none)."""
-    spec = dict(space.sampler)
-    startup = {
-        "tpe": spec.get("n_startup_trials"),
-        "gp": spec.get("n_startup_trials"),
-        "nsga2": spec.get("population_size"),  # the first generation is drawn at random
-        "random": space.num_samples,
-        "grid": 0,  # no draws at all: it enumerates the choices, nothing random and nothing learned
-    }.get(spec["name"], space.num_samples)
-    return {**spec, "n_startup_trials": min(int(startup), space.num_samples), "seed": space.seed}
+    spec = {k: v for k, v in dataclasses.asdict(space.sampler).items() if v is not None}
+    return {**spec, "n_startup_trials": space.sampler.random_trials(space.num_samples), "seed": space.seed}
 
 
 def _epoch_range(space: SearchSpace, cfg: ExperimentConfig) -> int:
@@ -51,10 +45,11 @@ def _epoch_range(space: SearchSpace, cfg: ExperimentConfig) -> int:
 
 def scheduler_plan(space: SearchSpace, epochs: int) -> dict[str, Any]:
     """The scheduler, its rungs, and the expected share of trials reaching each stage."""
-    spec = dict(space.scheduler)
-    if spec["name"] not in ("asha", "mo_asha"):
-        return {**spec, "expected_epochs_per_trial": float(epochs), "evaluated_fraction": 1.0}
-    rungs = rung_milestones(spec["grace_period"], spec["reduction_factor"], epochs)
+    s = space.scheduler
+    if not s.halving:
+        return {"name": s.name, "expected_epochs_per_trial": float(epochs), "evaluated_fraction": 1.0}
+    spec = dataclasses.asdict(s)
+    rungs = rung_milestones(s.grace_period, s.reduction_factor, epochs)
     # Everyone trains to the first rung; 1/rf of those continue to the next; ... to the end.
     bounds = [*rungs, epochs]
     expected = float(bounds[0])
@@ -113,17 +108,17 @@ def estimate(space: SearchSpace, cfg: ExperimentConfig, schedule: dict[str, Any]
         "device_hours": {},
     }
     train_share = (mean["train_flops_per_epoch"] + mean["val_flops_per_epoch"]) * epochs
-    if r["gpus_per_worker"] > 0:
-        for device, tflops in DEVICE_TFLOPS.items():
-            rate = tflops * 1e12 * r["num_workers"] * r["gpus_per_worker"]
+    if r.gpus_per_worker > 0:
+        for device in DEVICES:
+            rate = device.train_tflops * 1e12 * r.gpus
             trial_s = train_share / rate + mean["eval_flops"] / (rate * EVAL_RATE_FRACTION)
-            out["device_hours"][device] = {
+            out["device_hours"][device.name] = {
                 "per_trial": trial_s / 3600,
                 "sweep_upper_bound": n * trial_s / 3600,
                 "sweep_expected": n * trial_s / 3600 * expected / (n * per_trial["mean"]),
             }
     else:
-        cores = r["num_workers"] * r["cpus_per_worker"]
+        cores = r.cpus
         trial_s = (
             CPU_TRIAL_OVERHEAD_S
             + train_share / (CPU_GFLOPS_TRAIN * 1e9 * cores)
@@ -141,7 +136,7 @@ def estimate(space: SearchSpace, cfg: ExperimentConfig, schedule: dict[str, Any]
         f"(range {low_steps:g}-{high_steps:g})",
         f"AutoAttack standard sized at {ASSUMED_CLEAN:.0%} clean and {ASSUMED_ROBUST:.0%} robust accuracy",
         "GPU throughput, effective TFLOP/s in bf16: "
-        + ", ".join(f"{d} {t:g}" for d, t in DEVICE_TFLOPS.items())
+        + ", ".join(f"{d.name} {d.train_tflops:g}" for d in DEVICES)
         + f"; fp32 evaluation at {EVAL_RATE_FRACTION:.0%} of it; treat as +-50%",
         f"CPU: {CPU_GFLOPS_TRAIN:g} GFLOP/s training and {CPU_GFLOPS_EVAL:g} GFLOP/s evaluation per core and "
         f"{CPU_TRIAL_OVERHEAD_S:g} s start-up per trial, measured on the 2-core machine of the search benchmark",
@@ -153,7 +148,7 @@ def estimate(space: SearchSpace, cfg: ExperimentConfig, schedule: dict[str, Any]
 
 def describe_plan(space: SearchSpace) -> dict[str, Any]:
     """Everything a sweep of ``space`` would run, resolved, and its estimated cost (Ray-free)."""
-    cfg = from_flat(space.fixed)
+    cfg = space.base
     epochs = _epoch_range(space, cfg)
     schedule = scheduler_plan(space, epochs)
     return {
@@ -161,14 +156,14 @@ def describe_plan(space: SearchSpace) -> dict[str, Any]:
             "name": space.name,
             "path": space.path,
             "experiment": space.experiment,
-            "objectives": [f"{o.metric}:{o.mode}" for o in space.objectives],
+            "objectives": [str(o) for o in space.objectives],
             "search": {d.key: _describe_distribution(d) for d in space.search},
             "fixed": dict(space.fixed),
         },
         "num_samples": space.num_samples,
         "sampler": sampler_plan(space),
         "scheduler": schedule,
-        "resources": dict(space.resources),
+        "resources": dataclasses.asdict(space.resources),
         "max_concurrent_trials": space.max_concurrent_trials or "as many as the cluster fits",
         "evaluation": {
             "attacks": list(cfg.eval_attacks),

@@ -20,20 +20,20 @@ from typing import Any
 
 from afm_ray.names import PARENT_TAG
 from afm_ray.storage import remove_tree
+from afm_ray.sweep.plan import SweepPlan
+from afm_ray.tracking.mlflow_runs import tags_match
 
 
 class SweepRecords:
     """The records of one invocation of `run_sweep`; see the module docstring."""
 
-    def __init__(
-        self, *, name: str, sweep_dir: str, tracking_uri: str, optuna_url: str, resume: bool, resume_hint: str
-    ):
-        self.name = name
-        self.sweep_dir = sweep_dir
-        self.tracking_uri = tracking_uri
-        self.optuna_url = optuna_url
-        self.resume = resume
-        self.resume_hint = resume_hint
+    def __init__(self, plan: SweepPlan):
+        self.name = plan.name
+        self.sweep_dir = plan.sweep_dir
+        self.tracking_uri = plan.tracking_uri
+        self.optuna_url = plan.optuna_url
+        self.resume = plan.resume
+        self.resume_hint = plan.resume_command()
         self.parent_id: str | None = None
         self.study_created = False
 
@@ -47,7 +47,7 @@ class SweepRecords:
         if self.parent_id is not None:
             client = self._client()
             experiment = client.get_run(self.parent_id).info.experiment_id
-            if client.search_runs([experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'"):
+            if client.search_runs([experiment], filter_string=tags_match({PARENT_TAG: self.parent_id})):
                 return True
         if self.study_created:
             import optuna

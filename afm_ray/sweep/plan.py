@@ -1,28 +1,40 @@
 """What a sweep resolves before anything starts: where it stores, what it is called, where it
-tracks, and the preflight checks that must pass before Ray Tune is imported or any node is
-requested (`preflight`, one line per check; `python -m afm_ray.sweep` runs them on every sweep).
-Ray-free, and it writes nothing but a probe object it deletes, so a bad plan is refused in
-seconds."""
+tracks (a `SweepPlan`). Ray-free and write-free; the checks that must pass before Ray starts are
+afm_ray.preflight.sweep_checks."""
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
-from afm_ray.config import ExperimentConfig, from_flat
-from afm_ray.data import check_available
-from afm_ray.endpoints import bounded, check_mlflow_server, probe_timeout_s
-from afm_ray.errors import ConfigError, DataError, StorageError, TrackingError, UserError, one_line
-from afm_ray.methods import build_method
-from afm_ray.names import TRAIN_TEACHER
-from afm_ray.search_space import SearchSpace
-from afm_ray.storage import file_size, is_uri, list_dirs, probe_writable, redact_text, redact_uri
-from afm_ray.teacher import teacher_cache_dir, teacher_training_config
-from afm_ray.teacher_cost import teacher_cost
+from afm_ray.errors import ConfigError
+from afm_ray.search.space import SearchSpace
+from afm_ray.storage import is_uri, list_dirs, redact_uri
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """One sweep, resolved: what it searches and where everything it records goes."""
+
+    space: SearchSpace
+    name: str  # the folder under storage_root, the Optuna study, the MLflow parent run's name
+    experiment: str  # MLflow experiment
+    tracking_uri: str
+    storage_root: str  # Ray results: an absolute path or a URI
+    optuna_url: str  # SQLAlchemy URL of the Optuna storage
+    resume: bool = False
+    address: str | None = None  # the Ray cluster to join; None starts a local Ray
+
+    @property
+    def sweep_dir(self) -> str:
+        return f"{self.storage_root}/{self.name}"
+
+    def resume_command(self) -> str:
+        """The command line that continues this sweep."""
+        return f"python -m afm_ray.sweep --resume --name {self.name} --storage {redact_uri(self.storage_root)}" + (
+            f" --space {self.space.path}" if self.space.path else ""
+        )
 
 
 def storage_root(storage: str | None) -> str:
@@ -47,172 +59,3 @@ def check_sweep_name(root: str, name: str, resume: bool) -> None:
         raise ConfigError(f"--resume: no sweep {name!r} under {root}; check --name and --storage")
     if not resume and exists:
         raise ConfigError(f"sweep {root}/{name} already exists; pass --resume to continue it or --name for a new one")
-
-
-def check_tracking_uri(uri: str, timeout_s: float | None = None, experiment: str | None = None) -> None:
-    """Fail fast, before Ray starts, if the tracking backend cannot be reached; creates nothing
-    (a SQLite store that does not exist yet is only checked for a writable folder)."""
-    parsed, shown = urlparse(uri), redact_uri(uri)  # messages name the URI without its credentials
-    if parsed.scheme in ("http", "https"):
-        check_mlflow_server(uri, timeout_s)
-    elif parsed.scheme == "sqlite":
-        path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
-        if path is None or not path.is_absolute():
-            raise TrackingError(
-                f"tracking URI {shown!r}: use an absolute SQLite URI, e.g. sqlite:////abs/path/mlflow.db"
-            )
-        _check_sqlite_file(path, f"tracking URI {shown!r}")
-        if not path.exists():
-            return  # the sweep creates it; nothing in it to check
-    elif parsed.scheme in ("", "file"):
-        raise TrackingError(
-            f"tracking URI {shown!r}: MLflow's file store is disabled; use sqlite:///<absolute path> "
-            f"or http://host:port of an mlflow server"
-        )
-    from mlflow.tracking import MlflowClient
-
-    try:
-        client = MlflowClient(uri)
-        client.search_experiments(max_results=1)
-        found = client.get_experiment_by_name(experiment) if experiment else None
-    except Exception as exc:
-        raise TrackingError(f"tracking URI {shown!r} is not usable: {redact_text(one_line(exc))}") from None
-    if found is not None and found.lifecycle_stage == "deleted":
-        raise TrackingError(
-            f"MLflow experiment {experiment!r} is deleted at {shown}; restore it (mlflow experiments restore "
-            f"--experiment-id {found.experiment_id}) or pick another --experiment"
-        )
-
-
-def _check_sqlite_file(path: Path, label: str) -> None:
-    """A SQLite file can be created in its folder, or is there and is an SQLite database."""
-    if path.is_dir():
-        raise UserError(f"{label}: {path} is a directory, expected an SQLite file")
-    if path.exists():
-        with open(path, "rb") as fh:
-            header = fh.read(16)
-        if header and header != b"SQLite format 3\x00":
-            raise UserError(f"{label}: {path} exists but is not an SQLite database")
-        if not os.access(path, os.W_OK):
-            raise UserError(f"{label}: {path} is not writable")
-    elif not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise UserError(f"{label}: folder {path.parent} does not exist or is not writable")
-
-
-def check_optuna_storage(url: str) -> None:
-    """--optuna-storage is an SQLAlchemy URL Optuna can open: an SQLite file that can be created
-    (or is a database), or a server that answers; checked without creating anything."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-    label = f"--optuna-storage {url!r}"
-    try:
-        parsed = make_url(url)
-        parsed.get_dialect()
-    except ArgumentError:
-        raise StorageError(f"{label}: not an SQLAlchemy URL; e.g. sqlite:////abs/path/optuna.db") from None
-    except NoSuchModuleError as exc:
-        raise StorageError(f"{label}: {one_line(exc)}; use sqlite, postgresql or mysql") from None
-    except ImportError as exc:
-        raise StorageError(f"{label}: its database driver is not installed ({one_line(exc)})") from None
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database in ("", ":memory:"):
-            raise StorageError(f"{label}: an in-memory database would lose the study; name a file")
-        try:
-            _check_sqlite_file(Path(database).expanduser().resolve(), label)
-        except UserError as exc:
-            raise StorageError(str(exc)) from None
-        return
-    if parsed.host:
-        port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(parsed.get_backend_name(), 0)
-        try:
-            timeout_s = probe_timeout_s()
-            bounded(lambda: socket.create_connection((parsed.host, port), timeout=timeout_s).close(), timeout_s + 1)
-        except (OSError, TimeoutError) as exc:
-            raise StorageError(f"{label}: no database answers at {parsed.host}:{port} ({one_line(exc)})") from None
-
-
-def check_storage_writable(root: str) -> None:
-    """--storage must take writes before a teacher trains or a trial starts: write and delete a
-    probe object there (local folder or s3://, gs://, ... through pyarrow)."""
-    try:
-        probe_writable(root)
-    except Exception as exc:  # PermissionError, pyarrow's OSError for a bucket, a missing scheme
-        reason = redact_text(one_line(exc))
-        raise StorageError(
-            f"--storage {redact_uri(root)}: not writable ({reason}); pass a folder or bucket you can write"
-        ) from None
-
-
-def check_dataset_reachable(cfg: ExperimentConfig) -> None:
-    """The dataset is where the workers will read it (data.name / data.root), checked by listing
-    its files, not by reading its images."""
-    try:
-        check_available(cfg.data.name, cfg.data.root or None)
-    except DataError as exc:
-        raise type(exc)(f"data.root: {redact_text(one_line(exc))}") from None
-
-
-def teacher_methods(space: SearchSpace) -> list[str]:
-    """The methods of `space` (fixed or searched) that distil a teacher."""
-    methods = [space.fixed.get("method.name", ExperimentConfig().method.name)]
-    methods += [c for d in space.search if d.key == "method.name" for c in d.choices]
-    return sorted({m for m in methods if build_method(m).needs_teacher})
-
-
-def check_teacher(space: SearchSpace) -> str:
-    """The teacher every trial distils exists (local or URI; its size is read, not its bytes), or
-    the space says `teacher.checkpoint: train`: then the estimated cost of training it is the line
-    returned. An empty teacher.checkpoint is refused, with that estimate, when a method needs one."""
-    methods = teacher_methods(space)
-    if not methods:
-        return "teacher: none needed"
-    cfg = from_flat(space.fixed)
-    given = cfg.teacher.checkpoint
-    if given in ("", TRAIN_TEACHER):
-        cached = teacher_cache_dir(cfg) / "checkpoint.pt"
-        if given == TRAIN_TEACHER and cached.is_file():
-            return f"teacher: trained already, reused from the cache {cached}"
-        cost = teacher_cost(cfg, teacher_training_config(cfg), on_gpu=space.resources["gpus_per_worker"] > 0)
-        if given == "":
-            raise ConfigError(
-                f"teacher.checkpoint is empty but {', '.join(methods)} {'distils' if len(methods) == 1 else 'distil'} "
-                "a teacher: give a checkpoint (path or "
-                f"s3://, gs:// URI), or {TRAIN_TEACHER!r} to have the sweep train one first: {cost}"
-            )
-        return f"teacher: to be trained before the first trial: {cost}"
-    try:
-        size = file_size(given, "checkpoint.pt")
-    except FileNotFoundError as exc:
-        raise ConfigError(
-            f"teacher.checkpoint: {exc}; give an existing checkpoint, or {TRAIN_TEACHER!r} to have the sweep train one"
-        ) from None
-    return f"teacher: {redact_uri(given)} ({size / 1e6:.1f} MB)"
-
-
-def preflight_checks(
-    space: SearchSpace, storage_root: str, tracking_uri: str, experiment: str | None = None
-) -> list[tuple[str, Callable[[], str]]]:
-    """(name, check) of everything a sweep verifies before Ray starts, cheapest first: each check
-    returns one line saying what it found, or raises a UserError of one line."""
-    cfg = from_flat(space.fixed)
-
-    def data() -> str:
-        check_dataset_reachable(cfg)
-        return f"data: {cfg.data.name}" + (f" at {redact_uri(cfg.data.root)}" if cfg.data.root else "")
-
-    def storage() -> str:
-        check_storage_writable(storage_root)
-        return f"storage: {redact_uri(storage_root)} takes writes"
-
-    def tracking() -> str:  # last: it may ask a server over the network
-        check_tracking_uri(tracking_uri, experiment=experiment)
-        return f"tracking: {redact_uri(tracking_uri)} answers"
-
-    return [("data", data), ("storage", storage), ("teacher", lambda: check_teacher(space)), ("tracking", tracking)]
-
-
-def preflight(space: SearchSpace, storage_root: str, tracking_uri: str) -> list[str]:
-    """Run every preflight check in order; one line each. The first failure raises (a UserError)."""
-    return [check() for _, check in preflight_checks(space, storage_root, tracking_uri)]

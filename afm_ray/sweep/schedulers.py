@@ -1,6 +1,6 @@
 """The space's `scheduler:` as a Ray Tune scheduler: FIFO, ASHA (one objective) or MO-ASHA.
 
-`MOASHAScheduler` is the Tune glue around afm_ray.mo_asha.RungLadder (the decision logic, pure
+`MOASHAScheduler` is the Tune glue around afm_ray.search.mo_asha.RungLadder (the decision logic, pure
 and unit-tested): it reads each trial's per-epoch validation objectives from its results and
 answers CONTINUE or STOP. A stopped trial ends with a per-epoch result (no FINAL_RESULT_FLAG), so the
 sweep's searcher tells Optuna it was PRUNED and the front never sees it.
@@ -13,15 +13,15 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from afm_ray.mo_asha import RungLadder
 from afm_ray.names import FINAL_RESULT_FLAG
+from afm_ray.search.mo_asha import RungLadder
 
 
 class MOASHAScheduler(FIFOScheduler):
     """Asynchronous successive halving on the non-dominated rank of several per-epoch metrics
     (Schmucker et al. 2021; Syne Tune's MOASHA), one bracket.
 
-    ``metrics``/``modes``: what is ranked at each rung (e.g. val/clean_acc and val/pgd_acc, both
+    ``metrics``/``modes``: what is ranked at each rung (e.g. val/clean_acc and val/pgd10_acc, both
     max); ``time_attr``: the result key counting epochs; rungs at grace_period * rf**k < max_t.
     """
 

@@ -10,28 +10,40 @@ from __future__ import annotations
 
 import functools
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from afm_ray.names import NODE_ID_METRIC
-from afm_ray.sweep.front_registry import registry_gate
-from afm_ray.train import train_fn_per_worker
+from afm_ray.search.specs import TrialResources
+from afm_ray.sweep.aa_gate import aa_gate
+from afm_ray.train.loop import train_fn_per_worker
+
+
+@dataclass(frozen=True)
+class TrialRuntime:
+    """Where and how one distillation runs as a Ray Train run (bound to the Tune function of every trial)."""
+
+    resources: TrialResources
+    storage_path: str  # Train runs live here (the sweep's folder, or a confirmation's)
+    max_failures: int  # worker failures a run survives, resuming from its last checkpoint
+    aa_gate: str | None = None  # the named actor of staged evaluation (afm_ray.sweep.aa_gate), if any
 
 
 class RayTrainReporter:
     """`Reporter` for Ray Train workers: metrics and checkpoints go to `ray.train.report`; with a
-    sweep's front registry (eval.aa_policy: candidates), `aa_gate` asks it before AutoAttack."""
+    sweep's actor of finished trials (eval.aa_policy: candidates), `aa_gate` asks it before AutoAttack."""
 
-    def __init__(self, front_registry: str | None = None) -> None:
+    def __init__(self, finished_trials: str | None = None) -> None:
         import ray
         import ray.train.torch
 
         self.device: torch.device = ray.train.torch.get_device()
         self.node_id: str = ray.get_runtime_context().get_node_id()
-        if front_registry:
-            self.aa_gate = registry_gate(front_registry)
+        if finished_trials:
+            self.aa_gate = aa_gate(finished_trials)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         import ray.train
@@ -59,13 +71,13 @@ class NodeIdsReportCallback(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
-def ray_train_worker(config: dict[str, Any], front_registry: str | None = None) -> None:
-    """`train_loop_per_worker` of the TorchTrainer (bound to the sweep's registry name, if any)."""
-    train_fn_per_worker(config, RayTrainReporter(front_registry))
+def ray_train_worker(config: dict[str, Any], finished_trials: str | None = None) -> None:
+    """`train_loop_per_worker` of the TorchTrainer (bound to the sweep's gate actor name, if any)."""
+    train_fn_per_worker(config, RayTrainReporter(finished_trials))
 
 
 def build_trainer(
-    config: dict[str, Any], runtime: dict[str, Any], *, name: str, callbacks: list[Any] | None = None
+    config: dict[str, Any], runtime: TrialRuntime, *, name: str, callbacks: list[Any] | None = None
 ) -> Any:
     """The `TorchTrainer` of one distillation: `runtime` gives its workers, resources and storage.
 
@@ -75,28 +87,29 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    use_gpu = runtime["gpus_per_worker"] > 0
-    resources = {"CPU": runtime["cpus_per_worker"]}
+    r = runtime.resources
+    use_gpu = r.gpus_per_worker > 0
+    resources = {"CPU": r.cpus_per_worker}
     if use_gpu:
-        resources["GPU"] = runtime["gpus_per_worker"]
+        resources["GPU"] = r.gpus_per_worker
     return TorchTrainer(
-        functools.partial(ray_train_worker, front_registry=runtime.get("front_registry")),
+        functools.partial(ray_train_worker, finished_trials=runtime.aa_gate),
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=runtime["num_workers"], use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=runtime["storage_path"],
+            storage_path=runtime.storage_path,
             callbacks=callbacks or [],
-            failure_config=ray.train.FailureConfig(max_failures=runtime["max_failures"]),
+            failure_config=ray.train.FailureConfig(max_failures=runtime.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
 
 
-def train_driver_fn(config: dict[str, Any], runtime: dict[str, Any]) -> None:
+def train_driver_fn(config: dict[str, Any], runtime: TrialRuntime) -> None:
     """The Tune function of one trial: run its distillation as a Ray Train run.
 
     `config` is the trial's flat experiment config; `runtime` (bound with

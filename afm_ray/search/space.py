@@ -21,7 +21,7 @@ see afm_ray/search_spaces/default.yaml):
       - {metric: aa_acc, mode: max}
     num_samples: 6                     # trials (grid: default and most = the number of grid points)
     sampler: {name: tpe}               # tpe | nsga2 | random | grid (every combination once)
-    scheduler: {name: fifo}            # or {name: asha, metric: val/pgd_acc, grace_period: 2}
+    scheduler: {name: fifo}            # or {name: asha, metric: val/pgd10_acc, grace_period: 2}
     resources: {num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent_trials: 0           # 0 = from the cluster's resources
     max_failures: 2                    # worker failures a trial survives (from its checkpoint)
@@ -33,17 +33,26 @@ the worker config and the MLflow params unchanged.
 
 from __future__ import annotations
 
-import difflib
-import math
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from afm_ray.config import apply_overrides, from_flat, valid_keys
-from afm_ray.errors import ConfigError
-from afm_ray.names import OBJECTIVE_METRICS, PER_EPOCH_METRICS
+from afm_ray.config import ExperimentConfig, apply_overrides, from_flat, valid_keys
+from afm_ray.errors import ConfigError, unknown_value
+from afm_ray.names import DEFAULT_OBJECTIVES, OBJECTIVE_METRICS, PER_EPOCH_METRICS, Objective
+from afm_ray.search.specs import (
+    SamplerSpec,
+    SchedulerSpec,
+    TrialResources,
+    is_number,
+    parse_resources,
+    parse_sampler,
+    parse_scheduler,
+    positive_int,
+)
 from afm_ray.yaml_loading import parse_yaml, read_text_file
 
 TOP_LEVEL_KEYS = (
@@ -62,14 +71,6 @@ TOP_LEVEL_KEYS = (
     "seed",
 )
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
-RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
-SAMPLERS = ("tpe", "nsga2", "random", "grid")
-SAMPLER_FIELDS = {
-    "tpe": ("name", "n_startup_trials"),
-    "nsga2": ("name", "population_size"),
-    "random": ("name",),
-    "grid": ("name",),
-}
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,6 @@ class Distribution:
 
 
 @dataclass(frozen=True)
-class Objective:
-    metric: str
-    mode: str  # max | min
-
-
-@dataclass(frozen=True)
 class SearchSpace:
     name: str
     description: str
@@ -111,14 +106,19 @@ class SearchSpace:
     search: tuple[Distribution, ...]
     objectives: tuple[Objective, ...]
     num_samples: int
-    sampler: dict[str, Any]
-    scheduler: dict[str, Any]
-    resources: dict[str, float]
+    sampler: SamplerSpec
+    scheduler: SchedulerSpec
+    resources: TrialResources
     max_concurrent_trials: int
     max_failures: int
     seed: int
     source: str = ""  # the YAML text, logged to the sweep's parent run
     path: str = ""  # what --space takes to load it again: a file's absolute path or a shipped space's name
+
+    @functools.cached_property
+    def base(self) -> ExperimentConfig:
+        """The config every trial starts from: the fixed keys (validated when the space was parsed)."""
+        return from_flat(self.fixed)
 
     def define_by_run(self) -> DefineByRun:
         """Optuna define-by-run function: conditional keys are only asked when they apply."""
@@ -216,7 +216,7 @@ def parse_search_space(
     where = path or "search space"
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
-            raise _unknown(f"{where}: unknown top-level key", key, TOP_LEVEL_KEYS)
+            raise unknown_value(f"{where}: unknown top-level key", key, TOP_LEVEL_KEYS)
     name = str(raw.get("name") or default_name)
     fixed = _mapping(raw.get("fixed", {}), f"{where}: fixed")
     search_raw = _mapping(raw.get("search") or {}, f"{where}: search")
@@ -228,25 +228,25 @@ def parse_search_space(
     known = valid_keys()
     for key in list(fixed) + list(search_raw):
         if key not in known:
-            raise _unknown(f"{where}: unknown config key", key, known)
+            raise unknown_value(f"{where}: unknown config key", key, known)
     both = sorted(set(fixed) & set(search_raw))
     if both:
         raise ConfigError(f"{where}: {both[0]!r} is both fixed and searched; keep it in one of the two")
     file_fixed, fixed = fixed, {**fixed, **dict(overrides or {})}
     for key in overrides or {}:
         if key not in known:
-            raise _unknown("--set: unknown config key", key, known)
+            raise unknown_value("--set: unknown config key", key, known)
         search_raw.pop(key, None)  # an override pins a searched key
 
     search = tuple(_parse_distribution(key, spec, where, fixed, list(search_raw)) for key, spec in search_raw.items())
     objectives = _parse_objectives(raw.get("objectives"), where)
-    scheduler = _parse_scheduler(raw.get("scheduler"), objectives, where)
-    resources = _parse_resources(raw.get("resources"), where)
+    scheduler = parse_scheduler(raw.get("scheduler"), objectives, where)
+    resources = parse_resources(raw.get("resources"), where)
     grid = _grid_size(search, fixed, raw.get("sampler"), where)
-    num_samples = _positive_int(raw.get("num_samples", grid or 6), f"{where}: num_samples")
+    num_samples = positive_int(raw.get("num_samples", grid or 6), f"{where}: num_samples")
     if grid and num_samples > grid:
         raise ConfigError(f"{where}: num_samples {num_samples} exceeds the {grid} points of the grid; use <= {grid}")
-    sampler = _parse_sampler(raw.get("sampler"), num_samples, where)
+    sampler = parse_sampler(raw.get("sampler"), num_samples, where)
     max_concurrent = _non_negative_int(raw.get("max_concurrent_trials", 0), f"{where}: max_concurrent_trials")
     max_failures = _non_negative_int(raw.get("max_failures", 2), f"{where}: max_failures")
     seed = _non_negative_int(raw.get("seed", 0), f"{where}: seed")
@@ -282,7 +282,7 @@ def _parse_distribution(key: str, spec: Any, where: str, fixed: Mapping[str, Any
     kinds = [k for k in spec if k in DISTRIBUTIONS]
     extra = [k for k in spec if k not in DISTRIBUTIONS and k not in ("step", "when")]
     if extra:
-        raise _unknown(f"{label}: unknown field", extra[0], DISTRIBUTIONS + ("step", "when"))
+        raise unknown_value(f"{label}: unknown field", extra[0], DISTRIBUTIONS + ("step", "when"))
     if len(kinds) != 1:
         raise ConfigError(f"{label}: give exactly one of {', '.join(DISTRIBUTIONS)}, got {list(spec) or 'none'}")
     kind = kinds[0]
@@ -296,7 +296,7 @@ def _parse_distribution(key: str, spec: Any, where: str, fixed: Mapping[str, Any
             raise ConfigError(f"{label}: step applies to uniform/int, not choice")
         return Distribution(key, kind, choices=tuple(choices), when=when)
     bounds = spec[kind]
-    if not (isinstance(bounds, list) and len(bounds) == 2 and all(_is_number(b) for b in bounds)):
+    if not (isinstance(bounds, list) and len(bounds) == 2 and all(is_number(b) for b in bounds)):
         raise ConfigError(f"{label}: {kind} needs [low, high] numbers, got {bounds!r}")
     low, high = float(bounds[0]), float(bounds[1])
     if not low < high:
@@ -305,7 +305,7 @@ def _parse_distribution(key: str, spec: Any, where: str, fixed: Mapping[str, Any
         raise ConfigError(f"{label}: loguniform needs low > 0, got {bounds[0]}")
     if kind == "int" and not (low.is_integer() and high.is_integer()):
         raise ConfigError(f"{label}: int needs integer bounds, got {bounds!r}")
-    if step is not None and (not _is_number(step) or step <= 0 or kind == "loguniform"):
+    if step is not None and (not is_number(step) or step <= 0 or kind == "loguniform"):
         raise ConfigError(f"{label}: step must be a positive number on uniform or int, got {step!r}")
     return Distribution(key, kind, low=low, high=high, step=float(step) if step is not None else None, when=when)
 
@@ -326,7 +326,7 @@ def _parse_when(when: Any, label: str, fixed: Mapping[str, Any], earlier: list[s
 
 def _parse_objectives(raw: Any, where: str) -> tuple[Objective, ...]:
     if raw is None:
-        return (Objective("clean_acc", "max"), Objective("aa_acc", "max"))
+        return DEFAULT_OBJECTIVES
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{where}: objectives must be a non-empty list of {{metric: NAME, mode: max|min}}")
     out = []
@@ -335,7 +335,7 @@ def _parse_objectives(raw: Any, where: str) -> tuple[Objective, ...]:
             raise ConfigError(f"{where}: objective {item!r} must be {{metric: NAME, mode: max|min}}")
         metric, mode = str(item["metric"]), str(item.get("mode", "max"))
         if metric not in OBJECTIVE_METRICS + PER_EPOCH_METRICS:
-            raise _unknown(f"{where}: unknown objective metric", metric, OBJECTIVE_METRICS)
+            raise unknown_value(f"{where}: unknown objective metric", metric, OBJECTIVE_METRICS)
         if mode not in ("max", "min"):
             raise ConfigError(f"{where}: objective {metric} has mode {mode!r}; expected max or min")
         out.append(Objective(metric, mode))
@@ -344,92 +344,16 @@ def _parse_objectives(raw: Any, where: str) -> tuple[Objective, ...]:
     return tuple(out)
 
 
-SCHEDULERS = ("fifo", "asha", "mo_asha")
-SCHEDULER_FIELDS = {
-    "fifo": ("name",),
-    "asha": ("name", "metric", "mode", "grace_period", "reduction_factor"),
-    "mo_asha": ("name", "metrics", "grace_period", "reduction_factor"),
-}
-
-
-def _parse_scheduler(raw: Any, objectives: tuple[Objective, ...], where: str) -> dict[str, Any]:
-    spec = dict(_mapping(raw or {"name": "fifo"}, f"{where}: scheduler"))
-    name = spec.get("name", "fifo")
-    if name not in SCHEDULERS:
-        raise _unknown(f"{where}: scheduler.name", name, SCHEDULERS)
-    for key in spec:
-        if key not in SCHEDULER_FIELDS[name]:
-            raise _unknown(f"{where}: unknown scheduler field", key, SCHEDULER_FIELDS[name])
-    if name == "asha":
-        if len(objectives) != 1:
-            raise ConfigError(
-                f"{where}: scheduler asha needs a single objective (ASHA ranks trials on one metric); "
-                f"got {len(objectives)} objectives; use mo_asha for several"
-            )
-        spec.setdefault("metric", "val/pgd_acc")
-        spec.setdefault("mode", "max")
-        if spec["metric"] not in PER_EPOCH_METRICS:
-            raise _unknown(
-                f"{where}: scheduler.metric must be reported every epoch; unknown", spec["metric"], PER_EPOCH_METRICS
-            )
-    if name == "mo_asha":
-        # Validation clean and PGD accuracy, every epoch: the proxies of clean and AutoAttack accuracy.
-        spec.setdefault("metrics", list(PER_EPOCH_METRICS))
-        metrics = spec["metrics"]
-        if not isinstance(metrics, list) or not metrics or len(set(metrics)) != len(metrics):
-            raise ConfigError(
-                f"{where}: scheduler.metrics must be a list of distinct per-epoch metrics, got {metrics!r}"
-            )
-        for metric in metrics:
-            if metric not in PER_EPOCH_METRICS:
-                raise _unknown(f"{where}: scheduler.metrics: not reported every epoch:", metric, PER_EPOCH_METRICS)
-    if name in ("asha", "mo_asha"):
-        spec.setdefault("grace_period", 1)
-        spec.setdefault("reduction_factor", 2 if name == "asha" else 3)
-        _positive_int(spec["grace_period"], f"{where}: scheduler.grace_period")
-        if not (_is_number(spec["reduction_factor"]) and spec["reduction_factor"] > 1):
-            raise ConfigError(f"{where}: scheduler.reduction_factor must be > 1, got {spec['reduction_factor']!r}")
-    spec["name"] = name
-    return spec
-
-
-def _check_rungs(scheduler: Mapping[str, Any], fixed: Mapping[str, Any], searched: set[str], where: str) -> None:
+def _check_rungs(scheduler: SchedulerSpec, fixed: Mapping[str, Any], searched: set[str], where: str) -> None:
     """A successive-halving scheduler needs a rung before the last epoch, or it never stops anything."""
-    if scheduler["name"] not in ("asha", "mo_asha") or "optim.epochs" in searched:
+    if not scheduler.halving or "optim.epochs" in searched:
         return
     epochs = from_flat(fixed).optim.epochs
-    if scheduler["grace_period"] >= epochs:
+    if scheduler.grace_period >= epochs:
         raise ConfigError(
-            f"{where}: scheduler.grace_period {scheduler['grace_period']} leaves no rung before the last epoch "
+            f"{where}: scheduler.grace_period {scheduler.grace_period} leaves no rung before the last epoch "
             f"(optim.epochs {epochs}); use a grace_period below {epochs}"
         )
-
-
-def default_startup_trials(num_samples: int) -> int:
-    """Random trials before a model-based sampler uses what it learned: a third of the budget,
-    at least 2 and at most 10 (Optuna's own TPE default)."""
-    return max(2, min(10, num_samples // 3))
-
-
-def _parse_sampler(raw: Any, num_samples: int, where: str) -> dict[str, Any]:
-    spec = dict(_mapping(raw or {"name": "tpe"}, f"{where}: sampler"))
-    name = spec.get("name", "tpe")
-    if name not in SAMPLERS:
-        raise _unknown(f"{where}: sampler.name", name, SAMPLERS)
-    for key in spec:
-        if key not in SAMPLER_FIELDS[name]:
-            raise _unknown(f"{where}: unknown sampler field for {name}", key, SAMPLER_FIELDS[name])
-    spec["name"] = name
-    if name == "tpe":
-        spec.setdefault("n_startup_trials", default_startup_trials(num_samples))
-        _positive_int(spec["n_startup_trials"], f"{where}: sampler.n_startup_trials")
-    if name == "nsga2":
-        # A generation must fit the budget at least twice, or NSGA-II never leaves its random first one.
-        spec.setdefault("population_size", max(2, num_samples // 4))
-        size = spec["population_size"]
-        if not isinstance(size, int) or isinstance(size, bool) or size < 2:
-            raise ConfigError(f"{where}: sampler.population_size: expected an integer >= 2, got {size!r}")
-    return spec
 
 
 def grid_points(search: tuple[Distribution, ...], fixed: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -467,39 +391,6 @@ def _grid_size(search: tuple[Distribution, ...], fixed: Mapping[str, Any], raw_s
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def build_sampler(space: SearchSpace) -> Any:
-    """The Optuna sampler the space asks for, seeded with the space's seed."""
-    import optuna
-
-    spec, seed = space.sampler, space.seed
-    if spec["name"] == "grid":
-        from afm_ray.grid import GridSampler
-
-        return GridSampler(seed=seed)
-    if spec["name"] == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if spec["name"] == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=spec["population_size"])
-    # Multivariate, grouped TPE models the joint and the conditional keys (`when:`); the constant
-    # liar keeps parallel trials from all being asked the same point.
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=spec["n_startup_trials"], multivariate=True, group=True, constant_liar=True
-    )
-
-
-def _parse_resources(raw: Any, where: str) -> dict[str, float]:
-    spec = dict(_mapping(raw or {}, f"{where}: resources"))
-    for key in spec:
-        if key not in RESOURCE_KEYS:
-            raise _unknown(f"{where}: unknown resources field", key, RESOURCE_KEYS)
-    out = {"num_workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0, **spec}
-    _positive_int(out["num_workers"], f"{where}: resources.num_workers")
-    for key in ("cpus_per_worker", "gpus_per_worker"):
-        if not _is_number(out[key]) or out[key] < 0:
-            raise ConfigError(f"{where}: resources.{key} must be a number >= 0, got {out[key]!r}")
-    return out
-
-
 def _check_extremes(space: SearchSpace, where: str, file_fixed: dict[str, Any], overrides: dict[str, Any]) -> None:
     """Build the worker config at the corners of every distribution: a value the engine
     rejects (eps < 0, steps < 0, tau <= 0, an unknown policy) fails now, not in trial 17.
@@ -524,24 +415,7 @@ def _mapping(value: Any, label: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(value: Any, label: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{label}: expected an integer >= 1, got {value!r}")
-    return value
-
-
 def _non_negative_int(value: Any, label: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ConfigError(f"{label}: expected an integer >= 0, got {value!r}")
     return value
-
-
-def _unknown(prefix: str, value: Any, known: Any) -> ConfigError:
-    known = [str(k) for k in known]
-    close = difflib.get_close_matches(str(value), known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(known)}"
-    return ConfigError(f"{prefix} {value!r}{hint}")

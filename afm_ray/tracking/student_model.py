@@ -39,6 +39,7 @@ from afm_ray import __version__
 from afm_ray.errors import ArtifactError
 from afm_ray.models import build_model, model_spec, unwrap
 from afm_ray.names import MODEL_ERROR_TAG, STUDENT_MODEL, STUDENT_SHA_TAG
+from afm_ray.tracking.mlflow_runs import quote
 
 FORMAT = "afm-ray-student/1"
 DATA_DIR = "afm_student"  # the pyfunc model's data folder
@@ -87,14 +88,9 @@ def read_spec(directory: str | Path, expected_sha256: str | None = None) -> dict
         if not (directory / SPEC_FILE).is_file() and (directory / inner / SPEC_FILE).is_file():
             directory = directory / inner
     if not (directory / SPEC_FILE).is_file():
-        legacy = (directory / "data" / "model.pth").is_file() or (directory / "MLmodel").is_file()
         raise ArtifactError(
-            f"no {SPEC_FILE} in {directory}: "
-            + (
-                "a pickled MLflow model from an older afm-ray, which is never unpickled; re-run its trial"
-                if legacy
-                else f"expected a student saved by afm_ray.student_model ({WEIGHTS_FILE} + {SPEC_FILE})"
-            )
+            f"no {SPEC_FILE} in {directory}: expected a student saved by afm_ray.tracking.student_model "
+            f"({WEIGHTS_FILE} + {SPEC_FILE})"
         )
     text = _read(directory / SPEC_FILE, "spec")
     if expected_sha256 and sha256(text) != expected_sha256:
@@ -202,30 +198,24 @@ def log_student(
     return logged.model_id
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def student_source(client: MlflowClient, run_id: str, name: str = STUDENT_MODEL) -> tuple[str, str | None]:
     """(artifact location, logged model id) of run ``run_id``'s student: the newest READY logged model
-    ``name``, or an older MLflow layout's ``<run artifacts>/name``. A ValueError says what the run has."""
+    ``name``. An ArtifactError says what the run has."""
     # Not models:/<id>: MLflow's SQL registry resolves such a source through a client on the
     # process-wide tracking URI, which need not be ours.
     run = client.get_run(run_id)
-    exp_id, by_run = run.info.experiment_id, f"source_run_id = {_quote(run_id)}"
-    found = client.search_logged_models([exp_id], filter_string=f"{by_run} AND name = {_quote(name)}")
+    exp_id, by_run = run.info.experiment_id, f"source_run_id = {quote(run_id)}"
+    found = client.search_logged_models([exp_id], filter_string=f"{by_run} AND name = {quote(name)}")
     found = [lm for lm in found if str(lm.status) != "FAILED"]
     if found:
         latest = max(found, key=lambda lm: lm.creation_timestamp or 0)
         return latest.artifact_location, latest.model_id
-    if any(f.path == f"{name}/MLmodel" for f in client.list_artifacts(run_id, name)):
-        return f"{run.info.artifact_uri.rstrip('/')}/{name}", None
     logged = ", ".join(sorted({lm.name for lm in client.search_logged_models([exp_id], filter_string=by_run)}))
     why = run.data.tags.get(MODEL_ERROR_TAG)  # the sweep keeps a trial whose student failed to log
     raise ArtifactError(
         f"run {run_id} has no logged model named {name!r} (its logged models: {logged or 'none'}"
         + (f"; {MODEL_ERROR_TAG}: {why}" if why else "")
-        + f"); the sweep logs it with afm_ray.student_model.log_student(..., name={name!r})"
+        + f"); the sweep logs it with afm_ray.tracking.student_model.log_student(..., name={name!r})"
     )
 
 
@@ -266,15 +256,14 @@ def fetch_student(client: MlflowClient, uri: str, *, device: str | torch.device 
 
 
 def _download(client: MlflowClient, location: str, dst: str) -> str:
-    """The student's two files (not the whole MLflow model), quietly; the MLmodel of an older pickled
-    student is fetched only to say what it is."""
+    """The student's two files (not the whole MLflow model), quietly; what is missing, `load_student` names."""
     previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per file otherwise
     try:
-        for inner in (f"data/{DATA_DIR}", "MLmodel"):  # to dst/afm_student, or dst/MLmodel
-            with contextlib.suppress(MlflowException, OSError):
-                download_artifacts(f"{location.rstrip('/')}/{inner}", dst_path=dst, tracking_uri=client.tracking_uri)
-                return dst
+        with contextlib.suppress(MlflowException, OSError):
+            download_artifacts(
+                f"{location.rstrip('/')}/data/{DATA_DIR}", dst_path=dst, tracking_uri=client.tracking_uri
+            )
         return dst
     finally:
         if previous is None:

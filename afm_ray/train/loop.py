@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,25 +28,24 @@ from afm_ray.config import ExperimentConfig, from_flat, to_flat
 from afm_ray.data import (
     DeviceBatchLoader,
     ImageDataset,
-    fixed_test_subset,
     load_run_data,
     split_validation,
     to_unit,
 )
-from afm_ray.devices import amp_dtype_for, resolve_device
+from afm_ray.devices import WorkerContext, all_reduce_sum, amp_dtype_for, worker_context
 from afm_ray.errors import ConfigError
 from afm_ray.eval_batch import resolve_eval_batch_size
+from afm_ray.evaluate.protocol import final_evaluation
 from afm_ray.methods import AttackSpec, build_method
-from afm_ray.models import build_model, count_parameters, measure_latency_ms, model_kwargs, unwrap
-from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC, FINAL_RESULT_FLAG, HPARAM_NAMES, TRAIN_TEACHER
-from afm_ray.stats import accuracy_intervals
+from afm_ray.models import build_model, model_kwargs, unwrap
+from afm_ray.names import HPARAM_NAMES, TRAIN_TEACHER
 
 
 class Reporter(Protocol):
     """Where a run's metrics and checkpoints go, and where a resumed run starts from.
 
     A reporter may also carry `device`: the accelerator its framework assigned this worker, and
-    `aa_gate`: a sweep's staged-evaluation check (see `final_evaluation`).
+    `aa_gate`: a sweep's staged-evaluation check (see afm_ray.evaluate.protocol.final_evaluation).
     """
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
@@ -89,20 +87,6 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     return "  ".join(parts)
 
 
-@dataclass
-class WorkerContext:
-    rank: int
-    world_size: int
-    device: torch.device
-
-
-def worker_context(device_setting: str, device: torch.device | None = None) -> WorkerContext:
-    """Rank and world size from torch.distributed; `device` (the Ray worker's) wins if given."""
-    initialized = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
-    return WorkerContext(rank, world, device if device is not None else resolve_device(device_setting))
-
-
 def lr_lambda(cfg: ExperimentConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Per-iteration multiplier: linear warm-up, then cosine, step (x0.1 at 50%/75%) or constant."""
     total = cfg.optim.epochs * steps_per_epoch
@@ -119,52 +103,6 @@ def lr_lambda(cfg: ExperimentConfig, steps_per_epoch: int) -> Callable[[int], fl
         return 0.01 if progress >= 0.75 else 0.1 if progress >= 0.5 else 1.0
 
     return factor
-
-
-def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def evaluate_sharded(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    norm: str,
-    attack_names: tuple[str, ...],
-    batch_size: int,
-    ctx: WorkerContext,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, float]:
-    """Accuracy under each attack, each worker attacking its own shard of the same images.
-
-    Also `eval/<attack>_images_per_s`: images attacked by all workers per second of this
-    worker's wall time for that attack (the workers run their shards side by side).
-    """
-    shard = slice(ctx.rank, None, ctx.world_size)
-    xs, ys = to_unit(x[shard], ctx.device), y[shard].to(ctx.device)
-    counts, seconds = [], []
-    for name in attack_names:
-        started = time.perf_counter()
-        correct = attacks.robust_predictions(model, xs, ys, attack=name, eps=eps, norm=norm, batch_size=batch_size)
-        counts.append(correct.sum())
-        n_robust = int(counts[-1])  # a host sync, so the time below is the attack's own
-        seconds.append(time.perf_counter() - started)
-        if progress:
-            progress(f"{name}: {n_robust}/{len(ys)} robust on this worker")
-    if not counts:
-        return {}
-    total = _all_reduce_sum(torch.stack(counts + [torch.tensor(len(ys), device=ctx.device)]).float(), ctx.world_size)
-    n = total[-1].item()
-    results = {f"{name}_acc": (total[i] / n).item() for i, name in enumerate(attack_names)}
-    results.update(
-        {f"eval/{name}_images_per_s": n / max(s, 1e-9) for name, s in zip(attack_names, seconds, strict=True)}
-    )
-    results["eval/batch_size"] = float(batch_size)
-    return results
 
 
 @dataclass
@@ -212,7 +150,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
     """Train one student with the configured method; returns the final metrics.
 
     `config` is the flat dotted dict (see afm_ray.config). Per epoch it reports
-    `train/<loss part>`, `val/clean_acc`, `val/pgd_acc` (PGD-10 on a fixed held-out subset)
+    `train/<loss part>`, `val/clean_acc`, `val/pgd10_acc` (PGD-10 on a fixed held-out subset)
     and a checkpoint; at the end, `clean_acc`, `pgd20_acc`, `cw_acc`, `aa_acc` on the test
     split (as configured in `eval.*`), the student's parameter count and latency.
     """
@@ -325,13 +263,13 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         metrics = {"epoch": epoch + 1, "run/start_epoch": start_epoch, "run/world_size": ctx.world_size}
         for key, value in sums.items():
             metrics[f"train/{key}"] = (
-                _all_reduce_sum(value.clone(), ctx.world_size) / (n_batches * ctx.world_size)
+                all_reduce_sum(value.clone(), ctx.world_size) / (n_batches * ctx.world_size)
             ).item()
         metrics["train/images_per_s"] = n_batches * cfg.optim.batch_size * ctx.world_size / epoch_time
         metrics["train/lr"] = scheduler.get_last_lr()[0]
         # Every worker validates the same small subset: cheaper than gathering.
         val_model = unwrap(student)
-        for name, key in (("clean", "val/clean_acc"), ("pgd10", "val/pgd_acc")):
+        for name, key in (("clean", "val/clean_acc"), ("pgd10", "val/pgd10_acc")):
             correct = attacks.robust_predictions(
                 val_model,
                 x_val_dev,
@@ -392,72 +330,3 @@ def _report_with_checkpoint(
             data=data,  # so the student rebuilds from its checkpoint alone (no dataset on the head)
         )
         reporter.report(metrics, tmp)
-
-
-def final_evaluation(
-    cfg: ExperimentConfig,
-    student: nn.Module,
-    data: ImageDataset,
-    ctx: WorkerContext,
-    log: Callable[[str], None],
-    *,
-    batch_size: int,
-    aa_gate: Callable[[dict[str, float], float], str | None] | None = None,
-) -> dict[str, float]:
-    """The fixed evaluation protocol (afm_ray.names.EVAL_PROTOCOLS) on `eval.samples` test images,
-    sharded across workers.
-
-    With `eval.aa_policy: candidates` and an `aa_gate` (a sweep's: afm_ray.sweep.front_registry),
-    AutoAttack runs last, only if the gate, shown every other result and `eval.aa_margin`, answers
-    None; otherwise the
-    result carries `eval/aa_skipped` and the gate's reason instead of `aa_acc`.
-    """
-    x_test, y_test = fixed_test_subset(data, cfg.eval.samples, cfg.data.seed)
-    log(f"final evaluation on {len(y_test)} test images at eps={cfg.eval_eps:.4g}: {', '.join(cfg.eval_attacks)}")
-    staged = aa_gate is not None and cfg.eval.aa_policy == "candidates" and "aa" in cfg.eval_attacks
-
-    def run(attack_names: tuple[str, ...]) -> dict[str, float]:
-        return evaluate_sharded(
-            student,
-            x_test,
-            y_test,
-            eps=cfg.eval_eps,
-            norm=cfg.attack.norm,
-            attack_names=attack_names,
-            batch_size=batch_size,
-            ctx=ctx,
-            progress=None,
-        )
-
-    final: dict[str, Any] = run(tuple(a for a in cfg.eval_attacks if a != "aa") if staged else cfg.eval_attacks)
-    final["params"] = float(count_parameters(student))
-    final["latency_ms"] = measure_latency_ms(student, data.image_shape, device=ctx.device)
-    final["eval/n_samples"] = float(len(y_test))
-    final["eval/eps"] = cfg.eval_eps
-    if staged:
-        reason = _decided_on_rank0(lambda: aa_gate(dict(final), cfg.eval.aa_margin), ctx)
-        if reason is None:
-            final.update(run(("aa",)))
-        else:
-            log(f"AutoAttack skipped: {reason}")
-            final[AA_SKIPPED_METRIC] = 1.0
-            final[AA_SKIP_REASON_KEY] = reason
-    final.update(accuracy_intervals(final, len(y_test)))  # each accuracy's Wilson 95% interval
-    final[FINAL_RESULT_FLAG] = 1.0
-    return final
-
-
-def _decided_on_rank0(decide: Callable[[], Any], ctx: WorkerContext) -> Any:
-    """Rank 0's answer on every rank: all workers must attack (or skip) together."""
-    answer = [decide() if ctx.rank == 0 else None]
-    if ctx.world_size > 1:
-        dist.broadcast_object_list(answer, src=0)
-    return answer[0]
-
-
-if __name__ == "__main__":  # python -m afm_ray.train; as __main__ this is not the library module, so no cycle
-    import sys
-
-    from afm_ray.cli import train_main
-
-    sys.exit(train_main())

@@ -2,8 +2,8 @@
 
 Child runs are written by `TrialTracker`, Ray's own `MLflowLoggerCallback` extended with
 what a sweep needs: nesting (tag `mlflow.parentRunId`), the full resolved config as params,
-only our metrics, a trial status tag, the student as an MLflow model (safetensors, afm_ray.student_model), and re-use
-of a trial's run when a sweep is resumed (so no run is ever duplicated).
+only our metrics, a trial status tag, the student as an MLflow model (safetensors,
+afm_ray.tracking.student_model), and re-use of a trial's run when a sweep is resumed (so no run is ever duplicated).
 
 We never call `mlflow.set_experiment` in the driver: it exports MLFLOW_EXPERIMENT_ID,
 which would override the callback's experiment.
@@ -38,7 +38,8 @@ from afm_ray.names import (
     TRIAL_STATUS_TAG,
 )
 from afm_ray.storage import local_directory, redact_uri
-from afm_ray.student_model import log_student
+from afm_ray.tracking.mlflow_runs import tags_match
+from afm_ray.tracking.student_model import log_student
 
 # Logged as param `eval.protocol` on every trial, so a run says how its numbers were measured.
 EVAL_PROTOCOL = "; ".join(f"{name}: {text}" for name, text in EVAL_PROTOCOLS.items() if name != "pgd10")
@@ -62,9 +63,7 @@ def start_or_resume_sweep_run(
     """The sweep's parent run: created once, found again by name on --resume."""
     exp_id = experiment_id(client, experiment)
     if resume:
-        found = client.search_runs(
-            [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_name}' and tags.`{ROLE_TAG}` = 'sweep'"
-        )
+        found = client.search_runs([exp_id], filter_string=tags_match({SWEEP_TAG: sweep_name, ROLE_TAG: "sweep"}))
         if found:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
@@ -100,7 +99,7 @@ class TrialTracker(MLflowLoggerCallback):
     def _existing_run(self, trial_id: str) -> str | None:
         runs = self._client.search_runs(
             [self._experiment_id],
-            filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+            filter_string=tags_match({TRIAL_ID_TAG: trial_id, PARENT_TAG: self.parent_run_id}),
         )
         return runs[0].info.run_id if runs else None
 

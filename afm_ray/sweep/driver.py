@@ -1,9 +1,10 @@
 """Run a sweep: search space -> Optuna (via Ray Tune) -> Ray Train -> MLflow.
 
-`python -m afm_ray.sweep` (afm_ray.cli) validates the space and the plan (afm_ray.sweep.plan),
-then calls `run_sweep`: a robust teacher is trained (or reused from cache), then each trial
-distils it into a student, reporting per-epoch curves and the final clean / PGD-20 / AutoAttack
-accuracy to MLflow. The same command runs unchanged under `ray job submit` on a cluster.
+`python -m afm_ray.sweep` (afm_ray/sweep/__main__.py) validates the space, resolves the plan
+(afm_ray.sweep.plan) and runs the preflight (afm_ray.preflight), then calls `run_sweep`: a robust
+teacher is trained (or reused from cache), then each trial distils it into a student, reporting
+per-epoch curves and the final clean / PGD-20 / AutoAttack accuracy to MLflow. The same command
+runs unchanged under `ray job submit` on a cluster.
 """
 
 from __future__ import annotations
@@ -24,44 +25,52 @@ from ray.tune.search.optuna import OptunaSearch
 
 from afm_ray.config import from_flat, to_flat
 from afm_ray.errors import ClusterError, ConfigError, UserError, one_line
-from afm_ray.evaluate import evaluate_checkpoint
-from afm_ray.front import non_dominated
-from afm_ray.names import AA_SKIP_REASON_KEY, AA_SKIPPED_METRIC, FINAL_RESULT_FLAG, TRAIN_TEACHER
-from afm_ray.search_space import SearchSpace, build_sampler
+from afm_ray.evaluate.protocol import evaluate_checkpoint
+from afm_ray.names import (
+    AA_SKIP_REASON_KEY,
+    AA_SKIPPED_METRIC,
+    FINAL_RESULT_FLAG,
+    SWEEP_OBJECTIVES_PARAM,
+    TRAIN_TEACHER,
+    Objective,
+)
+from afm_ray.preflight import teacher_methods
+from afm_ray.search.samplers import build_sampler
+from afm_ray.search.space import SearchSpace
 from afm_ray.signals import install_sigterm_as_sigint
 from afm_ray.storage import list_dirs, redact_uri, write_bytes
-from afm_ray.sweep.front_registry import FrontRegistryFeed, registry_name, start_registry
+from afm_ray.sweep.aa_gate import FinishedTrialsFeed, actor_name, start_finished_trials
 from afm_ray.sweep.lifecycle import SweepRecords
 from afm_ray.sweep.local_ray import connect_or_start
-from afm_ray.sweep.plan import teacher_methods
-from afm_ray.sweep.progress import TrialProgress
+from afm_ray.sweep.plan import SweepPlan
+from afm_ray.sweep.progress import TrialProgress, print_summary
 from afm_ray.sweep.schedulers import build_scheduler
-from afm_ray.sweep.tracking import TrialTracker, start_or_resume_sweep_run
-from afm_ray.sweep.trial import train_driver_fn
-from afm_ray.teacher import STAGING_PREFIX, ensure_teacher, remove_stale_staging, teacher_cache_dir
+from afm_ray.sweep.trial import TrialRuntime, train_driver_fn
+from afm_ray.teacher.training import STAGING_PREFIX, ensure_teacher, remove_stale_staging, teacher_cache_dir
+from afm_ray.tracking.trial_tracker import TrialTracker, start_or_resume_sweep_run
 
 
-def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tuple[dict[str, Any], dict[str, float]]:
+def prepare_teacher(space: SearchSpace, runtime: TrialRuntime, log: Any) -> tuple[dict[str, Any], dict[str, float]]:
     """Train (or reuse) the teacher every trial distils, as a Ray task on a worker's resources.
 
     Returns the fixed keys to add (teacher.checkpoint) and the teacher's evaluation.
     """
     if not teacher_methods(space):
         return {}, {}
-    base = from_flat(space.fixed)
+    base = space.base
     if base.teacher.checkpoint not in ("", TRAIN_TEACHER):  # a given checkpoint (preflight saw it exists)
         return {}, {}
 
-    cpus = runtime["cpus_per_worker"] * runtime["num_workers"]
-    if runtime["gpus_per_worker"] == 0:  # no trial runs yet: a CPU teacher may use the whole node
+    cpus = runtime.resources.cpus
+    if runtime.resources.gpus_per_worker == 0:  # no trial runs yet: a CPU teacher may use the whole node
         cpus = max(cpus, min(int(ray.available_resources().get("CPU", 1)), 16))
 
-    @ray.remote(num_cpus=cpus, num_gpus=runtime["gpus_per_worker"])
+    @ray.remote(num_cpus=cpus, num_gpus=runtime.resources.gpus_per_worker)
     def train_teacher(flat: dict[str, Any]) -> tuple[bytes, dict[str, float]]:
         cfg = from_flat(flat)
         path = ensure_teacher(cfg, log=lambda line: print(line, flush=True))
         scores = evaluate_checkpoint(path, cfg, attack_names=("clean", "pgd20"), log=lambda line: None)
-        return Path(path).read_bytes(), {k: v for k, v in scores.items() if "/" not in k}
+        return Path(path).read_bytes(), {k: scores[k] for k in ("clean_acc", "pgd20_acc")}
 
     cache = teacher_cache_dir(base) / "checkpoint.pt"
     if cache.is_file():
@@ -74,7 +83,7 @@ def prepare_teacher(space: SearchSpace, runtime: dict[str, Any], log: Any) -> tu
         payload, scores = _get_teacher(train_teacher.remote(to_flat(base)), cache.parent.parent)
         write_bytes(str(cache), payload)
     # Trials may run on other nodes: they read the teacher from the sweep's storage.
-    target = f"{runtime['storage_path']}/teacher/checkpoint.pt"
+    target = f"{runtime.storage_path}/teacher/checkpoint.pt"
     write_bytes(target, payload)
     log(
         f"teacher: {redact_uri(target)}"
@@ -105,7 +114,7 @@ def _get_teacher(ref: Any, cache_folder: Path) -> Any:
 def uses_staged_evaluation(space: SearchSpace) -> bool:
     """Whether any trial may run with eval.aa_policy: candidates."""
     searched = [d for d in space.search if d.key == "eval.aa_policy"]
-    return from_flat(space.fixed).eval.aa_policy == "candidates" or any("candidates" in d.choices for d in searched)
+    return space.base.eval.aa_policy == "candidates" or any("candidates" in d.choices for d in searched)
 
 
 def max_concurrent_trials(space: SearchSpace, cluster: dict[str, float]) -> int | None:
@@ -114,135 +123,109 @@ def max_concurrent_trials(space: SearchSpace, cluster: dict[str, float]) -> int 
     if space.max_concurrent_trials:
         return space.max_concurrent_trials
     r = space.resources
-    if r["gpus_per_worker"] > 0 and cluster.get("GPU", 0) == 0:
+    if r.gpus_per_worker > 0 and cluster.get("GPU", 0) == 0:
         return None
-    fits = [cluster.get("CPU", 1) / max(r["num_workers"] * r["cpus_per_worker"], 1e-9)]
-    if r["gpus_per_worker"] > 0:
-        fits.append(cluster.get("GPU", 0) / (r["num_workers"] * r["gpus_per_worker"]))
+    fits = [cluster.get("CPU", 1) / max(r.cpus, 1e-9)]
+    if r.gpus_per_worker > 0:
+        fits.append(cluster.get("GPU", 0) / r.gpus)
     return max(1, math.floor(min(fits) + 1e-9))
 
 
-def run_sweep(
-    space: SearchSpace,
-    *,
-    name: str,
-    experiment: str,
-    tracking_uri: str,
-    storage_root: str,
-    optuna_url: str,
-    resume: bool = False,
-    address: str | None = None,
-) -> int:
+def run_sweep(plan: SweepPlan) -> int:
+    """Run the sweep `plan` describes (validated, its preflight passed): 0 when every trial ended,
+    130 when it was interrupted (what it recorded is kept; `plan.resume_command()` continues it)."""
     log = lambda line: print(line, flush=True)  # noqa: E731
     started = time.monotonic()
-    sweep_dir = f"{storage_root}/{name}"
-    if resume and not tune.Tuner.can_restore(sweep_dir):
-        raise ConfigError(f"--resume: nothing to resume at {sweep_dir}")
-    if not resume and name in list_dirs(storage_root):  # SweepRecords may remove what this call creates
-        raise ConfigError(f"sweep {sweep_dir} already exists; pass --resume to continue it or --name for a new one")
+    if plan.resume and not tune.Tuner.can_restore(plan.sweep_dir):
+        raise ConfigError(f"--resume: nothing to resume at {plan.sweep_dir}")
+    if not plan.resume and plan.name in list_dirs(plan.storage_root):  # SweepRecords may remove what it creates
+        raise ConfigError(
+            f"sweep {plan.sweep_dir} already exists; pass --resume to continue it or --name for a new one"
+        )
 
     # Objectives are final metrics, absent from per-epoch results; Tune's strict check would
     # reject every epoch's result. Our searcher reads them only from the final result.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # Worker output stays in Ray's logs; the terminal gets one line per trial event.
     try:
-        connect_or_start(address)
+        connect_or_start(plan.address)
     except (ConnectionError, RuntimeError, ValueError) as exc:  # auth, version mismatch, a head that went away
-        raise ClusterError(f"Ray at {address or 'a new local instance'}: {one_line(exc)}") from None
+        raise ClusterError(f"Ray at {plan.address or 'a new local instance'}: {one_line(exc)}") from None
     install_sigterm_as_sigint()  # ray.init replaced it with an immediate exit
-    records = SweepRecords(
-        name=name,
-        sweep_dir=sweep_dir,
-        tracking_uri=tracking_uri,
-        optuna_url=optuna_url,
-        resume=resume,
-        resume_hint=resume_command(name, storage_root, space),
-    )
+    records = SweepRecords(plan)
     try:
-        return _run_sweep(space, records, name, experiment, tracking_uri, storage_root, optuna_url, resume, started)
+        return _run_sweep(plan, records, started)
     except BaseException as exc:
         records.abandon(exc, log)
         raise
 
 
-def _run_sweep(
-    space: SearchSpace,
-    records: SweepRecords,
-    name: str,
-    experiment: str,
-    tracking_uri: str,
-    storage_root: str,
-    optuna_url: str,
-    resume: bool,
-    started: float,
-) -> int:
+def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
-    sweep_dir = records.sweep_dir
+    space, name = plan.space, plan.name
     # Train runs live inside the sweep's folder, next to Tune's own trial folders.
-    runtime = {**space.resources, "storage_path": sweep_dir, "name": name, "max_failures": space.max_failures}
+    runtime = TrialRuntime(space.resources, storage_path=plan.sweep_dir, max_failures=space.max_failures)
     log(f"sweep {name}: {space.num_samples} trials of {space.path or 'space'}; Ray {ray.cluster_resources()}")
 
     teacher_keys, teacher_scores = prepare_teacher(space, runtime, log)
     space = dataclasses.replace(space, fixed={**space.fixed, **teacher_keys})
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(plan.tracking_uri)
     parent_params = {  # credentials in a URI never reach MLflow
         "sweep.space": space.path,
         "sweep.name": name,
-        "sweep.storage": redact_uri(sweep_dir),
-        "sweep.optuna_storage": redact_uri(optuna_url),
+        "sweep.storage": redact_uri(plan.sweep_dir),
+        "sweep.optuna_storage": redact_uri(plan.optuna_url),
         "sweep.study_name": name,
-        "sweep.objectives": ",".join(f"{o.metric}:{o.mode}" for o in space.objectives),
+        SWEEP_OBJECTIVES_PARAM: Objective.join(space.objectives),
         "teacher.checkpoint": redact_uri(space.fixed.get("teacher.checkpoint", "")),
     }
-    parent_id = start_or_resume_sweep_run(client, experiment, name, parent_params, space.source, resume)
+    parent_id = start_or_resume_sweep_run(client, plan.experiment, name, parent_params, space.source, plan.resume)
     records.parent_id = parent_id
     for key, value in teacher_scores.items():
         client.log_metric(parent_id, f"teacher/{key}", value)
 
     callbacks = [
-        TrialTracker(tracking_uri, experiment_name=experiment, parent_run_id=parent_id, sweep_name=name),
+        TrialTracker(plan.tracking_uri, experiment_name=plan.experiment, parent_run_id=parent_id, sweep_name=name),
         TrialProgress(space.objectives),
     ]
     if uses_staged_evaluation(space):
-        # Finished trials' objectives, for the workers' AutoAttack decision (afm_ray.staged_eval).
+        # Finished trials' objectives, for the workers' AutoAttack decision (afm_ray.search.staged_aa).
         # Held until the sweep returns: Ray collects a named actor once no handle to it is left.
-        registry = start_registry(name, space.objectives)  # noqa: F841
-        runtime["front_registry"] = registry_name(name)
-        callbacks.append(FrontRegistryFeed(registry_name(name), space.objectives))
+        finished_trials = start_finished_trials(name, space.objectives)  # noqa: F841
+        runtime = dataclasses.replace(runtime, aa_gate=actor_name(name))
+        callbacks.append(FinishedTrialsFeed(actor_name(name), space.objectives))
 
     # The Tune function only waits on its Train run: it takes no CPU (a token of memory keeps
     # its bundle non-empty), so on a 2-CPU laptop the trial drivers cannot starve the workers.
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, runtime=runtime), {"CPU": 0, "memory": 64 * 1024**2}
     )
-    if resume:
-        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
+    if plan.resume:
+        tuner = tune.Tuner.restore(plan.sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         multi = len(space.objectives) > 1
-        sampler = build_sampler(space)
         records.study_created = True  # OptunaSearch creates the study as it is built
         searcher = CompletedOnlyOptunaSearch(
             space=space.define_by_run(),
             metric=[o.metric for o in space.objectives] if multi else space.objectives[0].metric,
             mode=[o.mode for o in space.objectives] if multi else space.objectives[0].mode,
-            sampler=sampler,
+            sampler=build_sampler(space.sampler, space.seed),
             study_name=name,
-            storage=optuna.storages.RDBStorage(optuna_url),
+            storage=optuna.storages.RDBStorage(plan.optuna_url),
         )
-        name_metrics(name, optuna_url, [o.metric for o in space.objectives])
-        scheduler = build_scheduler(space.scheduler, from_flat(space.fixed).optim.epochs)
+        name_metrics(name, plan.optuna_url, [o.metric for o in space.objectives])
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
-                scheduler=scheduler,
+                scheduler=build_scheduler(space.scheduler, space.base.optim.epochs),
                 num_samples=space.num_samples,
                 max_concurrent_trials=max_concurrent_trials(space, ray.cluster_resources()),
             ),
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=storage_root,
+                storage_path=plan.storage_root,
                 verbose=0,
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=1),
@@ -254,26 +237,11 @@ def _run_sweep(
     # An interrupted sweep's parent run stays open for --resume; a finished one is closed.
     client.set_terminated(parent_id, status="KILLED" if interrupted else "FINISHED")
     client.log_metric(parent_id, "sweep/wall_s", elapsed)
-    print_summary(
-        results,
-        space,
-        name=name,
-        experiment=experiment,
-        tracking_uri=tracking_uri,
-        optuna_url=optuna_url,
-        elapsed=elapsed,
-    )
+    print_summary(results, plan, elapsed=elapsed)
     if interrupted:
-        print(f"interrupted: continue with  {records.resume_hint}")
+        print(f"interrupted: continue with  {plan.resume_command()}")
         return 130
     return 0
-
-
-def resume_command(name: str, storage_root: str, space: SearchSpace) -> str:
-    """The command line that continues sweep `name`."""
-    return f"python -m afm_ray.sweep --resume --name {name} --storage {redact_uri(storage_root)}" + (
-        f" --space {space.path}" if space.path else ""
-    )
 
 
 def name_metrics(study_name: str, optuna_url: str, metrics: list[str]) -> None:
@@ -314,39 +282,3 @@ class CompletedOnlyOptunaSearch(OptunaSearch):
         if result is not None and not result.get(FINAL_RESULT_FLAG):
             result = None
         super().on_trial_complete(trial_id, result=result, error=error)
-
-
-def print_summary(
-    results: Any, space: SearchSpace, *, name: str, experiment: str, tracking_uri: str, optuna_url: str, elapsed: float
-) -> None:
-    rows = []
-    for result in results:
-        m = dict(result.metrics or {})
-        if m.get(FINAL_RESULT_FLAG) and all(isinstance(m.get(o.metric), (int, float)) for o in space.objectives):
-            m["config"] = result.config or {}
-            rows.append(m)
-    finals = [dict(r.metrics or {}) for r in results]
-    stopped = sum(1 for m in finals if m and not m.get(FINAL_RESULT_FLAG) and "epoch" in m)
-    skipped = sum(1 for m in finals if m.get(FINAL_RESULT_FLAG) and m.get(AA_SKIPPED_METRIC))
-    notes = (f", {stopped} stopped early" if stopped else "") + (f", {skipped} AutoAttack skipped" if skipped else "")
-    print()
-    print(f"sweep {name}: {len(rows)}/{len(results)} trials completed{notes} in {elapsed / 60:.1f} min")
-    if rows:
-        objectives = [(o.metric, o.mode) for o in space.objectives]
-        front = non_dominated([[r[m] for m, _ in objectives] for r in rows], [mode for _, mode in objectives])
-        best = sorted(
-            (rows[i] for i in front),
-            key=lambda r: -r[objectives[-1][0]] if objectives[-1][1] == "max" else r[objectives[-1][0]],
-        )
-        print("Pareto-optimal trials:")
-        keys = ["method.name", "attack.eps", "attack.steps", "method.tau", "augment.policy"]
-        for r in best:
-            cfg = r.get("config", {})
-            desc = "  ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
-            objs = "  ".join(f"{m}={r[m]:.3f}" for m, _ in objectives)
-            print(f"  {r.get('trial_id', '?')}: {objs}  {desc}")
-    print()
-    tracking_uri, optuna_url = redact_uri(tracking_uri), redact_uri(optuna_url)
-    print(f"MLflow:  mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r})")
-    print(f"Pareto:  python -m afm_ray.pareto --experiment {experiment!r} --tracking-uri {tracking_uri}")
-    print(f"Optuna:  optuna-dashboard {optuna_url}   (study {name!r})")

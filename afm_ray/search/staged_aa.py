@@ -13,44 +13,35 @@ The margin (accuracy units, `eval.aa_margin`) guards the bound: AutoAttack beati
 an image is possible in principle (different random starts), so B must clear A's PGD-20 by
 ``margin`` before A is skipped; with ``margin > 0`` B's advantage is also strict.
 
-Pure: the Ray actor that holds the finished trials (afm_ray.sweep.front_registry), the
-training worker that asks it, and the search benchmark that replays the policy share this code.
+Pure: the Ray actor that holds the finished trials (afm_ray.sweep.aa_gate), the training worker
+that asks it, and the search benchmark that replays the policy share this code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+
+from afm_ray.names import Objective
 
 AA_METRIC = "aa_acc"
 AA_BOUND_METRIC = "pgd20_acc"  # the upper bound on aa_acc known before AutoAttack runs
 
-__all__ = ["AA_BOUND_METRIC", "AA_METRIC", "aa_verdict", "optimistic_vector"]
 
-
-def _metric_and_mode(objective: Any) -> tuple[str, str]:
-    if isinstance(objective, str):
-        metric, _, mode = objective.rpartition(":")
-        return metric, mode
-    if isinstance(objective, Sequence):
-        return str(objective[0]), str(objective[1])
-    return str(objective.metric), str(objective.mode)
-
-
-def optimistic_vector(metrics: Mapping[str, float], objectives: Sequence[Any], margin: float) -> list[float] | None:
+def optimistic_vector(
+    metrics: Mapping[str, float], objectives: Sequence[Objective], margin: float
+) -> list[float] | None:
     """The best a trial can still score per objective, before its AutoAttack: every metric as
     measured, ``aa_acc`` at its PGD-20 bound plus ``margin``. None if a needed metric is missing."""
     out = []
-    for objective in objectives:
-        metric, mode = _metric_and_mode(objective)
-        if metric == AA_METRIC:
+    for o in objectives:
+        if o.metric == AA_METRIC:
             bound = metrics.get(AA_BOUND_METRIC)
             if bound is None:
                 return None
             # The margin only ever makes the bound more optimistic (harder to dominate).
-            out.append(float(bound) + margin if mode == "max" else float(bound) - margin)
-        elif metric in metrics:
-            out.append(float(metrics[metric]))
+            out.append(float(bound) + margin if o.mode == "max" else float(bound) - margin)
+        elif o.metric in metrics:
+            out.append(float(metrics[o.metric]))
         else:
             return None
     return out
@@ -59,42 +50,34 @@ def optimistic_vector(metrics: Mapping[str, float], objectives: Sequence[Any], m
 def aa_verdict(
     metrics: Mapping[str, float],
     finished: Iterable[tuple[str, Mapping[str, float]]],
-    objectives: Sequence[Any],
+    objectives: Sequence[Objective],
     margin: float,
 ) -> str | None:
     """None if AutoAttack must run for the trial with ``metrics`` (everything but aa_acc), else
     the reason it cannot matter, naming the finished trial that dominates its best case.
 
     ``finished``: (trial id, final metrics) of trials that completed with AutoAttack measured.
-    ``objectives``: Objective-like items (``.metric``/``.mode``), ("metric", "mode") pairs or
-    "metric:mode" strings.
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    modes = [_metric_and_mode(o)[1] for o in objectives]
     # With a positive margin on aa_acc, B beats A's true aa_acc strictly whenever it clears the bound.
-    strict_by_margin = margin > 0 and any(_metric_and_mode(o)[0] == AA_METRIC for o in objectives)
+    strict_by_margin = margin > 0 and any(o.metric == AA_METRIC for o in objectives)
     bound = optimistic_vector(metrics, objectives, margin)
     if bound is None:
         return None  # cannot bound an objective: AutoAttack runs
+    sign = [1.0 if o.mode == "max" else -1.0 for o in objectives]
     for trial_id, other in finished:
-        values = []
-        for objective in objectives:
-            metric, _ = _metric_and_mode(objective)
-            if metric not in other:
-                break
-            values.append(float(other[metric]))
-        else:
-            sign = [1.0 if m == "max" else -1.0 for m in modes]
-            better_or_equal = all(s * v >= s * b for s, v, b in zip(sign, values, bound, strict=True))
-            strictly = any(s * v > s * b for s, v, b in zip(sign, values, bound, strict=True))
-            if better_or_equal and (strictly or strict_by_margin):
-                parts = []
-                for objective, v, b in zip(objectives, values, bound, strict=True):
-                    metric, mode = _metric_and_mode(objective)
-                    if metric == AA_METRIC:
-                        parts.append(f"aa_acc {v:.4g} >= pgd20_acc {metrics[AA_BOUND_METRIC]:.4g} + margin {margin:g}")
-                    else:
-                        parts.append(f"{metric} {v:.4g} {'>=' if mode == 'max' else '<='} {b:.4g}")
-                return f"dominated by finished trial {trial_id}: " + ", ".join(parts)
+        if any(o.metric not in other for o in objectives):
+            continue
+        values = [float(other[o.metric]) for o in objectives]
+        better_or_equal = all(s * v >= s * b for s, v, b in zip(sign, values, bound, strict=True))
+        strictly = any(s * v > s * b for s, v, b in zip(sign, values, bound, strict=True))
+        if better_or_equal and (strictly or strict_by_margin):
+            parts = []
+            for o, v, b in zip(objectives, values, bound, strict=True):
+                if o.metric == AA_METRIC:
+                    parts.append(f"aa_acc {v:.4g} >= pgd20_acc {metrics[AA_BOUND_METRIC]:.4g} + margin {margin:g}")
+                else:
+                    parts.append(f"{o.metric} {v:.4g} {'>=' if o.mode == 'max' else '<='} {b:.4g}")
+            return f"dominated by finished trial {trial_id}: " + ", ".join(parts)
     return None

@@ -3,9 +3,9 @@
     python -m afm_ray.pareto --experiment NAME --confirm [--samples N] [--seeds K] [--register MODEL]
 
 The candidates are the Pareto front and the trials dominated only within noise
-(`afm_ray.pareto.rank_trials` marks them). For each candidate:
+(`afm_ray.pareto.ranking.rank_trials` marks them). For each candidate:
 
-- ``reevaluate``: its logged student (safetensors, `afm_ray.student_model`) is scored with the trial's
+- ``reevaluate``: its logged student (safetensors, `afm_ray.tracking.student_model`) is scored with the trial's
   own protocol (eval.attacks, eval.eps, the evaluation seed) on N test images (0, the default: the
   whole test split), as a Ray task with the trial's resources;
 - ``retrain`` (K times): the trial's config with a new ``run.seed`` is trained again as a Ray Train run
@@ -20,7 +20,6 @@ A candidate's confirmed accuracy is the mean over its students with `afm_ray.sta
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +30,6 @@ from typing import Any
 import pandas as pd
 import ray
 import ray.train
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from safetensors.torch import load as load_safetensors
@@ -42,14 +40,23 @@ from afm_ray.config import from_flat, to_flat
 from afm_ray.data import load_run_data
 from afm_ray.devices import resolve_device
 from afm_ray.errors import ConfigError, TrackingError, UserError
-from afm_ray.evaluate import evaluate_model
+from afm_ray.evaluate.protocol import evaluate_model
 from afm_ray.models import build_model
 from afm_ray.names import CI_HIGH, CI_LOW, Objective
-from afm_ray.runs import client_for, column, quote
-from afm_ray.search_space import parse_search_space
+from afm_ray.search.space import parse_search_space
 from afm_ray.stats import mean_interval
-from afm_ray.student_model import SPEC_FILE, WEIGHTS_FILE, fetch_student, load_student, log_student, save_student
-from afm_ray.sweep.trial import build_trainer
+from afm_ray.sweep.local_ray import connect_or_start
+from afm_ray.sweep.trial import TrialRuntime, build_trainer
+from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, client_for, column, tag_column, tags_match
+from afm_ray.tracking.student_model import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    fetch_student,
+    load_student,
+    log_student,
+    save_student,
+)
+from afm_ray.yaml_loading import parse_yaml
 
 SEED_STRIDE = 1000  # retrain i of a trial with seed s uses s + 1000 * i: far from the seeds a sweep varies
 _DERIVED = ("excluded", "front", "rank", "pareto", "within_noise", "ties")  # rank_trials' own columns
@@ -90,24 +97,20 @@ def trial_config(row: pd.Series) -> dict[str, Any]:
 
 
 def _find_run(client: MlflowClient, experiment_id: str, job: Job, samples: int) -> Any:
-    clauses = [f"tags.`{k}` = {quote(v)}" for k, v in job.tags(samples).items() if k != names.PARENT_TAG]
-    found = client.search_runs([experiment_id], " and ".join(clauses), max_results=10)
+    tags = {k: v for k, v in job.tags(samples).items() if k != names.PARENT_TAG}
+    found = client.search_runs([experiment_id], tags_match(tags), max_results=10)
     finished = [r for r in found if r.info.status == "FINISHED"]
     return (finished or sorted(found, key=lambda r: r.info.start_time))[0] if found else None
 
 
-def _sweep_runtime(client: MlflowClient, sweep_run: str | None) -> dict[str, Any]:
+def _sweep_runtime(client: MlflowClient, sweep_run: str) -> TrialRuntime:
     """Workers, resources and storage of the sweep that ran a trial: its logged space, its storage."""
-    runtime: dict[str, Any] = {"num_workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0, "max_failures": 2}
-    storage = str(Path("ray_results").resolve())
-    if sweep_run:
-        run = client.get_run(sweep_run)
-        storage = run.data.params.get("sweep.storage") or storage
-        with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(Exception):  # an older space: defaults
-            text = Path(client.download_artifacts(sweep_run, "search_space.yaml", tmp)).read_text()
-            space = parse_search_space(yaml.safe_load(text))
-            runtime |= {**space.resources, "max_failures": space.max_failures}
-    return {**runtime, "storage_path": f"{storage.rstrip('/')}/confirm"}
+    run = client.get_run(sweep_run)
+    storage = run.data.params.get("sweep.storage") or str(Path("ray_results").resolve())
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(client.download_artifacts(sweep_run, "search_space.yaml", tmp)).read_text()
+    space = parse_search_space(parse_yaml(text, f"run {sweep_run}: search_space.yaml"))
+    return TrialRuntime(space.resources, storage_path=f"{storage.rstrip('/')}/confirm", max_failures=space.max_failures)
 
 
 def _reevaluate(model_spec: dict[str, Any], weights: bytes, flat: dict[str, Any], samples: int) -> dict[str, float]:
@@ -144,7 +147,7 @@ class _KeepLastReport(ray.train.UserCallback):
             ray.get(self.sink.put.remote(dict(metrics[0])))  # rank 0's
 
 
-def _retrain(flat: dict[str, Any], runtime: dict[str, Any], name: str) -> tuple[dict[str, float], bytes, bytes]:
+def _retrain(flat: dict[str, Any], runtime: TrialRuntime, name: str) -> tuple[dict[str, float], bytes, bytes]:
     sink = _LastReport.remote()
     result = build_trainer(flat, runtime, name=name, callbacks=[_KeepLastReport(sink)]).fit()
     final = ray.get(sink.get.remote())
@@ -170,8 +173,8 @@ def confirm_candidates(
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """The front's candidates (front and within noise) of ``ranked``, confirmed: a frame in the layout of
-    `afm_ray.runs.load_trials` whose accuracies are the confirmed means and intervals (the sweep's own
-    values under ``metrics.sweep/<metric>``), ready for `afm_ray.pareto.rank_trials`."""
+    `afm_ray.tracking.mlflow_runs.load_trials` whose accuracies are the confirmed means and intervals,
+    ready for `afm_ray.pareto.ranking.rank_trials` (``ranked`` keeps the sweep's own values)."""
     if samples < 0 or seeds < 0:
         raise ConfigError(f"--samples {samples} / --seeds {seeds}: expected >= 0 (samples 0 = the whole test split)")
     candidates = ranked[ranked["pareto"] | ranked["within_noise"]]
@@ -213,11 +216,11 @@ def _run_jobs(
     address: str | None,
     log: Callable[[str], None],
 ) -> None:
-    parents = dict(zip(candidates["run_id"], column(candidates, f"tags.{names.PARENT_TAG}"), strict=True))
-    runtimes = {p: _sweep_runtime(client, p if isinstance(p, str) else None) for p in set(parents.values())}
+    parents = dict(zip(candidates["run_id"], column(candidates, tag_column(names.PARENT_TAG)), strict=True))
+    runtimes = {p: _sweep_runtime(client, p) for p in set(parents.values())}
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="WARNING")
+        connect_or_start(address)
     pending, failed = {}, []
     try:
         for job, run_id in todo:
@@ -228,11 +231,11 @@ def _run_jobs(
                 run_id = client.create_run(experiment_id, run_name=name, tags=job.tags(samples)).info.run_id
             else:  # interrupted before: continue in the same run
                 client.update_run(run_id, status="RUNNING")
-            cpus = runtime["cpus_per_worker"] * runtime["num_workers"]
             if job.kind == "reevaluate":
                 model, spec = fetch_student(client, f"runs:/{job.trial_run}")
                 weights = _state_bytes(model)
-                task = ray.remote(_reevaluate).options(num_cpus=cpus, num_gpus=runtime["gpus_per_worker"])
+                resources = runtime.resources
+                task = ray.remote(_reevaluate).options(num_cpus=resources.cpus, num_gpus=resources.gpus_per_worker)
                 ref = task.remote(spec["model"], weights, flat, samples)
             else:  # waits on its Train run, whose workers hold the resources (as a sweep's trial does)
                 task = ray.remote(_retrain).options(num_cpus=0, memory=64 * 1024**2)
@@ -295,14 +298,12 @@ def _confirmed_frame(candidates: pd.DataFrame, jobs: Sequence[Job], done: dict[J
         for metric in names.ACCURACY_METRICS:
             values = [s[metric] for s in students if metric in s]
             if values:
-                row[f"metrics.sweep/{metric}"] = row.get(f"metrics.{metric}")
                 mean, low, high = mean_interval(values, n)
                 row[f"metrics.{metric}"], row[f"metrics.{metric}{CI_LOW}"], row[f"metrics.{metric}{CI_HIGH}"] = (
                     mean,
                     low,
                     high,
                 )
-        row["metrics.sweep/eval/n_samples"] = row.get("metrics.eval/n_samples")
         row["metrics.eval/n_samples"], row["metrics.confirm/students"] = n, float(len(students))
         seeds = [int(float(row.get("params.run.seed", 0)))] + [j.seed for j in jobs if j.trial_run == row["run_id"]]
         row["params.confirm.seeds"] = ",".join(str(s) for s in seeds if s is not None)
@@ -310,14 +311,17 @@ def _confirmed_frame(candidates: pd.DataFrame, jobs: Sequence[Job], done: dict[J
     return pd.DataFrame(rows).reset_index(drop=True)
 
 
-def format_comparison(confirmed: pd.DataFrame, objectives: Sequence[Objective]) -> str:
-    """Per candidate: each accuracy objective in the sweep (its images) and confirmed (mean [95%], students)."""
+def format_comparison(sweep: pd.DataFrame, confirmed: pd.DataFrame, objectives: Sequence[Objective]) -> str:
+    """Per candidate: each accuracy objective in the sweep (``sweep``: its images) and confirmed (mean [95%],
+    students)."""
     lines = []
+    before_rows = sweep.set_index("run_id")
     for _, row in confirmed.iterrows():
-        method = row.get("params.method.name", "?")
+        method = row.get(METHOD_COLUMN, "?")
         cells = []
         for o in (o for o in objectives if o.metric in names.ACCURACY_METRICS):
-            before, n_before = row.get(f"metrics.sweep/{o.metric}"), row.get("metrics.sweep/eval/n_samples")
+            swept = before_rows.loc[row["run_id"]]
+            before, n_before = swept.get(f"metrics.{o.metric}"), swept.get("metrics.eval/n_samples")
             after, low, high = (row.get(f"metrics.{o.metric}{end}") for end in ("", CI_LOW, CI_HIGH))
             cells.append(
                 f"{o.metric} {100 * before:.2f} ({int(n_before or 0)} img) -> {100 * after:.2f} "

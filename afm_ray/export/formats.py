@@ -1,9 +1,7 @@
-"""Export a logged student as a file a deployment loads: ONNX, TorchScript or safetensors.
+"""Export a logged student as a file a deployment loads: ONNX, TorchScript or safetensors
+(`python -m afm_ray.export`, afm_ray/export/__main__.py).
 
-    python -m afm_ray.export --model models:/NAME@pareto-1 --format onnx|torchscript|safetensors --out DIR
-        [--tracking-uri URI] [--batch 64] [--tolerance 1e-4] [--threads 1]
-
-The student is fetched safely (`afm_ray.student_model.fetch_student`: safetensors + JSON, checked
+The student is fetched safely (`afm_ray.tracking.student_model.fetch_student`: safetensors + JSON, checked
 against the sha256 the tracking store recorded). The export is then checked against that PyTorch
 model on a seeded batch of images in [0, 1]: the largest absolute logit difference must stay
 within ``--tolerance`` (default 1e-4). Why 1e-4: both sides compute in fp32 (unit roundoff
@@ -19,7 +17,6 @@ PyTorch's on the same machine. DIR gets the file and ``export.json`` (what was c
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -38,7 +35,7 @@ from torch import nn
 from afm_ray.devices import cpu_model_name
 from afm_ray.errors import ArtifactError, ConfigError
 from afm_ray.models import measure_latency_ms
-from afm_ray.student_model import SPEC_FILE, WEIGHTS_FILE, load_student, save_student, sha256
+from afm_ray.tracking.student_model import SPEC_FILE, WEIGHTS_FILE, load_student, save_student, sha256
 
 FORMATS = {"onnx": "student.onnx", "torchscript": "student.torchscript.pt", "safetensors": WEIGHTS_FILE}
 TOLERANCE = 1e-4  # max |logit difference| in fp32; see the module docstring
@@ -176,21 +173,6 @@ def _torch_latency(model: nn.Module, input_shape: list[int], threads: int) -> fl
         torch.set_num_threads(previous)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m afm_ray.export``."""
-    p = argparse.ArgumentParser(
-        prog="python -m afm_ray.export", description="Export a logged student to ONNX, TorchScript or safetensors."
-    )
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID")
-    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="what to write")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
-    p.add_argument("--batch", type=int, default=64, help="images in the verification batch (default 64)")
-    p.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"max |logit difference| (default {TOLERANCE:g})")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for the latency measurement (default 1)")
-    return p
-
-
 def format_report(report: dict[str, Any], out: str | Path) -> str:
     """What the command prints: the file, the check, the latency."""
     v = report["verify"]
@@ -207,11 +189,3 @@ def format_report(report: dict[str, Any], out: str | Path) -> str:
             f"{ort['threads']} thread(s)); PyTorch {lat['pytorch_median_ms']:.3f} ms on the same machine"
         )
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m afm_ray.export; as __main__ this is not the library module, so no cycle
-    import sys
-
-    from afm_ray.cli import export_main
-
-    sys.exit(export_main())

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from afm_ray.front import crowding_distance, nondominated_layers
+from afm_ray.domination import crowding_distance, nondominated_layers
 
 __all__ = ["RungLadder", "promoted", "rank_positions", "rung_milestones"]
 

@@ -2,7 +2,7 @@
 
 `register_front` registers each Pareto-optimal student as a version of one registered model, with
 aliases ``pareto-1``, ``pareto-2``, ... in rank order, so ``models:/NAME@pareto-1`` is the first.
-Students load back with `afm_ray.student_model.fetch_student` (safetensors + JSON, checked against
+Students load back with `afm_ray.tracking.student_model.fetch_student` (safetensors + JSON, checked against
 the sha256 the tracking store recorded), never by unpickling.
 """
 
@@ -18,11 +18,10 @@ from mlflow.entities.model_registry import ModelVersion
 from afm_ray import names
 from afm_ray.errors import TrackingError
 from afm_ray.names import Objective
-from afm_ray.runs import all_pages, client_for, quote
-from afm_ray.student_model import fetch_student, student_source
+from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, all_pages, client_for, quote
+from afm_ray.tracking.student_model import fetch_student, student_source
 
 RANK_TAG = "afm_ray.pareto_rank"
-_METHOD = "params.method.name"
 
 
 def register_front(
@@ -33,11 +32,11 @@ def register_front(
     tracking_uri: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
 ) -> list[ModelVersion]:
-    """Register each Pareto-optimal student of ``ranked`` (`afm_ray.pareto.rank_trials`) as a version of
+    """Register each Pareto-optimal student of ``ranked`` (`afm_ray.pareto.ranking.rank_trials`) as a version of
     model ``name``, aliased ``pareto-<rank>`` and tagged with its objective values, run, rank, the
     objectives, its sha256 and ``extra_tags``. A run registered before keeps its version, and
     ``pareto-*`` aliases past this front go: ``models:/NAME@pareto-1`` is its rank 1."""
-    objectives = tuple(o if isinstance(o, Objective) else Objective.parse(o) for o in objectives)
+    objectives = Objective.parse_all(objectives)
     front = ranked[ranked["pareto"]].sort_values("rank")
     if front.empty:
         raise TrackingError("no Pareto-optimal trial to register (every trial is excluded)")
@@ -50,7 +49,7 @@ def register_front(
         run_id, rank = row["run_id"], int(row["rank"])
         tags = {o.metric: repr(float(row[f"metrics.{o.metric}"])) for o in objectives}
         tags |= {RANK_TAG: str(rank), "afm_ray.objectives": ",".join(map(str, objectives)), **(extra_tags or {})}
-        tags |= {"afm_ray.run_id": run_id, "method.name": "" if pd.isna(row.get(_METHOD)) else row[_METHOD]}
+        tags |= {"afm_ray.run_id": run_id, "method.name": "" if pd.isna(row.get(METHOD_COLUMN)) else row[METHOD_COLUMN]}
         digest = client.get_run(run_id).data.tags.get(names.STUDENT_SHA_TAG)
         if digest:
             tags[names.STUDENT_SHA_TAG] = digest

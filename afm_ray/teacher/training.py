@@ -25,7 +25,7 @@ from afm_ray.config import ExperimentConfig, from_flat, to_flat
 from afm_ray.errors import StorageError, one_line
 from afm_ray.names import TRAIN_TEACHER
 from afm_ray.storage import probe_writable
-from afm_ray.train import LocalReporter, train_fn_per_worker
+from afm_ray.train.loop import LocalReporter, train_fn_per_worker
 
 #: Names of the folders a teacher trains in, beside its cache entry: .staging-<host>-<pid>-<random>.
 STAGING_PREFIX = ".staging-"

@@ -1,4 +1,5 @@
-"""Trial runs of a sweep, read back from MLflow through a client of their own.
+"""MLflow's runs, the one way afm-ray reads them: a client per URI, paged searches, filter quoting,
+the column names of a run frame, and the trial runs of a sweep.
 
 The sweep logs a parent run per sweep (tag ``afm_ray.role = sweep``, param ``sweep.objectives``)
 and under it a child run per trial (``afm_ray.role = trial``). `load_trials` returns them as one
@@ -26,7 +27,16 @@ from afm_ray.endpoints import check_mlflow_server
 from afm_ray.errors import ConfigError, TrackingError, one_line
 from afm_ray.names import Objective
 
-_METHOD = "params.method.name"
+
+def tag_column(tag: str) -> str:
+    return f"tags.{tag}"
+
+
+def param_column(key: str) -> str:
+    return f"params.{key}"
+
+
+METHOD_COLUMN = param_column("method.name")
 
 
 def column(frame: pd.DataFrame, name: str) -> pd.Series:
@@ -80,12 +90,18 @@ def _get_experiment(client: MlflowClient, name: str) -> Experiment:
 
 
 def quote(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def tags_match(tags: dict[str, str]) -> str:
+    """The filter clause "every tag has this value", quoted."""
+    return " and ".join(f"tags.`{tag}` = {quote(value)}" for tag, value in tags.items())
 
 
 def _resolve_sweep(client: MlflowClient, exp: Experiment, sweep: str) -> str:
     """Full run id of the sweep (parent) run named by id, id prefix or run name."""
-    sweeps = search_runs(client, exp.experiment_id, f"tags.`{names.ROLE_TAG}` = 'sweep'")
+    sweeps = search_runs(client, exp.experiment_id, tags_match({names.ROLE_TAG: "sweep"}))
     runs = list(zip(sweeps["run_id"], sweeps["run_name"], strict=True)) if len(sweeps) else []
     hits = [(run_id, name) for run_id, name in runs if run_id.startswith(sweep) or name == sweep]
     if len(hits) == 1:
@@ -107,9 +123,7 @@ def translate_filter(filter_string: str) -> str:
 
 def trial_filter(filter_string: str | None = None, sweep_id: str | None = None) -> str:
     """The MLflow filter for trial runs, ANDed with a user filter (MLflow filters only AND)."""
-    clauses = [f"tags.`{names.ROLE_TAG}` = 'trial'"]
-    if sweep_id:
-        clauses.append(f"tags.`{names.PARENT_TAG}` = {quote(sweep_id)}")
+    clauses = [tags_match({names.ROLE_TAG: "trial", **({names.PARENT_TAG: sweep_id} if sweep_id else {})})]
     if filter_string and filter_string.strip():
         clauses.append(translate_filter(filter_string.strip()))
     return " and ".join(clauses)
@@ -120,12 +134,12 @@ def _explain_no_trials(client: MlflowClient, exp: Experiment, sweep_id: str | No
     trials = search_runs(client, exp.experiment_id, trial_filter(None, sweep_id))
     if len(trials) and user_filter:
         keys = ", ".join(sorted(c.removeprefix("params.") for c in trials.columns if c.startswith("params.")))
-        methods = ", ".join(sorted(set(column(trials, _METHOD).fillna("?"))))
+        methods = ", ".join(sorted(set(column(trials, METHOD_COLUMN).fillna("?"))))
         return (
             f"no trial run in {scope} matches --filter {user_filter!r} (it has {len(trials)} trial runs; "
             f"method.name values: {methods}; param keys, written params.`key`: {keys})"
         )
-    roles = Counter(column(search_runs(client, exp.experiment_id), f"tags.{names.ROLE_TAG}").fillna("untagged"))
+    roles = Counter(column(search_runs(client, exp.experiment_id), tag_column(names.ROLE_TAG)).fillna("untagged"))
     held = ", ".join(f"{n} {role}" for role, n in sorted(roles.items())) or "no runs at all"
     return f"{scope} has no trial runs (runs tagged {names.ROLE_TAG}='trial'); it holds {held}"
 
@@ -151,7 +165,7 @@ def sweep_objectives(client: MlflowClient, trials: pd.DataFrame) -> tuple[Object
     """The objectives the trials' sweep recorded (param ``sweep.objectives`` of its parent run), or None
     where no sweep recorded any; a ValueError when the trials come from sweeps that optimised different ones."""
     found: dict[str, str] = {}
-    for parent in sorted(set(column(trials, f"tags.{names.PARENT_TAG}").dropna())):
+    for parent in sorted(set(column(trials, tag_column(names.PARENT_TAG)).dropna())):
         with contextlib.suppress(MlflowException):  # a parent deleted since: nothing recorded
             spec = client.get_run(parent).data.params.get(names.SWEEP_OBJECTIVES_PARAM)
             if spec:
@@ -163,4 +177,4 @@ def sweep_objectives(client: MlflowClient, trials: pd.DataFrame) -> tuple[Object
         )
     if not found:
         return None
-    return tuple(Objective.parse(s) for s in next(iter(found.values())).split(",") if s.strip())
+    return Objective.parse_all(next(iter(found.values())))
