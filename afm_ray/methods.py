@@ -46,32 +46,6 @@ from afm_ray.losses import (
 from afm_ray.models import unwrap
 from afm_ray.names import CONFIG_RANDOM_STARTS, HPARAM_NAMES, NORMS
 
-__all__ = [
-    "AKD",
-    "ARD",
-    "METHODS",
-    "PGDAT",
-    "RSLAD",
-    "TRADES",
-    "AdaAD",
-    "AdvFunMatch",
-    "AttackSpec",
-    "FunMatch",
-    "Method",
-    "adaad_loss",
-    "advfunmatch_loss",
-    "akd_loss",
-    "akd_target",
-    "ard_loss",
-    "build_method",
-    "funmatch_loss",
-    "kl_div",
-    "pgd_at_loss",
-    "rslad_loss",
-    "soft_cross_entropy",
-    "trades_loss",
-]
-
 
 @dataclass
 class AttackSpec:

@@ -20,20 +20,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from afm_ray.augment import BatchAugment
 from afm_ray.data import DeviceBatchLoader
-from afm_ray.methods import (
-    METHODS,
-    AttackSpec,
+from afm_ray.losses import (
     adaad_loss,
     advfunmatch_loss,
     akd_loss,
     ard_loss,
-    build_method,
     funmatch_loss,
     kl_div,
     pgd_at_loss,
     rslad_loss,
     soft_cross_entropy,
 )
+from afm_ray.methods import METHODS, AttackSpec, build_method
 from afm_ray.models import build_model
 from afm_ray.train.loop import TrainStep
 

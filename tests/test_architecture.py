@@ -1,5 +1,6 @@
-"""The shape of the code base: imports form a one-way graph, modules stay small, the installed
-package holds no benchmark code, and the repository cites only documents it contains."""
+"""The shape of the code base: the layer table of docs/ARCHITECTURE.md is the rule for imports (and
+lists every module, as README.md's Layout does), commands sit on top, modules stay small, the
+installed package holds no benchmark code, and the repository cites only documents it contains."""
 
 from __future__ import annotations
 
@@ -106,11 +107,90 @@ def test_imports_form_a_one_way_graph():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_names_module_is_standard_library_only():
+def module_path(name: str) -> str:
+    """afm_ray.sweep.driver -> sweep/driver.py; afm_ray.sweep.__main__ -> sweep/__main__.py; afm_ray -> __init__.py"""
+    parts = name.split(".")[1:]
+    return "/".join(parts) + ".py" if parts else "__init__.py"
+
+
+def layer_table() -> dict[str, int]:
+    """{module path: layer} from the table in docs/ARCHITECTURE.md (rows "| 3 | `search/space.py` | ... |")."""
+    rows = re.findall(r"^\| (\d+) \| `([\w/]+\.py)` \|", (ROOT / "docs" / "ARCHITECTURE.md").read_text(), re.M)
+    table: dict[str, int] = {}
+    for layer, path in rows:
+        assert path not in table, f"{path} is listed twice in docs/ARCHITECTURE.md"
+        table[path] = int(layer)
+    return table
+
+
+def package_modules() -> dict[str, Path]:
+    """Every module of the package by its path under afm_ray/, but the subpackages' __init__.py files."""
+    return {
+        module_path(module_name(p)) if p.name != "__main__.py" else str(p.relative_to(PACKAGE)): p
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__init__.py" or p.parent == PACKAGE
+    }
+
+
+def test_every_module_is_in_the_layer_table_and_nothing_else():
+    assert set(layer_table()) == set(package_modules())
+
+
+def test_imports_follow_the_layer_table():
+    """A module imports only modules of a lower layer: the table is the rule."""
+    table, graph = layer_table(), import_graph()
+    by_path = {module_path(name): name for name in graph}
+    broken = [
+        f"{path} (layer {table[path]}) imports {module_path(dep)} (layer {table[module_path(dep)]})"
+        for path, name in sorted(by_path.items())
+        if path in table
+        for dep in sorted(graph[name])
+        if module_path(dep) in table and table[module_path(dep)] >= table[path]
+    ]
+    assert not broken, "imports against docs/ARCHITECTURE.md's layer table:\n" + "\n".join(broken)
+
+
+def test_commands_sit_on_top_and_nothing_below_imports_them():
+    graph = import_graph()
+    commands = {name for name in graph if name.endswith(".__main__")}
+    assert {c.split(".")[1] for c in commands} == {"train", "teacher", "evaluate", "sweep", "pareto", "export"}
+    for name, deps in graph.items():
+        assert not deps & commands, f"{name} imports a command: {deps & commands}"
+        if "afm_ray.cli" in deps:
+            assert name in commands, f"{name} imports afm_ray.cli; only commands may"
+
+
+def test_subpackage_inits_hold_only_their_docstring():
+    for init in PACKAGE.rglob("__init__.py"):
+        if init.parent != PACKAGE:
+            body = ast.parse(init.read_text()).body
+            assert len(body) == 1 and isinstance(body[0], ast.Expr), f"{init} holds more than a docstring"
+
+
+def readme_layout() -> set[str]:
+    """Module paths README.md's Layout block names: a line "  sweep/  driver.py plan.py ..." lists
+    sweep/driver.py and sweep/plan.py; "  names.py errors.py" lists top-level modules."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = set()
+    for line in block.splitlines():
+        if not line.startswith("  ") or line.startswith("   "):
+            continue  # the package's own lines are indented by two spaces
+        words = line.split()
+        prefix = words[0] if words[0].endswith("/") else ""
+        listed |= {prefix + word for word in words if word.endswith(".py")}
+    return listed
+
+
+def test_readme_layout_lists_every_module():
+    assert readme_layout() == set(package_modules())
+
+
+def test_names_module_imports_only_the_standard_library_and_errors():
     tree = ast.parse((PACKAGE / "names.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert imported <= {"__future__", "os", "dataclasses", "pathlib"}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "os", "dataclasses", "pathlib", "collections.abc", "afm_ray.errors"}
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))

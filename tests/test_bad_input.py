@@ -227,7 +227,9 @@ ROWS: dict[str, Row] = {
     "set-bad-yaml": Row("train", sets("attack.eps=[1"), "--set attack.eps: not valid YAML at line 1"),
     "set-value-nested-list": Row("train", sets("data.root=[[[&a [1,1], [*a,*a]]]]"), "data.root: got [[[[1, 1]"),
     "set-yaml-bomb": Row("train", sets("data.root=" + SET_BOMB), "--set data.root: its anchors and aliases expand"),
-    "set-unknown-key": Row("train", sets("attack.epss=0.1"), "--set: unknown config key 'attack.epss' (did you mean"),
+    "set-unknown-key": Row(
+        "train", sets("attack.epss=0.1"), "--set: unknown config key 'attack.epss'; did you mean 'attack.eps'?"
+    ),
     "set-python-tag": Row(
         "train", sets("data.root=!!python/object/apply:os.system [touch x]"), "--set data.root: not valid YAML"
     ),  # fmt: skip
@@ -275,7 +277,9 @@ ROWS: dict[str, Row] = {
     "attack-unknown": Row("train", sets("eval.attacks=clean,pgd50"), "eval.attacks: unknown value 'pgd50'"),
     "bool-garbage": Row("train", sets("optim.nesterov=maybe"), "optim.nesterov: got 'maybe', expected true or false"),
     "alpha-out-of-range": Row("train", sets("method.name=ard", "method.alpha=2"), "method.alpha: got 2.0"),
-    "hparam-not-taken": Row("train", sets("method.name=pgd_at", "method.tau=2"), "method:"),
+    "hparam-not-taken": Row(
+        "train", sets("method.name=pgd_at", "method.tau=2"), "method.tau: pgd_at has no hyperparameter 'tau'"
+    ),
     "batch-size-zero": Row("train", sets("optim.batch_size=0"), "optim.batch_size: got 0, expected >= 1"),
     "unicode-value": Row("train", sets("augment.policy=crop_flip✓"), "augment.policy:"),
     # --- config files

@@ -76,11 +76,11 @@ def _confirmations(client, exp_id):
     return client.search_runs([exp_id], filter_string=f"tags.`{names.ROLE_TAG}` = 'confirmation'")
 
 
-@pytest.mark.slow
 def _sigint_as_at_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
     client = MlflowClient(swept["uri"], swept["uri"])
     exp_id = client.get_experiment_by_name("confirm-tests").experiment_id

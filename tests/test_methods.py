@@ -9,23 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from afm_ray.attacks import pgd
-from afm_ray.methods import (
-    AKD,
-    ARD,
-    METHODS,
-    AdaAD,
-    AttackSpec,
-    _attack_model,
+from afm_ray.losses import (
     adaad_loss,
     advfunmatch_loss,
     akd_loss,
     ard_loss,
-    build_method,
     funmatch_loss,
     pgd_at_loss,
     rslad_loss,
     trades_loss,
 )
+from afm_ray.methods import AKD, ARD, METHODS, AdaAD, AttackSpec, _attack_model, build_method
 
 NUM_CLASSES = 5
 LABEL_FREE = ("advfunmatch", "funmatch", "rslad", "adaad")

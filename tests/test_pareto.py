@@ -26,7 +26,7 @@ from mlflow.entities import Metric, Param
 from afm_ray.names import Objective
 from afm_ray.pareto.__main__ import main
 from afm_ray.pareto.ranking import objective_bounds, rank_trials
-from afm_ray.pareto.registry import register_front, verify_registered
+from afm_ray.pareto.registry import register_front
 from afm_ray.pareto.report import axis_label, format_table, plot_front, summary, write_table
 from afm_ray.tracking.mlflow_runs import load_trials, translate_filter, trial_filter
 from afm_ray.tracking.student_model import fetch_student, log_student
@@ -331,6 +331,39 @@ def test_plot_two_objectives(sweep_db, tmp_path):
 
 
 # --------------------------------------------------------------------------- registry
+
+
+def verify_registered(
+    name: str,
+    alias: str = "pareto-1",
+    *,
+    tracking_uri: str | None = None,
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[float, float]:
+    """(logged clean_acc, re-measured clean accuracy) of ``models:/name@alias`` on ``data`` = (x in [0,1], y),
+    by default the test split that its run's params describe. The student loads from safetensors
+    through this URI's client only (the process-wide MLflow URIs belong to the caller)."""
+    import math
+
+    from afm_ray.tracking.mlflow_runs import client_for
+
+    client = client_for(tracking_uri)
+    model, spec = fetch_student(client, f"models:/{name}@{alias}")
+    run = client.get_run(spec["run_id"])
+    if data is None:  # the run's params are its whole resolved config
+        from afm_ray.config import from_flat
+        from afm_ray.data import load_dataset
+
+        d = from_flat(run.data.params, ignore_unknown=True).data
+        ds = load_dataset(
+            d.name, d.root or None, test_fraction=d.test_fraction, seed=d.seed, image_size=d.image_size or None
+        )
+        data = (ds.x_test.float() / 255, ds.y_test)
+    x, y = data
+    with torch.no_grad():
+        batches = ((x[i : i + 512], y[i : i + 512]) for i in range(0, len(x), 512))
+        correct = sum(int((model(xb).argmax(dim=1).cpu() == yb.cpu()).sum()) for xb, yb in batches)
+    return run.data.metrics.get("clean_acc", math.nan), correct / len(x)
 
 
 @pytest.fixture

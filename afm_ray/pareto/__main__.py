@@ -73,8 +73,11 @@ def choose_objectives(given: Sequence[str] | None, trials: pd.DataFrame, trackin
 def pareto(args: argparse.Namespace) -> int:
     """0 with a front, 1 when no trial is eligible, 130 when a confirmation is interrupted (Ctrl-C);
     errors are UserErrors (one line, exit 2)."""
-    if args.objectives:
-        Objective.parse_all(args.objectives)  # a bad objective fails before MLflow is read
+    if args.objectives:  # a bad objective fails before MLflow is read
+        try:
+            Objective.parse_all(args.objectives)
+        except ConfigError as exc:
+            raise ConfigError(f"--objectives: {exc}") from None
     if args.out:  # output files are checked before MLflow is read
         check_out_suffix(Path(args.out))
         check_writable_file(args.out, "--out")

@@ -1,4 +1,4 @@
-"""The MLflow Model Registry side of a front: register its students, load one back and check it.
+"""The MLflow Model Registry side of a front: register its students.
 
 `register_front` registers each Pareto-optimal student as a version of one registered model, with
 aliases ``pareto-1``, ``pareto-2``, ... in rank order, so ``models:/NAME@pareto-1`` is the first.
@@ -8,18 +8,16 @@ the sha256 the tracking store recorded), never by unpickling.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
-import torch
 from mlflow.entities.model_registry import ModelVersion
 
 from afm_ray import names
 from afm_ray.errors import TrackingError
 from afm_ray.names import Objective
 from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, all_pages, client_for, quote
-from afm_ray.tracking.student_model import fetch_student, student_source
+from afm_ray.tracking.student_model import student_source
 
 RANK_TAG = "afm_ray.pareto_rank"
 
@@ -72,32 +70,3 @@ def register_front(
         if mv.version not in on_front and RANK_TAG in mv.tags:
             client.delete_model_version_tag(name, mv.version, RANK_TAG)
     return versions
-
-
-def verify_registered(
-    name: str,
-    alias: str = f"{names.PARETO_ALIAS_PREFIX}1",
-    *,
-    tracking_uri: str | None = None,
-    data: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[float, float]:
-    """(logged clean_acc, re-measured clean accuracy) of ``models:/name@alias`` on ``data`` = (x in [0,1], y),
-    by default the test split that its run's params describe. The student loads from safetensors
-    through this URI's client only (the process-wide MLflow URIs belong to the caller)."""
-    client = client_for(tracking_uri)
-    model, spec = fetch_student(client, f"models:/{name}@{alias}")
-    run = client.get_run(spec["run_id"])
-    if data is None:  # the run's params are its whole resolved config
-        from afm_ray.config import from_flat
-        from afm_ray.data import load_dataset
-
-        d = from_flat(run.data.params, ignore_unknown=True).data
-        ds = load_dataset(
-            d.name, d.root or None, test_fraction=d.test_fraction, seed=d.seed, image_size=d.image_size or None
-        )
-        data = (ds.x_test.float() / 255, ds.y_test)
-    x, y = data
-    with torch.no_grad():
-        batches = ((x[i : i + 512], y[i : i + 512]) for i in range(0, len(x), 512))
-        correct = sum(int((model(xb).argmax(dim=1).cpu() == yb.cpu()).sum()) for xb, yb in batches)
-    return run.data.metrics.get("clean_acc", math.nan), correct / len(x)

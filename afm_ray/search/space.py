@@ -124,10 +124,6 @@ class SearchSpace:
         """Optuna define-by-run function: conditional keys are only asked when they apply."""
         return DefineByRun(dict(self.fixed), self.search)
 
-    def trial_config(self, suggested: Mapping[str, Any]) -> dict[str, Any]:
-        """The flat worker config of a trial: fixed keys, then what the sampler suggested."""
-        return {**self.fixed, **suggested}
-
 
 @dataclass(frozen=True)
 class DefineByRun:
@@ -155,14 +151,6 @@ def _shipped_dir() -> Any:
 def shipped_spaces() -> list[str]:
     """Names of the spaces shipped inside the package (file stems of afm_ray/search_spaces/*.yaml)."""
     return sorted(entry.name[: -len(".yaml")] for entry in _shipped_dir().iterdir() if entry.name.endswith(".yaml"))
-
-
-def find_default_space() -> Path:
-    """The embedded default space's file, from the installed package (importlib.resources)."""
-    entry = _shipped_dir() / f"{DEFAULT_SPACE}.yaml"
-    if not entry.is_file():
-        raise ConfigError(f"the package ships no {DEFAULT_SPACE}.yaml in afm_ray/search_spaces; reinstall afm-ray")
-    return Path(str(entry))
 
 
 def embedded_default() -> dict[str, Any]:

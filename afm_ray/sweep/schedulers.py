@@ -15,6 +15,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from afm_ray.names import FINAL_RESULT_FLAG
 from afm_ray.search.mo_asha import RungLadder
+from afm_ray.search.specs import SchedulerSpec
 
 
 class MOASHAScheduler(FIFOScheduler):
@@ -61,25 +62,25 @@ class MOASHAScheduler(FIFOScheduler):
         return f"Using MO-ASHA: num_stopped={self.num_stopped}; trials recorded per rung: {sizes}"
 
 
-def build_scheduler(spec: Mapping[str, Any], epochs: int) -> TrialScheduler | None:
-    """The Tune scheduler of a validated `scheduler:` mapping (search_space._parse_scheduler);
-    None for FIFO (Tune's default). ``epochs``: the trials' optim.epochs."""
-    if spec["name"] == "asha":
+def build_scheduler(spec: SchedulerSpec, epochs: int) -> TrialScheduler | None:
+    """The Tune scheduler of a validated `scheduler:` spec; None for FIFO (Tune's default).
+    ``epochs``: the trials' optim.epochs."""
+    if spec.name == "asha":
         # max_t one past the last epoch: the final (evaluation) result arrives after it.
         return ASHAScheduler(
-            metric=spec["metric"],
-            mode=spec["mode"],
+            metric=spec.metrics[0],
+            mode=spec.mode,
             time_attr="training_iteration",
             max_t=epochs + 1,
-            grace_period=spec["grace_period"],
-            reduction_factor=spec["reduction_factor"],
+            grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor,
         )
-    if spec["name"] == "mo_asha":
+    if spec.name == "mo_asha":
         return MOASHAScheduler(
-            spec["metrics"],
-            ["max"] * len(spec["metrics"]),
+            spec.metrics,
+            ["max"] * len(spec.metrics),
             max_t=epochs,
-            grace_period=spec["grace_period"],
-            reduction_factor=spec["reduction_factor"],
+            grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor,
         )
     return None

@@ -246,9 +246,7 @@ def fetch_student(client: MlflowClient, uri: str, *, device: str | torch.device 
     store's sha256 (by hand) loads on its spec's own check; the spec's ``run_id`` says where it came from."""
     try:
         location, expected, run_id = resolve_uri(client, uri)
-    except (MlflowException, ValueError) as exc:
-        if isinstance(exc, ArtifactError):
-            raise
+    except (MlflowException, ValueError) as exc:  # an unknown name, alias, version or run
         raise ArtifactError(f"{uri}: {' '.join(str(getattr(exc, 'message', None) or exc).split())}") from None
     with tempfile.TemporaryDirectory(prefix="afm_ray_fetch_") as tmp:
         model, spec = load_student(_download(client, location, tmp), expected_sha256=expected, device=device)
