@@ -90,8 +90,8 @@ class BenchConfig:
     policy: str = "crop_flip"  # our step's BatchAugment policy; crop_flip is what the reference does
     device: str = "cpu"
     amp: str = "off"  # off | bf16 autocast around our method call (the reference is always fp32)
-    channels_last: bool = False  # our student, teacher and batches in channels_last (as train.py)
-    compile: bool = False  # torch.compile our student (as train.py)
+    channels_last: bool = False  # our student, teacher and batches in channels_last (as afm_ray/train/loop.py)
+    compile: bool = False  # torch.compile our student (as afm_ray/train/loop.py)
     iters: int = 12  # timed iterations; the median is reported
     warmup: int = 1  # untimed iterations first (with --compile at least 3: compilation)
     ref_workers: int = 0  # DataLoader workers of the reference step

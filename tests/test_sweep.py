@@ -70,14 +70,13 @@ def test_two_trial_sweep_end_to_end(tmp_path):
     best = max(runs, key=lambda r: r.data.metrics["clean_acc"])
     student, spec = fetch_student(client, f"runs:/{best.info.run_id}")
     assert spec["input_shape"] == [1, 8, 8] and spec["model"]["arch"] == "small_cnn"
-    from afm_ray.attacks import evaluate
     from afm_ray.config import from_flat
-    from afm_ray.data import fixed_test_subset, load_run_data
+    from afm_ray.data import load_run_data
+    from afm_ray.evaluate.protocol import evaluate_model
 
     cfg = from_flat({k: v for k, v in best.data.params.items() if k != "eval.protocol"})
-    x, y = fixed_test_subset(load_run_data(cfg), cfg.eval.samples, cfg.data.seed)
-    clean = evaluate(student, x.float() / 255, y, eps=cfg.eval_eps, attacks=("clean",))
-    assert clean["test/clean_acc"] == pytest.approx(best.data.metrics["clean_acc"])
+    clean = evaluate_model(student, cfg, load_run_data(cfg), attack_names=("clean",), log=lambda line: None)
+    assert clean["eval/n_samples"] == n and clean["clean_acc"] == pytest.approx(best.data.metrics["clean_acc"])
 
 
 def test_sweep_through_a_real_mlflow_server(tmp_path):
