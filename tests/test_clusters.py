@@ -1021,3 +1021,33 @@ def test_no_store_of_the_shipped_clusters_is_a_file_on_the_head():
         "AFM_RAY_OPTUNA_STORAGE": {"name": "afm-ray-postgres", "key": "optuna-url"},
     }
     assert not [d for d in all_manifests() if d["kind"] == "PersistentVolumeClaim"]  # no state volume on the head
+
+
+# ---- clusters/README.md: its commands are checked like the configs'
+
+# fmt: off
+BROKEN_README = [
+    # (id, text replaced, replacement, the message it must produce)
+    ("optuna-study-a-file-on-the-head", "--storage s3://$BUCKET/afm-ray \\",
+     "--storage s3://$BUCKET/afm-ray --optuna-storage sqlite:////home/ray/optuna.db \\",
+     r"--optuna-storage sqlite:////home/ray/optuna\.db is a file on the head"),
+    ("password-in-a-command", "--storage s3://$BUCKET/afm-ray \\",
+     "--storage s3://$BUCKET/afm-ray --optuna-storage postgresql://afm:S3CRET@db:5432/optuna \\",
+     r"a postgresql:// URL with a password is written in the file"),
+    ("older-kuberay", "the KubeRay operator 1.7.0 or later", "the KubeRay operator 1.6 or later",
+     r"'KubeRay operator 1\.6 or later': the manifests are checked against KubeRay 1\.7\.0's CRDs"),
+    ("space-that-does-not-ship", "--space cifar10_resnet18 \\", "--space cifar10_wrn \\",
+     r"--space cifar10_wrn: no such shipped space"),
+    ("flag-the-sweep-does-not-have", "--experiment cifar10-resnet18 \\", "--experimnt cifar10-resnet18 \\",
+     r"python -m afm_ray\.sweep --experimnt: .* no such flag"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("case", BROKEN_README, ids=[c[0] for c in BROKEN_README])
+def test_broken_readme_fails_with_a_readable_message(case):
+    case_id, old, new, message = case
+    text = (CLUSTERS / "README.md").read_text()
+    _skip_if_broken(check.readme_problems(text), "clusters/README.md")
+    assert old in text, old
+    _assert_reported(check.readme_problems(text.replace(old, new, 1)), message, f"clusters/README.md ({case_id})")
