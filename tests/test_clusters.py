@@ -618,6 +618,12 @@ BROKEN_IAM = [
      _set("Statement/5/Resource", ["arn:aws:secretsmanager:us-west-2:ACCOUNT_ID:secret:afm-ray/ray-auth-token-*",
                                    "arn:aws:secretsmanager:us-west-2:ACCOUNT_ID:secret:afm-ray/postgres-*"]),
      r"GetSecretValue on \S+afm-ray/postgres-\*: allow only the secrets these nodes fetch \(afm-ray/ray-auth-token\)"),
+    ("mlflow-cannot-write-its-artifacts", "kuberay-head-policy.json",
+     _set("Statement/2/Resource", ["arn:aws:s3:::BUCKET/afm-ray/*"]),
+     r"the head may not s3:PutObject in BUCKET/mlflow-artifacts/: MLflow's server runs as the head"),
+    ("launcher-head-cannot-write-mlflow-artifacts", "head-policy.json",
+     _set("Statement/9/Resource", ["arn:aws:s3:::BUCKET/afm-ray/*"]),
+     r"the head may not s3:PutObject in BUCKET/mlflow-artifacts/"),
     ("kuberay-head-launches-instances", "kuberay-head-policy.json",
      _append("Statement", {"Effect": "Allow", "Action": "ec2:RunInstances", "Resource": "*"}),
      r"the KubeRay head's role allows ec2:RunInstances"),
@@ -696,12 +702,8 @@ def _rayjob_sweep_arguments(root: Path, *, drop: str = "") -> list[str]:
     if drop:
         i = args.index(drop)
         del args[i - 1 : i + 1]  # the flag and its value
-    swapped = []
-    for arg in args:
-        arg = re.sub(r"\b(?:s3|gs)://BUCKET/", f"file://{root}/bucket/", arg)
-        arg = arg.replace("http://127.0.0.1:5000", f"sqlite:///{root}/mlflow.db")
-        swapped.append(arg.replace("sqlite:////home/ray/state/", f"sqlite:///{root}/"))
-    return swapped
+    swapped = [re.sub(r"\b(?:s3|gs)://BUCKET/", f"file://{root}/bucket/", arg) for arg in args]
+    return [arg.replace("http://127.0.0.1:5000", f"sqlite:///{root}/mlflow.db") for arg in swapped]
 
 
 def _fill_bucket(root: Path) -> None:

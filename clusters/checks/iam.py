@@ -143,6 +143,8 @@ def policy_problems(policy: Any, cfg: dict | None, name: str = "") -> list[str]:
         problems += iam_problems(policy, cfg) + _instance_problems(policy, cfg) + _required_problems(policy, cfg)
     else:
         problems += _node_problems(policy, cfg, kind)
+    if kind in ("head", "pod-head"):
+        problems += _artifact_writer_problems(policy, cfg)
     if kind != "pod-head":
         problems += _ecr_problems(policy, cfg)
     return problems + _secret_problems(policy, cfg, kind)
@@ -290,6 +292,21 @@ def _node_problems(policy: dict, cfg: dict, kind: str) -> list[str]:
                     "--storage prefix instead, e.g. arn:aws:s3:::BUCKET/afm-ray/*"
                 )
     return problems
+
+
+def _artifact_writer_problems(policy: dict, cfg: dict) -> list[str]:
+    """MLflow's server runs with the head's identity (on the launcher's head; in the KubeRay head pod as
+    a sidecar): that identity must write MLflow's artifacts, or every student upload fails."""
+    artifacts = _mlflow_artifacts(cfg)
+    if not artifacts:
+        return []
+    probe = f"{artifacts}0/artifacts/student/model.safetensors"
+    if any(_allows(s, "s3:PutObject", probe) for s in statements(policy)):
+        return []
+    return [
+        f"the head may not s3:PutObject in {artifacts[13:]}: MLflow's server runs as the head and writes the "
+        "students there; every upload would fail (allow writes on that prefix)"
+    ]
 
 
 def _ecr_problems(policy: dict, cfg: dict) -> list[str]:
