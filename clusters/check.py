@@ -6,27 +6,26 @@
 One line per problem (`<file>: <where>: <problem>`) and exit status 1, or a one-line summary
 and 0; a missing file or one it does not know is one line on stderr and exit status 2. It
 needs ray, pyyaml, jsonschema and packaging (and tomli on Python 3.10), not afm-ray itself.
+clusters/README.md says what it checks, rule by rule.
+
 This file finds each file's kind and runs its checks; the checks live in clusters/checks/:
 
-- launcher.py: Ray cluster launcher configs (a YAML mapping with `provider`) are validated against
-  the schema inside the installed Ray wheel (ray/autoscaler/ray-schema.json), then against this
-  project's rules (a CPU on-demand head; GPU worker types from 0 with resources declared; spot
-  preferred over an on-demand fallback; the afm-ray image at the pyproject version; no installs
-  at start-up; only SSH open to the outside; MLflow on the loopback), then run through Ray's own
-  preparation (`prepare_config`, `validate_config`, the v2 autoscaler's `AutoscalingConfig`):
-  what `ray up` and the head's autoscaler do before any cloud call.
-- kuberay.py: KubeRay manifests (YAML documents with `kind`) are checked structurally (known
-  fields, in-tree autoscaling on, GPU groups from 0 with nvidia.com/gpu limits, image tags and
-  rayVersion matching Ray, names that resolve to the manifests beside them), each RayCluster goes
-  through Ray's own translation into the autoscaler's config, and a RayJob's sweep is given its
-  data and teacher in a bucket.
-- security.py: Ray token authentication on every node with the token from a secret store, never
-  the repository; a NetworkPolicy admitting only the cluster's own pods to 6379/8265/10001.
-- iam.py: the AWS IAM documents grant least privilege: the head runs and terminates only instances
-  tagged for this cluster, of the config's types, never stops or starts them; ECR only on the
-  afm-ray repository; the workers cannot write the MLflow artifacts; the token secret only.
+- launcher.py: Ray cluster launcher configs (a YAML mapping with `provider`): the schema inside the
+  installed Ray wheel (ray/autoscaler/ray-schema.json), this project's rules, then Ray's own
+  preparation (`prepare_config`, `validate_config`, the v2 autoscaler's `AutoscalingConfig`).
+- kuberay.py: KubeRay manifests (YAML documents with `kind`): KubeRay 1.7.0's CRDs (crd.py, the
+  schemas vendored in kuberay-1.7.0.json), this project's rules, and Ray's own translation of each
+  RayCluster into the autoscaler's config.
+- fit.py: every shipped search space (afm_ray/search_spaces/*.yaml, read as YAML) fits a worker type
+  of every cluster, and the head holds the trials' drivers; machines.py: what each cloud machine
+  type is, the NVIDIA driver of each boot image, the driver torch's CUDA build needs.
+- stores.py: no MLflow or Optuna store is a file on the head; no credential in a file.
+- security.py: Ray token authentication with the token from a secret store, in a file only the
+  container's user reads; no published port; NetworkPolicies admitting only the cluster's own pods;
+  KubeRay workers with their own service account.
+- iam.py: the AWS IAM documents grant least privilege and every action Ray's AWS provider needs.
 - build.py: the job runtime env, the Dockerfile, its .dockerignore and the constraints, checked
-  against pyproject.toml and Ray.
+  against pyproject.toml and Ray; readme.py: the commands of clusters/README.md.
 - common.py: versions, image tags, start-up commands; `python -m afm_ray.X --flag` in any of them
   must use a flag that afm_ray/X.py (or the package's __main__.py and the afm_ray modules it
   imports) defines.
@@ -34,6 +33,7 @@ This file finds each file's kind and runs its checks; the checks live in cluster
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -75,9 +75,17 @@ from checks.kuberay import (  # noqa: E402
     sweep_arguments,
 )
 from checks.launcher import _is_spot, launcher_problems, prepare_launcher_config  # noqa: E402
+from checks.readme import readme_problems  # noqa: E402
+
+# Each check module by its name, for the tests that reach past the functions above.
+CHECKS = {
+    name: importlib.import_module(f"checks.{name}")
+    for name in "build common crd fit iam kuberay launcher machines readme security stores".split()
+}
 
 __all__ = [
     "AFM_IMAGE",
+    "CHECKS",
     "CLUSTERS",
     "RAY_VERSION",
     "ROOT",
@@ -104,6 +112,7 @@ __all__ = [
     "prepare_launcher_config",
     "pyproject_version",
     "rayjob_spec_problems",
+    "readme_problems",
     "runtime_env_problems",
     "strings",
     "sweep_arguments",
@@ -116,7 +125,8 @@ def _yaml_docs(path: Path) -> list:
 
 
 def file_kind(path: Path) -> str | None:
-    """What `path` is: launcher, kuberay, runtime-env, dockerfile, dockerignore, constraints, iam; None if unknown."""
+    """What `path` is: launcher, kuberay, runtime-env, dockerfile, dockerignore, constraints, iam, readme; None if
+    unknown."""
     name = path.name
     if name == "Dockerfile":
         return "dockerfile"
@@ -125,7 +135,9 @@ def file_kind(path: Path) -> str | None:
     if path.suffix == ".txt" and "constraints" in name:
         return "constraints"
     if path.suffix == ".json":
-        return "iam"
+        return None if path.parent.name == "checks" else "iam"  # checks/ holds KubeRay's schemas, not a policy
+    if path.name == "README.md" and path.parent.name == "clusters":
+        return "readme"
     if path.suffix not in (".yaml", ".yml"):
         return None
     try:
@@ -163,7 +175,7 @@ def check_file(path: Path | str) -> list[str]:
     if kind is None:
         raise ValueError(
             "not a file check.py knows (a launcher config, KubeRay manifest, runtime env, Dockerfile, "
-            ".dockerignore, constraints .txt or IAM .json)"
+            ".dockerignore, constraints .txt, IAM .json or clusters/README.md)"
         )
     text = path.read_text()
     if kind == "yaml":
@@ -185,6 +197,8 @@ def check_file(path: Path | str) -> list[str]:
             problems += [f"{_label(doc, i)}: {p}" for p in found]
     elif kind == "runtime-env":
         problems = runtime_env_problems(yaml.safe_load(text))
+    elif kind == "readme":
+        problems = readme_problems(text)
     elif kind in TEXT_CHECKS:
         problems = TEXT_CHECKS[kind](text)
     else:
@@ -196,9 +210,9 @@ def check_file(path: Path | str) -> list[str]:
         # reported as itself).
         config = next((p for p in (path.parent / "aws.yaml", path.parent.parent / "aws.yaml") if p.is_file()), None)
         cfg = yaml.safe_load(config.read_text()) if config and file_kind(config) == "launcher" else None
-        problems = policy_problems(policy, cfg)
-    # Ray's exceptions and YAML's errors span lines; a problem is one line of output.
-    return [" ".join(p.split()) for p in problems]
+        problems = policy_problems(policy, cfg, path.name)
+    # Ray's exceptions and YAML's errors span lines; a problem is one line of output, said once.
+    return list(dict.fromkeys(" ".join(p.split()) for p in problems))
 
 
 def shown(path: Path) -> str:
@@ -229,7 +243,10 @@ def main(argv: list[str]) -> int:
         path = Path(arg)
         bad = "unknown option" if arg.startswith("-") else None if path.is_file() else "no such file"
         if bad is None and file_kind(path) is None:
-            bad = "not a launcher config, KubeRay manifest, runtime env, Dockerfile, .dockerignore, constraints or IAM"
+            bad = (
+                "not a launcher config, KubeRay manifest, runtime env, Dockerfile, .dockerignore, constraints, IAM "
+                "or README"
+            )
         if bad:
             print(f"check.py: {arg}: {bad}", file=sys.stderr)
             return 2

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -215,6 +216,16 @@ def _append(path: str, item: Any) -> Callable[[Any], None]:
     return mutate
 
 
+def _all(*mutations: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Several mutations as one (a mistake that needs two edits, e.g. every worker type too small)."""
+
+    def mutate(cfg: Any) -> None:
+        for mutation in mutations:
+            mutation(cfg)
+
+    return mutate
+
+
 def _replace_in(path: str, old: str, new: str) -> Callable[[Any], None]:
     def mutate(cfg: Any) -> None:
         target, key = _parent(cfg, path)
@@ -296,12 +307,73 @@ BROKEN_LAUNCHER = [
     ("gpu-node-fetches-no-token", "gcp.yaml", _remove_from("available_node_types/gpu_spot/initialization_commands", 1),
      r"available_node_types\.gpu_spot: node type gpu_spot never fetches the Ray token \(gcloud secrets versions"),
     ("literal-token", "aws.yaml",
-     _replace_in("worker_start_ray_commands/1", "ray start", "RAY_AUTH_TOKEN=f00 ray start"),
+     _replace_in("worker_start_ray_commands/2", "ray start", "RAY_AUTH_TOKEN=f00 ray start"),
      r"sets RAY_AUTH_TOKEN to a literal: fetch it from the secret store"),
     ("stopped-nodes-cached", "aws.yaml", _set("provider/cache_stopped_nodes", True),
      r"provider\.cache_stopped_nodes must be false"),
     ("gcp-stopped-nodes-cached", "gcp.yaml", _set("provider/cache_stopped_nodes", _DELETE),
      r"provider\.cache_stopped_nodes must be false"),
+    # issue 19: each mistake class of finding 11 and the other findings, on a copy of the shipped files
+    ("cpu-instance-declared-as-gpu-type", "aws.yaml",
+     _set("available_node_types/gpu_spot/node_config/InstanceType", "m6i.xlarge"),
+     r"available_node_types\.gpu_spot: declares GPU: 1 but m6i\.xlarge has no GPU"),
+    ("cpu-machine-declared-as-gpu-type", "gcp.yaml",
+     _set("available_node_types/gpu_ondemand/node_config/machineType", "n2-standard-4"),
+     r"available_node_types\.gpu_ondemand: declares GPU: 1 but n2-standard-4 has no GPU"),
+    ("more-cpus-than-the-machine", "aws.yaml", _set("available_node_types/gpu_ondemand/resources/CPU", 8),
+     r"gpu_ondemand: declares CPU: 8 but g5\.xlarge has 4 vCPUs"),
+    ("unknown-machine-type", "aws.yaml", _set("available_node_types/gpu_spot/node_config/InstanceType", "g5.xlarg"),
+     r"gpu_spot: check\.py does not know the machine type g5\.xlarg"),
+    ("head-without-instance-profile", "aws.yaml",
+     _set("available_node_types/head/node_config/IamInstanceProfile", _DELETE),
+     r"head\.node_config has no IamInstanceProfile: `ray up` would create and use its own head role, "
+     r"ray-autoscaler-v1"),
+    ("head-type-initialization-commands", "gcp.yaml",
+     _set("available_node_types/head/initialization_commands", ["echo never run"]),
+     r"available_node_types\.head\.initialization_commands are never run: `ray up` runs the global"),
+    ("worker-types-too-small-for-the-spaces", "aws.yaml",
+     _all(_set("available_node_types/gpu_spot/resources/CPU", 2),
+          _set("available_node_types/gpu_ondemand/resources/CPU", 2)),
+     r"space cifar10_resnet18 asks for a Train worker of CPU 4, GPU 1, which no worker type of this cluster holds"),
+    ("head-too-small-for-the-trials-drivers", "aws.yaml",
+     _set("available_node_types/head/node_config/InstanceType", "m6i.large"),
+     r"the head has 8 GiB; space cifar10_resnet18 runs up to 10 trials at once here, .* needs about 9 GiB"),
+    ("image-driver-too-old-for-torch", "gcp.yaml",
+     _replace_in("available_node_types/gpu_spot/node_config/disks/0/initializeParams/sourceImage",
+                 "common-cu129-ubuntu-2204-nvidia-580", "common-cu128-ubuntu-2204-nvidia-570"),
+     r"gpu_spot\.node_config: image \S+-nvidia-570 has NVIDIA driver 570, older than the 580 that the image's torch "
+     r"\(CUDA 13\.0\) needs"),
+    ("image-with-unknown-driver", "aws.yaml", _set("available_node_types/gpu_ondemand/node_config/ImageId", "ami-0123"),
+     r"gpu_ondemand\.node_config: check\.py cannot tell the NVIDIA driver of image ami-0123"),
+    ("no-gpu-check-at-boot", "aws.yaml", _remove_from("worker_start_ray_commands", 1),
+     r"gpu_spot: a GPU node type whose nodes never run `python /home/ray/node/gpu_check\.py`"),
+    ("gpu-check-whose-failure-is-ignored", "gcp.yaml",
+     _replace_in("worker_start_ray_commands/1", "gpu_check.py", "gpu_check.py || true"),
+     r"gpu_ondemand: a GPU node type whose nodes never run `python /home/ray/node/gpu_check\.py` as a command"),
+    ("published-dashboard-port", "gcp.yaml", _append("docker/run_options", "-p 8265:8265"),
+     r"docker run option '-p 8265:8265' publishes a container port"),
+    ("token-file-world-readable", "aws.yaml",
+     _replace_in("initialization_commands/0", "sudo install -m 0400 -o 1000 -g 100 /dev/stdin", "tee"),
+     r"initialization_commands \(node type head\): the Ray token file is written without `umask 077`"),
+    ("token-file-owned-by-the-ssh-user", "gcp.yaml",
+     _replace_in("available_node_types/gpu_spot/initialization_commands/1", "-o 1000 -g 100 ", ""),
+     r"available_node_types\.gpu_spot \(node type gpu_spot\): the Ray token file belongs to the SSH user, but the "
+     r"container reads it as uid 1000"),
+    # issue 20: no state on the head, no credential in a file
+    ("mlflow-store-a-file-on-the-head", "aws.yaml",
+     _replace_in("head_start_ray_commands/2", "--port 5000", "--port 5000 --backend-store-uri sqlite:////home/ray/mlflow.db"),
+     r"head_start_ray_commands\[2\]: MLflow's store sqlite:////home/ray/mlflow\.db is a file on the head"),
+    ("mlflow-store-never-given", "gcp.yaml", _set("docker/head_run_options", _DELETE),
+     r"head_start_ray_commands\[2\]: the MLflow server gets no --backend-store-uri and no MLFLOW_BACKEND_STORE_URI"),
+    ("mlflow-artifacts-on-the-head", "aws.yaml",
+     _replace_in("head_start_ray_commands/2", "--artifacts-destination s3://BUCKET/mlflow-artifacts", ""),
+     r"head_start_ray_commands\[2\]: MLflow's artifacts go to its working directory on the head"),
+    ("database-urls-readable-by-all", "aws.yaml", _replace_in("initialization_commands/1", "umask 077 &&", "true &&"),
+     r"initialization_commands: /home/ubuntu/\.afm-ray/head\.env \(the database URLs\) is written without `umask 077`"),
+    ("password-in-the-config", "gcp.yaml",
+     _replace_in("head_start_ray_commands/2", "--port 5000",
+                 "--port 5000 --backend-store-uri postgresql://afm:S3CRET@10.0.0.3:5432/mlflow"),
+     r"a postgresql:// URL with a password is written in the file"),
 ]
 BROKEN_KUBERAY = [
     # (id, file, document index, mutation, the message it must produce)
@@ -335,8 +407,8 @@ BROKEN_KUBERAY = [
     ("public-head-service", "raycluster.yaml", 2, _set("spec/headGroupSpec/serviceType", "LoadBalancer"),
      r"headGroupSpec\.serviceType is LoadBalancer: that exposes the dashboard"),
     ("mlflow-on-all-interfaces", "raycluster.yaml", 2,
-     _set("spec/headGroupSpec/template/spec/containers/1/command/3", "0.0.0.0"),
-     r"containers\[mlflow\]\.command: the MLflow server listens on 0\.0\.0\.0"),
+     _set("spec/headGroupSpec/template/spec/initContainers/0/command/3", "0.0.0.0"),
+     r"initContainers\[mlflow\]\.command: the MLflow server listens on 0\.0\.0\.0"),
     ("start-param-not-a-string", "raycluster.yaml", 2, _set("spec/headGroupSpec/rayStartParams/num-cpus", 0),
      r"rayStartParams\.num-cpus is 0 \(int\); KubeRay takes strings only"),
     ("priorities-without-autoscaler-v2", "raycluster.yaml", 2, _set("spec/autoscalerOptions/version", "v1"),
@@ -378,6 +450,82 @@ BROKEN_KUBERAY = [
     ("rayjob-no-teacher", "rayjob.yaml", 0,
      _replace_in("spec/entrypoint", "--set teacher.checkpoint=s3://BUCKET/teachers/wrn34_10_trades/checkpoint.pt", ""),
      r"teacher\.checkpoint '\(empty\)' is not in a bucket"),
+    # issue 19: KubeRay 1.7.0's CRD, worker pods that fit, one-command RayJob, identities, GPU check, time-out
+    ("field-kuberay-does-not-have", "raycluster.yaml", 2, _set("spec/workerGroupSpecs/0/weight", 3),
+     r"workerGroupSpecs\[gpu-spot\]: unknown field 'weight' \[KubeRay 1\.7\.0 CRD\]"),
+    ("value-kuberay-does-not-take", "raycluster.yaml", 2, _set("spec/autoscalerOptions/upscalingMode", "Fast"),
+     r"spec\.autoscalerOptions\.upscalingMode: 'Fast' is not one of \['Default', 'Aggressive', 'Conservative'\] "
+     r"\[KubeRay 1\.7\.0 CRD\]"),
+    ("worker-pods-too-small-for-the-spaces", "raycluster.yaml", 2,
+     _all(*(_set(f"spec/workerGroupSpecs/{g}/template/spec/containers/0/resources/{k}/cpu", "3")
+            for g in (0, 1) for k in ("requests", "limits"))),
+     r"space cifar10_resnet18 asks for a Train worker of CPU 4, GPU 1, which no worker type of this cluster holds "
+     r"\(gpu-spot \(CPU 3, GPU 1, 24\.0 GiB, up to 8\)"),
+    ("head-pod-too-small-for-the-trials-drivers", "raycluster.yaml", 2,
+     _all(_set("spec/headGroupSpec/template/spec/containers/0/resources/limits/memory", "8Gi"),
+          _set("spec/headGroupSpec/template/spec/containers/0/resources/requests/memory", "8Gi")),
+     r"the head has 8 GiB; space cifar10_resnet18 runs up to 10 trials at once here"),
+    ("rayjob-chains-a-second-command", "rayjob.yaml", 0,
+     _replace_in("spec/entrypoint", "checkpoint.pt", "checkpoint.pt && python -m afm_ray.pareto --experiment x"),
+     r"spec\.entrypoint chains commands \(&&\): KubeRay runs it through the submitter pod's shell"),
+    ("workers-share-the-heads-account", "raycluster.yaml", 2,
+     _set("spec/workerGroupSpecs/0/template/spec/serviceAccountName", "afm-ray-head"),
+     r"workerGroupSpecs\[gpu-spot\]\.template\.spec\.serviceAccountName is 'afm-ray-head', the head's account"),
+    ("workers-with-the-default-account", "raycluster.yaml", 2,
+     _set("spec/workerGroupSpecs/1/template/spec/serviceAccountName", _DELETE),
+     r"workerGroupSpecs\[gpu-ondemand\]\.template\.spec\.serviceAccountName is None"),
+    ("workers-with-an-api-token", "raycluster.yaml", 2,
+     _set("spec/workerGroupSpecs/1/template/spec/automountServiceAccountToken", _DELETE),
+     r"workerGroupSpecs\[gpu-ondemand\]\.template\.spec\.automountServiceAccountToken is not false"),
+    ("no-gpu-check-at-boot", "raycluster.yaml", 2,
+     _set("spec/workerGroupSpecs/0/template/spec/containers/0/args", _DELETE),
+     r"workerGroupSpecs\[gpu-spot\]: the Ray container does not run `python /home/ray/node/gpu_check\.py \|\| exit 1`"),
+    ("gpu-check-that-does-not-stop-ray", "raycluster.yaml", 2,
+     _set("spec/workerGroupSpecs/1/template/spec/containers/0/args", ["python /home/ray/node/gpu_check.py"]),
+     r"workerGroupSpecs\[gpu-ondemand\]: the GPU check must end the shell when it fails"),
+    ("no-allocation-timeout", "raycluster.yaml", 2, _set("spec/autoscalerOptions/env", _DELETE),
+     r"spec\.autoscalerOptions\.env sets no RAY_AUTOSCALER_RECONCILE_ALLOCATE_STATUS_TIMEOUT_S"),
+    ("published-host-port", "raycluster.yaml", 2,
+     _append("spec/headGroupSpec/template/spec/containers/0/ports", {"containerPort": 8265, "hostPort": 8265}),
+     r"containers\[ray-head\]: port 8265 has hostPort 8265"),
+    ("head-on-the-host-network", "raycluster.yaml", 2, _set("spec/headGroupSpec/template/spec/hostNetwork", True),
+     r"headGroupSpec\.template\.spec\.hostNetwork is true"),
+    # issue 20: the head keeps no state; the database outlives its pod
+    ("mlflow-store-a-file-on-the-head", "raycluster.yaml", 2,
+     _append("spec/headGroupSpec/template/spec/initContainers/0/command", "--backend-store-uri=sqlite:////home/ray/mlflow.db"),
+     r"initContainers\[mlflow\]: MLflow's store sqlite:////home/ray/mlflow\.db is a file on the head"),
+    ("mlflow-store-not-from-a-secret", "raycluster.yaml", 2,
+     _set("spec/headGroupSpec/template/spec/initContainers/0/env", _DELETE),
+     r"initContainers\[mlflow\]: the MLflow server gets no --backend-store-uri and no MLFLOW_BACKEND_STORE_URI"),
+    ("mlflow-never-restarted", "raycluster.yaml", 2,
+     _all(_append("spec/headGroupSpec/template/spec/containers", {"name": "mlflow2", "image": "x", "command": [
+         "mlflow", "server", "--host", "127.0.0.1", "--artifacts-destination", "s3://BUCKET/mlflow-artifacts"],
+         "env": [{"name": "MLFLOW_BACKEND_STORE_URI", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]})),
+     r"containers\[mlflow2\]: an MLflow container beside the head is never restarted if it exits"),
+    ("rayjob-optuna-study-a-file-on-the-head", "rayjob.yaml", 0,
+     _replace_in("spec/entrypoint", "--experiment",
+                 "--optuna-storage sqlite:////home/ray/state/optuna.db --experiment"),
+     r"spec\.entrypoint: --optuna-storage sqlite:////home/ray/state/optuna\.db is a file on the head"),
+    ("rayjob-password-in-the-entrypoint", "rayjob.yaml", 0,
+     _replace_in("spec/entrypoint", "--experiment",
+                 "--optuna-storage postgresql://afm:S3CRET@afm-ray-postgres:5432/optuna --experiment"),
+     r"a postgresql:// URL with a password is written in the file"),
+    ("public-database-service", "postgres.yaml", 1, _set("spec/type", "LoadBalancer"),
+     r"spec\.type is LoadBalancer: that publishes the service outside the Kubernetes cluster"),
+    ("database-on-the-pods-disk", "postgres.yaml", 2, _set("spec/volumeClaimTemplates", _DELETE),
+     r"containers\[postgres\]: the database's data \(/var/lib/postgresql/data/pgdata\) is not on a volume of "
+     r"spec\.volumeClaimTemplates"),
+    ("database-password-in-the-file", "postgres.yaml", 2,
+     _set("spec/template/spec/containers/0/env/2", {"name": "POSTGRES_PASSWORD", "value": "S3CRET"}),
+     r"containers\[postgres\]: POSTGRES_PASSWORD is a literal value"),
+    ("database-image-floating", "postgres.yaml", 2, _set("spec/template/spec/containers/0/image", "postgres:latest"),
+     r"image postgres:latest is not postgres:MAJOR\.MINOR"),
+    ("database-deleted-with-its-statefulset", "postgres.yaml", 2,
+     _set("spec/persistentVolumeClaimRetentionPolicy/whenDeleted", "Delete"),
+     r"spec\.persistentVolumeClaimRetentionPolicy\.whenDeleted is Delete"),
+    ("database-pod-field-kubernetes-does-not-have", "postgres.yaml", 2,
+     _rename("spec/template/spec/containers/0/volumeMounts", "volumeMount"),
+     r"spec\.template\.spec\.containers\[postgres\]: unknown field 'volumeMount' \(did you mean 'volumeMounts'\?\)"),
 ]
 # Whole-directory rules (kuberay_reference_problems over every manifest): (id, file, document,
 # mutation, the message the RayCluster's or the RayJob's references must produce).
@@ -387,7 +535,7 @@ BROKEN_KUBERAY_REFERENCES = [
     ("policy-admits-everyone", "raycluster.yaml", 3, _set("spec/ingress/0/from", _DELETE),
      r"NetworkPolicy afm-ray: ingress\[0\] has no `from`: it admits every source"),
     ("policy-admits-a-whole-namespace", "raycluster.yaml", 3, _set("spec/ingress/0/from", [{"namespaceSelector": {}}]),
-     r"ingress\[0\] admits \{'namespaceSelector': \{\}\} to ports \[6379, 8265, 10001\]"),
+     r"ingress\[0\] admits \{'namespaceSelector': \{\}\} to every port"),
     ("policy-admits-the-internet", "raycluster.yaml", 3,
      _set("spec/ingress/1/from/0", {"ipBlock": {"cidr": "0.0.0.0/0"}}),
      r"ingress\[1\] admits \{'ipBlock': \{'cidr': '0\.0\.0\.0/0'\}\} to ports \[8265\]"),
@@ -398,6 +546,22 @@ BROKEN_KUBERAY_REFERENCES = [
     ("submitter-reads-another-secret", "rayjob.yaml", 0,
      _set("spec/submitterPodTemplate/spec/containers/0/env/1/valueFrom/secretKeyRef/name", "other"),
      r"the submitter reads its token from Secret 'other', RayCluster afm-ray from 'afm-ray-auth-token'"),
+    ("policy-opens-another-port-to-the-submitter", "raycluster.yaml", 3,
+     _set("spec/ingress/1/ports", [{"port": 52365}]),
+     r"ingress\[1\] admits .*sweep-submitter.* to ports \[52365\]"),
+    ("policy-opens-the-metrics-port-to-the-world", "raycluster.yaml", 3,
+     _append("spec/ingress", {"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 8080}]}),
+     r"ingress\[2\] admits \{'ipBlock': \{'cidr': '0\.0\.0\.0/0'\}\} to ports \[8080\]"),
+    ("database-open-to-every-pod", "postgres.yaml", 3, _set("spec/ingress/0/from", [{"namespaceSelector": {}}]),
+     r"NetworkPolicy afm-ray-postgres: ingress\[0\] admits \{'namespaceSelector': \{\}\} to afm-ray-postgres"),
+    ("database-without-a-network-policy", "postgres.yaml", 3, _set("kind", "ConfigMap"),
+     r"no NetworkPolicy selects the pods of afm-ray-postgres"),
+    ("head-without-the-optuna-url", "raycluster.yaml", 2,
+     _set("spec/headGroupSpec/template/spec/containers/0/env", _DELETE),
+     r"spec\.entrypoint: the sweep gets no --optuna-storage and the head no AFM_RAY_OPTUNA_STORAGE from a secret"),
+    ("rayjob-asks-more-than-a-worker-pod", "rayjob.yaml", 0,
+     _replace_in("spec/entrypoint", "--experiment", "--cpus-per-worker 8 --experiment"),
+     r"spec\.entrypoint: space cifar10_resnet18 asks for a Train worker of CPU 8, GPU 1, which no worker type"),
 ]
 # IAM documents against aws.yaml: (id, policy file, mutation, the message it must produce).
 BROKEN_IAM = [
@@ -412,8 +576,8 @@ BROKEN_IAM = [
      r"ec2:RunInstances must be limited to the worker types of the config \['g5\.xlarge'\]"),
     ("terminate-any-instance", "head-policy.json", _set("Statement/3/Condition", _DELETE),
      r"RetagAndTerminateOnlyThisClustersInstances: ec2:TerminateInstances must be limited to instances tagged"),
-    ("wildcard-action", "head-policy.json", _set("Statement/8/Action", "s3:*"),
-     r"SweepObjectsAndMlflowArtifacts: allows s3:\*: name the actions it needs"),
+    ("wildcard-action", "head-policy.json", _set("Statement/9/Action", "s3:*"),
+     r"WriteOnlyTheSweepStorageAndMlflowArtifacts: allows s3:\*: a wildcard grants actions nobody reviewed"),
     ("pull-from-any-repository", "worker-policy.json", _set("Statement/4/Resource", "*"),
      r"PullOnlyTheAfmRayImage: ECR pulls on \['\*'\]: scope them to the image's repository"),
     ("worker-writes-mlflow-artifacts", "worker-policy.json", _set("Statement/2/Resource", "arn:aws:s3:::BUCKET/*"),
@@ -423,9 +587,46 @@ BROKEN_IAM = [
      _append("Statement", {"Effect": "Allow", "Action": "ec2:RunInstances", "Resource": "*"}),
      r"a worker's role allows ec2:RunInstances"),
     ("worker-reads-any-secret", "worker-policy.json", _set("Statement/5/Resource", "*"),
-     r"secretsmanager:GetSecretValue on \*: allow only the Ray token's secret"),
-    ("head-cannot-read-the-token", "head-policy.json", _set("Statement/11", _DELETE),
-     r"no statement allows secretsmanager:GetSecretValue on the Ray token's secret \(afm-ray/ray-auth-token\)"),
+     r"secretsmanager:GetSecretValue on \*: allow only the secrets these nodes fetch \(afm-ray/ray-auth-token\)"),
+    ("head-cannot-read-the-token", "head-policy.json", _set("Statement/12", _DELETE),
+     r"no statement allows secretsmanager:GetSecretValue on the secret afm-ray/ray-auth-token the nodes fetch"),
+    # issue 19: finding 10 (prefix-scoped writes) and finding 11's IAM classes
+    ("partial-wildcard-action", "head-policy.json", _set("Statement/5/Action", "iam:*Role*"),
+     r"LaunchWorkersWithTheirRole: allows iam:\*Role\*: a wildcard grants actions nobody reviewed"),
+    ("partial-wildcard-s3-action", "worker-policy.json", _set("Statement/2/Action", "s3:*Object*"),
+     r"WriteOnlyTheSweepStorage: allows s3:\*Object\*"),
+    ("not-action", "head-policy.json", _append("Statement", {"Effect": "Allow", "NotAction": "iam:*", "Resource": "*"}),
+     r"Allow with NotAction grants everything it does not list"),
+    ("s3-writes-on-everything", "head-policy.json", _set("Statement/9/Resource", "*"),
+     r"WriteOnlyTheSweepStorageAndMlflowArtifacts: s3:PutObject, s3:DeleteObject, s3:AbortMultipartUpload on \*: "
+     r"that reaches the whole bucket"),
+    ("head-writes-the-whole-bucket", "head-policy.json", _set("Statement/9/Resource", "arn:aws:s3:::BUCKET/*"),
+     r"on arn:aws:s3:::BUCKET/\*: that reaches the whole bucket \(the data and the teachers too\)"),
+    ("kuberay-head-writes-the-whole-bucket", "kuberay-head-policy.json", _set("Statement/2/Resource", "arn:aws:s3:::*"),
+     r"on arn:aws:s3:::\*: that reaches the whole bucket"),
+    ("head-cannot-describe-instances", "head-policy.json", _remove_from("Statement/4/Action", "ec2:DescribeInstances"),
+     r"the head may not ec2:DescribeInstances on \*: Ray's AWS provider needs it on the head"),
+    ("head-cannot-tag", "head-policy.json",
+     _all(_set("Statement/3/Action", "ec2:TerminateInstances"), _set("Statement/2", _DELETE)),
+     r"the head may not ec2:CreateTags on arn:aws:ec2:us-west-2:ACCOUNT_ID:instance/i-0"),
+    ("head-cannot-resolve-the-ami-parameter", "head-policy.json", _set("Statement/6", _DELETE),
+     r"the head may not ssm:GetParameters on arn:aws:ssm:us-west-2::parameter/aws/service/deeplearning/ami/x86_64/"),
+    ("head-cannot-request-spot", "head-policy.json",
+     _remove_from("Statement/1/Resource", "arn:aws:ec2:us-west-2:ACCOUNT_ID:spot-instances-request/*"),
+     r"the head may not ec2:RunInstances on arn:aws:ec2:us-west-2:ACCOUNT_ID:spot-instances-request/x"),
+    ("worker-reads-the-database-secret", "worker-policy.json",
+     _set("Statement/5/Resource", ["arn:aws:secretsmanager:us-west-2:ACCOUNT_ID:secret:afm-ray/ray-auth-token-*",
+                                   "arn:aws:secretsmanager:us-west-2:ACCOUNT_ID:secret:afm-ray/postgres-*"]),
+     r"GetSecretValue on \S+afm-ray/postgres-\*: allow only the secrets these nodes fetch \(afm-ray/ray-auth-token\)"),
+    ("mlflow-cannot-write-its-artifacts", "kuberay-head-policy.json",
+     _set("Statement/2/Resource", ["arn:aws:s3:::BUCKET/afm-ray/*"]),
+     r"the head may not s3:PutObject in BUCKET/mlflow-artifacts/: MLflow's server runs as the head"),
+    ("launcher-head-cannot-write-mlflow-artifacts", "head-policy.json",
+     _set("Statement/9/Resource", ["arn:aws:s3:::BUCKET/afm-ray/*"]),
+     r"the head may not s3:PutObject in BUCKET/mlflow-artifacts/"),
+    ("kuberay-head-launches-instances", "kuberay-head-policy.json",
+     _append("Statement", {"Effect": "Allow", "Action": "ec2:RunInstances", "Resource": "*"}),
+     r"the KubeRay head's role allows ec2:RunInstances"),
 ]
 # fmt: on
 
@@ -466,9 +667,9 @@ def test_broken_manifests_fail_their_cross_references(case):
 def test_broken_iam_policy_fails_least_privilege(case):
     case_id, name, mutate, message = case
     policy, cfg = json.loads((CLUSTERS / "aws-iam" / name).read_text()), load_launcher("aws.yaml")
-    _skip_if_broken(check.policy_problems(copy.deepcopy(policy), cfg), f"clusters/aws-iam/{name}")
+    _skip_if_broken(check.policy_problems(copy.deepcopy(policy), cfg, name), f"clusters/aws-iam/{name}")
     mutate(policy)
-    _assert_reported(check.policy_problems(policy, cfg), message, f"clusters/aws-iam/{name} ({case_id})")
+    _assert_reported(check.policy_problems(policy, cfg, name), message, f"clusters/aws-iam/{name} ({case_id})")
 
 
 def test_security_rules_hold_for_the_shipped_files():
@@ -481,7 +682,7 @@ def test_security_rules_hold_for_the_shipped_files():
     raycluster = next(d for d in all_manifests() if d["kind"] == "RayCluster")
     assert raycluster["spec"]["authOptions"] == {"mode": "token", "secretName": "afm-ray-auth-token"}
     assert not [d for d in all_manifests() if d["kind"] == "Secret"]  # the token is never in the repository
-    policy = next(d for d in all_manifests() if d["kind"] == "NetworkPolicy")
+    policy = next(d for d in all_manifests() if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "afm-ray")
     assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/cluster": "afm-ray"}}
     head = json.loads((CLUSTERS / "aws-iam" / "head-policy.json").read_text())
     actions = {a for s in head["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
@@ -501,12 +702,8 @@ def _rayjob_sweep_arguments(root: Path, *, drop: str = "") -> list[str]:
     if drop:
         i = args.index(drop)
         del args[i - 1 : i + 1]  # the flag and its value
-    swapped = []
-    for arg in args:
-        arg = re.sub(r"\b(?:s3|gs)://BUCKET/", f"file://{root}/bucket/", arg)
-        arg = arg.replace("http://127.0.0.1:5000", f"sqlite:///{root}/mlflow.db")
-        swapped.append(arg.replace("sqlite:////home/ray/state/", f"sqlite:///{root}/"))
-    return swapped
+    swapped = [re.sub(r"\b(?:s3|gs)://BUCKET/", f"file://{root}/bucket/", arg) for arg in args]
+    return [arg.replace("http://127.0.0.1:5000", f"sqlite:///{root}/mlflow.db") for arg in swapped]
 
 
 def _fill_bucket(root: Path) -> None:
@@ -625,7 +822,8 @@ def test_configs_install_the_package_version():
 
 
 def test_every_afm_ray_image_is_built_on_the_projects_ray():
-    refs = _image_refs()
+    # The database's image (kuberay/postgres.yaml) runs no Ray: check.py pins it on its own rule.
+    refs = [(where, image) for where, image in _image_refs() if not image.startswith("postgres:")]
     assert any(check.AFM_IMAGE.match(image) for _, image in refs), "no config names the afm-ray image"
     _assert_clean([p for where, image in refs for p in check.image_problems(image, where)], "images")
 
@@ -717,3 +915,142 @@ def test_cli_rejects_a_bad_argument(tmp_path):
     assert check.file_kind(ROOT / "README.md") is None  # nor a file of no kind it knows
     with pytest.raises(ValueError, match="not a file check.py knows"):
         check.check_file(ROOT / "README.md")
+
+
+# ---- issue 19: proofs against the providers' own code and schemas
+
+
+def test_head_policy_covers_every_call_of_rays_aws_provider():
+    """Every EC2 call in the installed Ray's AWS node provider is mapped to its IAM action, and the head's
+    policy grants each one the head makes (a Ray upgrade that adds a call fails here first)."""
+    import ray.autoscaler
+
+    # Read, not imported: the provider imports boto3, which check.py does not need.
+    source = (Path(ray.autoscaler.__file__).parent / "_private" / "aws" / "node_provider.py").read_text()
+    calls = set(re.findall(r"\bec2(?:_fail_fast)?\.(?:meta\.client\.)?(instances\.filter|[a-z_]+)\(", source))
+    calls |= set(re.findall(r"\bnode\.(terminate|stop)\(\)", source))
+    assert {"create_instances", "create_tags", "instances.filter", "terminate"} <= calls, calls
+    iam = check.CHECKS["iam"]
+    assert not calls - set(iam.BOTO_TO_IAM), f"calls of Ray's AWS provider with no IAM action in checks/iam.py: {calls}"
+    needed = {iam.BOTO_TO_IAM[c] for c in calls} - set(iam.NOT_ON_THE_HEAD)
+    policy = json.loads((CLUSTERS / "aws-iam" / "head-policy.json").read_text())
+    granted = {a for s in iam.statements(policy) if s.get("Effect") == "Allow" for a in iam._listed(s.get("Action"))}
+    assert needed <= granted, needed - granted
+    assert not iam._required_problems(policy, load_launcher("aws.yaml"))
+
+
+def test_kuberay_schema_is_the_documented_minimum():
+    """The vendored CRDs are KubeRay 1.7.0's, the first with worker-group priority; the manifests and the
+    README name that version."""
+    crd = check.CHECKS["crd"]
+    vendored = json.loads(crd.SCHEMA_PATH.read_text())
+    assert vendored["kuberay"] == crd.KUBERAY_VERSION == "1.7.0"
+
+    def resolve(node: dict) -> dict:
+        while "$ref" in node:
+            node = vendored["definitions"][node["$ref"].rsplit("/", 1)[-1]]
+        return node
+
+    spec = resolve(vendored["RayCluster"]["properties"]["spec"])
+    group = resolve(resolve(spec["properties"]["workerGroupSpecs"])["items"])
+    assert {"priority", "minReplicas", "maxReplicas", "template"} <= set(group["properties"])
+    assert {"authOptions", "autoscalerOptions"} <= set(spec["properties"])
+    options = resolve(spec["properties"]["autoscalerOptions"])
+    assert {"version", "env"} <= set(options["properties"])
+    assert "1.7.0" in (KUBERAY / "raycluster.yaml").read_text().split("\n", 1)[0]
+    assert "KubeRay operator 1.7.0 or later" in (CLUSTERS / "README.md").read_text()
+
+
+def _cluster_shapes() -> dict[str, tuple[list, float | None]]:
+    fit, machines = check.CHECKS["fit"], check.CHECKS["machines"]
+    shapes = {}
+    for name in LAUNCHER_CONFIGS:
+        cfg = load_launcher(name)
+        kind = cfg["provider"]["type"]
+        known = {n: machines.machine(kind, t["node_config"])[1] for n, t in cfg["available_node_types"].items()}
+        shapes[name] = fit.launcher_node_types(cfg, known)
+    raycluster = next(d for d in all_manifests() if d["kind"] == "RayCluster")
+    shapes["raycluster.yaml"] = fit.kuberay_node_types(raycluster)
+    return shapes
+
+
+def test_every_shipped_space_fits_every_shipped_cluster():
+    """Finding 2: as Ray reads each cluster (the RayCluster through Ray's own CR translation), some worker
+    type holds a Train worker of every shipped space, and the CIFAR spaces run at most 10 trials at once
+    (one GPU each, 8 spot + 2 on-demand), whose drivers the head holds."""
+    fit = check.CHECKS["fit"]
+    spaces = [fit.load_space(name) for name in fit.shipped_spaces()]
+    assert {s.name for s in spaces} >= {"cifar10_resnet18", "cifar100_mobilenetv2", "default"}
+    for cluster, (workers, head_memory) in _cluster_shapes().items():
+        assert workers and all(w.gpus == 1 for w in workers), (cluster, workers)
+        for space in spaces:
+            assert any(fit.slots(space, w) for w in workers), (cluster, space, workers)
+        cifar = fit.load_space("cifar10_resnet18")
+        assert fit.concurrency(cifar, workers) == 10, cluster
+        assert head_memory >= fit.HEAD_BASE_GIB + fit.TRIAL_DRIVER_GIB * 10, (cluster, head_memory)
+    workers, _ = _cluster_shapes()["raycluster.yaml"]
+    assert {(w.name, w.cpus, w.gpus, w.memory_gib) for w in workers} == {
+        ("gpu-spot", 6, 1, 24.0),
+        ("gpu-ondemand", 6, 1, 24.0),
+    }
+
+
+def test_rayjob_entrypoint_is_the_sweep_alone():
+    """Finding 4: KubeRay's submitter runs the entrypoint through its shell; it is one command."""
+    job = next(d for d in all_manifests() if d["kind"] == "RayJob")
+    lexer = shlex.shlex(job["spec"]["entrypoint"], posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words = list(lexer)
+    assert words[:3] == ["python", "-m", "afm_ray.sweep"] and not [w for w in words if set(w) <= set("&|;()<>")]
+    assert "--optuna-storage" not in words  # the study's URL comes from the head's environment (a Secret)
+
+
+def test_no_store_of_the_shipped_clusters_is_a_file_on_the_head():
+    """Issue 20: MLflow's store and the Optuna study of every shipped flow come from PostgreSQL URLs in a
+    secret (an environment file fetched from the secret store, a Kubernetes Secret)."""
+    for name in LAUNCHER_CONFIGS:
+        cfg = load_launcher(name)
+        text = yaml.safe_dump(cfg)
+        assert "sqlite" not in text and "--backend-store-uri" not in text, name
+        assert any("--env-file" in o for o in cfg["docker"]["head_run_options"]), name
+        assert not any("--env-file" in o for o in cfg["docker"].get("worker_run_options", [])), name
+    raycluster = next(d for d in all_manifests() if d["kind"] == "RayCluster")
+    pod = raycluster["spec"]["headGroupSpec"]["template"]["spec"]
+    envs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"] for c in pod["containers"] + pod["initContainers"] for e in c["env"]
+    }
+    assert envs == {
+        "MLFLOW_BACKEND_STORE_URI": {"name": "afm-ray-postgres", "key": "mlflow-url"},
+        "AFM_RAY_OPTUNA_STORAGE": {"name": "afm-ray-postgres", "key": "optuna-url"},
+    }
+    assert not [d for d in all_manifests() if d["kind"] == "PersistentVolumeClaim"]  # no state volume on the head
+
+
+# ---- clusters/README.md: its commands are checked like the configs'
+
+# fmt: off
+BROKEN_README = [
+    # (id, text replaced, replacement, the message it must produce)
+    ("optuna-study-a-file-on-the-head", "--storage s3://$BUCKET/afm-ray \\",
+     "--storage s3://$BUCKET/afm-ray --optuna-storage sqlite:////home/ray/optuna.db \\",
+     r"--optuna-storage sqlite:////home/ray/optuna\.db is a file on the head"),
+    ("password-in-a-command", "--storage s3://$BUCKET/afm-ray \\",
+     "--storage s3://$BUCKET/afm-ray --optuna-storage postgresql://afm:S3CRET@db:5432/optuna \\",
+     r"a postgresql:// URL with a password is written in the file"),
+    ("older-kuberay", "the KubeRay operator 1.7.0 or later", "the KubeRay operator 1.6 or later",
+     r"'KubeRay operator 1\.6 or later': the manifests are checked against KubeRay 1\.7\.0's CRDs"),
+    ("space-that-does-not-ship", "--space cifar10_resnet18 \\", "--space cifar10_wrn \\",
+     r"--space cifar10_wrn: no such shipped space"),
+    ("flag-the-sweep-does-not-have", "--experiment cifar10-resnet18 \\", "--experimnt cifar10-resnet18 \\",
+     r"python -m afm_ray\.sweep --experimnt: .* no such flag"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("case", BROKEN_README, ids=[c[0] for c in BROKEN_README])
+def test_broken_readme_fails_with_a_readable_message(case):
+    case_id, old, new, message = case
+    text = (CLUSTERS / "README.md").read_text()
+    _skip_if_broken(check.readme_problems(text), "clusters/README.md")
+    assert old in text, old
+    _assert_reported(check.readme_problems(text.replace(old, new, 1)), message, f"clusters/README.md ({case_id})")

@@ -1,51 +1,37 @@
-"""KubeRay manifests: known fields (what kubectl's strict validation would reject), in-tree
-autoscaling on, GPU groups from 0 with nvidia.com/gpu limits, images and rayVersion matching Ray,
-names that resolve to the manifests beside them, Ray's own reading of each RayCluster, and the
-security rules (checks/security.py)."""
+"""KubeRay manifests: KubeRay 1.7.0's own CRDs (checks/crd.py: fields, types, enums), then this
+project's rules: in-tree autoscaling v2 with an allocation time-out, GPU groups from 0 with
+nvidia.com/gpu limits, each GPU pod checking its GPU before `ray start`, worker pods large enough for
+every shipped space and a head that holds the trials' drivers (Ray's own translation of the CR,
+checks/fit.py), workers with a service account of their own and no API token, images and rayVersion
+matching Ray, names that resolve to the manifests beside them, MLflow and the Optuna study in
+PostgreSQL (checks/stores.py) with the database's own rules, a RayJob that runs the sweep alone with
+its data and teacher in a bucket, and the security rules (checks/security.py)."""
 
 from __future__ import annotations
 
-import copy
 import re
 import shlex
 from typing import Any
 
 import yaml
 
-from checks.common import RAY_VERSION, ROOT, command_problems, did_you_mean, fields, image_problems
-from checks.security import network_policy_problems, raycluster_auth_problems, rayjob_auth_problems, token_secret
-
-# Fields of KubeRay's ray.io/v1 API (ray-operator/apis/ray/v1/*_types.go, KubeRay 1.4-1.5) and
-# of Kubernetes' core/v1 PodSpec and Container: anything else is a typo that strict field
-# validation (kubectl's default) rejects.
-RAYCLUSTER_SPEC_KEYS = fields("""
-    headGroupSpec workerGroupSpecs rayVersion enableInTreeAutoscaling autoscalerOptions headServiceAnnotations
-    suspend managedBy upgradeStrategy authOptions gcsFaultToleranceOptions historyServerOptions networkPolicy
-    tlsOptions""")
-AUTOSCALER_OPTIONS_KEYS = fields("""
-    resources image imagePullPolicy securityContext idleTimeoutSeconds upscalingMode version env envFrom
-    volumeMounts command args""")
-HEAD_GROUP_KEYS = fields(
-    "template headService enableIngress ingressOptions resources labels rayStartParams serviceType"
+from checks.common import RAY_VERSION, ROOT, command_problems, did_you_mean, fields, image_problems, strings
+from checks.crd import KUBERAY_VERSION, crd_problems, pod_template_validator, schema_problems
+from checks.fit import SPACE_FLAGS, fit_problems, kuberay_node_types, load_space
+from checks.security import (
+    database_policy_problems,
+    network_policy_problems,
+    raycluster_auth_problems,
+    rayjob_auth_problems,
+    token_secret,
 )
-WORKER_GROUP_KEYS = fields("""
-    groupName replicas minReplicas maxReplicas idleTimeoutSeconds priority resources labels rayStartParams template
-    scaleStrategy numOfHosts suspend""")
-RAYJOB_SPEC_KEYS = fields("""
-    entrypoint runtimeEnvYAML jobId submissionMode entrypointResources entrypointNumCpus entrypointNumGpus
-    ttlSecondsAfterFinished shutdownAfterJobFinishes suspend schedule activeDeadlineSeconds backoffLimit
-    rayClusterSpec submitterPodTemplate metadata clusterSelector submitterConfig managedBy deletionStrategy""")
-POD_SPEC_KEYS = fields("""
-    volumes initContainers containers ephemeralContainers restartPolicy terminationGracePeriodSeconds
-    activeDeadlineSeconds dnsPolicy nodeSelector serviceAccountName serviceAccount automountServiceAccountToken
-    nodeName hostNetwork hostPID hostIPC shareProcessNamespace securityContext imagePullSecrets hostname subdomain
-    affinity schedulerName tolerations hostAliases priorityClassName priority dnsConfig readinessGates
-    runtimeClassName enableServiceLinks preemptionPolicy overhead topologySpreadConstraints setHostnameAsFQDN os
-    hostUsers schedulingGates resourceClaims resources""")
-CONTAINER_KEYS = fields("""
-    name image command args workingDir ports envFrom env resources resizePolicy restartPolicy volumeMounts
-    volumeDevices livenessProbe readinessProbe startupProbe lifecycle terminationMessagePath
-    terminationMessagePolicy imagePullPolicy securityContext stdin stdinOnce tty""")
+from checks.stores import (
+    credential_problems,
+    mlflow_server_problems,
+    secret_env,
+    sweep_store_problems,
+)
+
 NETWORK_POLICY_SPEC_KEYS = fields("podSelector policyTypes ingress egress")
 SPOT_LABELS = {
     "cloud.google.com/gke-spot": "true",
@@ -53,12 +39,20 @@ SPOT_LABELS = {
     "karpenter.sh/capacity-type": "spot",
 }
 SWEEP_FLAGS = ("--space", "--storage", "--tracking-uri", "--experiment")
-# Where a RayJob's --space may point: the spaces baked into the image, or the spaces ConfigMap.
 # Where a RayJob's --space may point: a space shipped in the package (by name), or the spaces ConfigMap.
 SHIPPED_SPACES, CONFIGMAP_SPACES = ROOT / "afm_ray" / "search_spaces", "/home/ray/spaces/"
 BUCKETS = ("s3://", "gs://")
 EMBEDDED_DATA = ("mnist5k", "digits")  # ship inside Python packages: no data.root needed
 TRAIN_TEACHER = "train"  # teacher.checkpoint's value that has the sweep train the teacher first
+GPU_CHECK = "python /home/ray/node/gpu_check.py"  # clusters/node/gpu_check.py, in the image
+# Ray's autoscaler v2 ranks a group last once one of its pods stays unallocated this long (Ray's
+# default 3600 s keeps a pending spot pod blocking its trial for an hour before on-demand is tried).
+ALLOCATION_TIMEOUT_ENV = "RAY_AUTOSCALER_RECONCILE_ALLOCATE_STATUS_TIMEOUT_S"
+ALLOCATION_TIMEOUT_RANGE = (300, 1800)
+SHIPPED_KINDS = (
+    "RayCluster, RayJob, NetworkPolicy, ServiceAccount, PersistentVolumeClaim, ConfigMap, Service, StatefulSet"
+)
+DATABASE_IMAGE = re.compile(r"^(?:docker\.io/)?(?:library/)?postgres:(\d+)\.(\d+)(?:-\S+)?$")
 
 
 def unknown_keys(obj: Any, known: set[str], at: str) -> list[str]:
@@ -74,21 +68,37 @@ def _quantity(value: Any) -> float:
     return float(parse_quantity(str(value)))
 
 
-def pod_problems(template: Any, at: str, *, ray_pod: bool = True) -> list[str]:
-    """Known fields and images; in a Ray pod the first container (the Ray one) runs the afm-ray image."""
+def pod_problems(template: Any, at: str, *, ray_pod: bool = True, images: bool = True) -> list[str]:
+    """Images, start-up commands and published ports; in a Ray pod the first container (the Ray one) runs
+    the afm-ray image. (Fields and types: the CRD, checks/crd.py.)"""
     if not isinstance(template, dict) or not isinstance(template.get("spec"), dict):
         return [f"{at}: no pod template spec"]
     spec = template["spec"]
-    problems = unknown_keys(spec, POD_SPEC_KEYS, f"{at}.spec")
-    containers = spec.get("containers")
-    if not containers:
-        return problems + [f"{at}.spec.containers is empty: the first container is the Ray container"]
-    for i, container in enumerate(containers):
-        cat = f"{at}.spec.containers[{container.get('name', i)}]"
-        problems += unknown_keys(container, CONTAINER_KEYS, cat)
-        problems += image_problems(container.get("image"), cat, afm_ray=ray_pod and i == 0)
-        command = " ".join(map(str, container.get("command", []) + container.get("args", [])))
-        problems += command_problems(command, f"{cat}.command")
+    if not spec.get("containers"):
+        return [f"{at}.spec.containers is empty: the first container is the Ray container"]
+    problems = []
+    if spec.get("hostNetwork"):
+        problems.append(
+            f"{at}.spec.hostNetwork is true: the pod's ports would be the node's, reachable from outside the "
+            "NetworkPolicy"
+        )
+    for key in ("initContainers", "containers"):
+        for i, container in enumerate(spec.get(key) or []):
+            if not isinstance(container, dict):
+                continue
+            cat = f"{at}.spec.{key}[{container.get('name', i)}]"
+            if images:
+                problems += image_problems(
+                    container.get("image"), cat, afm_ray=ray_pod and key == "containers" and i == 0
+                )
+            command = " ".join(map(str, (container.get("command") or []) + (container.get("args") or [])))
+            problems += command_problems(command, f"{cat}.command")
+            for port in container.get("ports") or []:
+                if isinstance(port, dict) and port.get("hostPort"):
+                    problems.append(
+                        f"{cat}: port {port.get('containerPort')} has hostPort {port['hostPort']}: it is published on "
+                        "the node's address, outside the NetworkPolicy; use kubectl port-forward"
+                    )
     return problems
 
 
@@ -103,8 +113,13 @@ def start_params_problems(params: Any, at: str) -> list[str]:
     ]
 
 
+def _pod_spec(group: dict) -> dict:
+    spec = (group.get("template") or {}).get("spec") if isinstance(group, dict) else None
+    return spec if isinstance(spec, dict) else {}
+
+
 def _gpu_limit(group: dict) -> tuple[float, float]:
-    containers = (group.get("template") or {}).get("spec", {}).get("containers") or [{}]
+    containers = _pod_spec(group).get("containers") or [{}]
     resources = containers[0].get("resources") or {}
     limit = (resources.get("limits") or {}).get("nvidia.com/gpu", 0)
     request = (resources.get("requests") or {}).get("nvidia.com/gpu", limit)
@@ -112,9 +127,9 @@ def _gpu_limit(group: dict) -> tuple[float, float]:
 
 
 def _is_spot_group(group: dict) -> bool:
-    affinity = (group.get("template") or {}).get("spec", {}).get("affinity") or {}
+    affinity = _pod_spec(group).get("affinity") or {}
     required = affinity.get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", {})
-    node_selector = (group.get("template") or {}).get("spec", {}).get("nodeSelector") or {}
+    node_selector = _pod_spec(group).get("nodeSelector") or {}
     if any(node_selector.get(k) == v for k, v in SPOT_LABELS.items()):
         return True
     return any(
@@ -126,11 +141,114 @@ def _is_spot_group(group: dict) -> bool:
     )
 
 
-def raycluster_spec_problems(spec: Any, at: str) -> list[str]:
-    """A RayCluster's spec (or a RayJob's rayClusterSpec): fields, autoscaling, head, GPU worker groups."""
+def _env_value(container: dict, name: str) -> str | None:
+    for entry in container.get("env") or []:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return entry.get("value")
+    return None
+
+
+def allocation_timeout_problems(options: dict, at: str) -> list[str]:
+    """The autoscaler gives up on a pending pod in minutes, so a spot group without capacity falls back."""
+    value = _env_value(options, ALLOCATION_TIMEOUT_ENV)
+    low, high = ALLOCATION_TIMEOUT_RANGE
+    if value is None:
+        return [
+            f"{at}.autoscalerOptions.env sets no {ALLOCATION_TIMEOUT_ENV}: a spot pod that finds no spot node stays "
+            "pending for Ray's default 3600 s before the autoscaler tries the on-demand group; set it to about 900"
+        ]
+    if not str(value).isdigit() or not low <= int(value) <= high:
+        return [
+            f"{at}.autoscalerOptions.env {ALLOCATION_TIMEOUT_ENV} is {value!r}: give seconds in [{low}, {high}], long "
+            "enough for a GPU node to come up and pull the image, short enough to fall back from spot"
+        ]
+    return []
+
+
+def gpu_check_problems(group: dict, at: str) -> list[str]:
+    """A GPU pod runs the GPU check before KubeRay's `ray start`, and a failed check stops the pod.
+
+    KubeRay runs a Ray container's own command as `<command> <args> && ulimit ...; ray start ...`
+    (ray-operator/controllers/ray/common/pod.go, BuildPod): the `;` means `ray start` runs even after a
+    failed check unless the check exits the shell itself (`|| exit 1`)."""
+    containers = _pod_spec(group).get("containers") or [{}]
+    command = " ".join(map(str, (containers[0].get("command") or []) + (containers[0].get("args") or [])))
+    if GPU_CHECK not in command:
+        return [
+            f"{at}: the Ray container does not run `{GPU_CHECK} || exit 1` before `ray start` (args): a pod on a node "
+            "whose driver cannot run torch's CUDA would join Ray and fail every trial placed on it"
+        ]
+    if not re.search(re.escape(GPU_CHECK) + r"\s*\|\|\s*exit\s+[1-9]", command):
+        return [
+            f"{at}: the GPU check must end the shell when it fails (`{GPU_CHECK} || exit 1`): KubeRay runs "
+            "`<args> && ulimit ...; ray start ...`, so `ray start` would run after a failed check"
+        ]
+    return []
+
+
+def worker_account_problems(spec: dict, at: str, cluster_name: str | None) -> list[str]:
+    """Workers run as a service account of their own (not the head's, which KubeRay binds to the
+    autoscaler's Role), with no Kubernetes API token."""
+    head = _pod_spec(spec.get("headGroupSpec") or {})
+    head_account = head.get("serviceAccountName") or cluster_name
+    problems = []
+    for i, group in enumerate(spec.get("workerGroupSpecs") or []):
+        gat = f"{at}.workerGroupSpecs[{group.get('groupName', i)}].template.spec"
+        pod = _pod_spec(group)
+        account = pod.get("serviceAccountName")
+        if not account or account == head_account:
+            problems.append(
+                f"{gat}.serviceAccountName is {account!r}, the head's account ({head_account}), to which KubeRay binds "
+                "the autoscaler's Role (patch pods and the RayCluster): give the workers an account of their own"
+            )
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(
+                f"{gat}.automountServiceAccountToken is not false: trial code would hold a Kubernetes API token it "
+                "never needs"
+            )
+    return problems
+
+
+def mlflow_problems(spec: dict, at: str) -> list[str]:
+    """The head's MLflow: store in the database (its URL from a Secret), artifacts in the bucket, restarted
+    if it exits. KubeRay runs the head pod with restartPolicy Never under autoscaler v2
+    (ray-operator/controllers/ray/common/pod.go), so an ordinary container is never restarted."""
+    pod = _pod_spec(spec.get("headGroupSpec") or {})
+    problems = []
+    for key in ("containers", "initContainers"):
+        for container in pod.get(key) or []:
+            if not isinstance(container, dict):
+                continue
+            command = shlex.join(map(str, (container.get("command") or []) + (container.get("args") or [])))
+            if "mlflow server" not in command:
+                continue
+            cat = f"{at}.headGroupSpec.template.spec.{key}[{container.get('name')}]"
+            problems += mlflow_server_problems(command, cat, secret_env(container))
+            if key == "containers":
+                problems.append(
+                    f"{cat}: an MLflow container beside the head is never restarted if it exits (KubeRay runs the "
+                    "head pod with restartPolicy Never): make it a native sidecar (initContainers with "
+                    "restartPolicy: Always)"
+                )
+            elif container.get("restartPolicy") != "Always":
+                problems.append(
+                    f"{cat}: an init container without restartPolicy: Always runs to completion before the head "
+                    "starts: a server never completes, so the head would never start"
+                )
+    return problems
+
+
+def head_env(spec: dict) -> set[str]:
+    """The variables the Ray head container takes from a Secret."""
+    containers = _pod_spec(spec.get("headGroupSpec") or {}).get("containers") or [{}]
+    return secret_env(containers[0]) if isinstance(containers[0], dict) else set()
+
+
+def raycluster_spec_problems(spec: Any, at: str, cluster_name: str | None = None) -> list[str]:
+    """A RayCluster's spec (or a RayJob's rayClusterSpec): autoscaling, head, GPU worker groups, identities."""
     if not isinstance(spec, dict):
         return [f"{at}: missing"]
-    problems = unknown_keys(spec, RAYCLUSTER_SPEC_KEYS, at)
+    problems = []
     if spec.get("rayVersion") != RAY_VERSION:
         problems.append(f"{at}.rayVersion is {spec.get('rayVersion')!r}; the project runs Ray {RAY_VERSION}")
     if spec.get("enableInTreeAutoscaling") is not True:
@@ -139,14 +257,14 @@ def raycluster_spec_problems(spec: Any, at: str) -> list[str]:
             "autoscaler the GPU groups stay at their replicas and never scale from 0"
         )
     options = spec.get("autoscalerOptions") or {}
-    problems += unknown_keys(options, AUTOSCALER_OPTIONS_KEYS, f"{at}.autoscalerOptions")
+    if spec.get("enableInTreeAutoscaling") is True and isinstance(options, dict):
+        problems += allocation_timeout_problems(options, at)
 
     head = spec.get("headGroupSpec")
     if not isinstance(head, dict):
         problems.append(f"{at}.headGroupSpec is missing")
     else:
         hat = f"{at}.headGroupSpec"
-        problems += unknown_keys(head, HEAD_GROUP_KEYS, hat)
         if head.get("serviceType", "ClusterIP") != "ClusterIP":
             problems.append(
                 f"{hat}.serviceType is {head['serviceType']}: that exposes the dashboard and GCS outside the "
@@ -158,14 +276,16 @@ def raycluster_spec_problems(spec: Any, at: str) -> list[str]:
         problems += pod_problems(head.get("template"), f"{hat}.template")
         if head.get("template") and _gpu_limit(head)[0]:
             problems.append(f"{hat}: the head is a CPU pod; it must not request nvidia.com/gpu")
+        problems += mlflow_problems(spec, at)
 
     groups = spec.get("workerGroupSpecs") or []
     if not groups:
         problems.append(f"{at}.workerGroupSpecs is empty: there is nothing to run trials on")
     spot, on_demand = [], []
     for i, group in enumerate(groups):
+        if not isinstance(group, dict):
+            continue
         gat = f"{at}.workerGroupSpecs[{group.get('groupName', i)}]"
-        problems += unknown_keys(group, WORKER_GROUP_KEYS, gat)
         if not group.get("groupName"):
             problems.append(f"{gat}.groupName is missing")
         low, high = group.get("minReplicas"), group.get("maxReplicas")
@@ -200,8 +320,11 @@ def raycluster_spec_problems(spec: Any, at: str) -> list[str]:
                     f"{gat}: nvidia.com/gpu requests ({request:g}) and limits ({limit:g}) differ; Kubernetes "
                     "requires them equal"
                 )
+            else:
+                problems += gpu_check_problems(group, gat)
         (spot if _is_spot_group(group) else on_demand).append((group.get("groupName"), group.get("priority", 0)))
-    if any("priority" in g for g in groups) and options.get("version") != "v2":
+    problems += worker_account_problems(spec, at, cluster_name)
+    if any(isinstance(g, dict) and "priority" in g for g in groups) and options.get("version") != "v2":
         problems.append(
             f"{at}.autoscalerOptions.version is {options.get('version')!r}: worker-group priorities (spot before "
             "on-demand) are honoured by autoscaler v2 only; set version: v2"
@@ -217,20 +340,18 @@ def raycluster_spec_problems(spec: Any, at: str) -> list[str]:
 
 
 def ray_translation_problems(raycluster: dict) -> list[str]:
-    """What Ray's in-tree autoscaler makes of the RayCluster (its own code, offline)."""
-    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
-
-    cr = copy.deepcopy(raycluster)
-    cr["metadata"].setdefault("namespace", "default")
+    """What Ray's in-tree autoscaler makes of the RayCluster (its own code, offline): GPU groups, and every
+    shipped space fitting a group with a head that holds its trials' drivers."""
     try:
-        config = _derive_autoscaling_config_from_ray_cr(cr)
+        workers, head_memory = kuberay_node_types(raycluster)
     except Exception as exc:
         return [f"Ray's autoscaler cannot read this RayCluster: {type(exc).__name__}: {exc}"]
-    problems = []
-    for name, node_type in config["available_node_types"].items():
-        if name != config["head_node_type"] and node_type["resources"].get("GPU", 0) < 1:
-            problems.append(f"Ray's autoscaler sees no GPU in worker group {name} (resources {node_type['resources']})")
-    return problems
+    problems = [
+        f"Ray's autoscaler sees no GPU in worker group {node.name} (CPU {node.cpus:g}, GPU {node.gpus:g})"
+        for node in workers
+        if node.gpus < 1
+    ]
+    return problems + fit_problems(workers, head_memory)
 
 
 def sweep_arguments(entrypoint: str) -> list[str] | None:
@@ -310,13 +431,34 @@ def sweep_problems(args: list[str]) -> list[str]:
     return problems
 
 
+def single_command_problems(entrypoint: str) -> list[str]:
+    """The entrypoint is one command: KubeRay's submitter pod passes it to `ray job submit` through its
+    own shell, so whatever a shell operator chains after the sweep runs in the submitter pod (the plain
+    Ray image, no afm-ray, no MLflow beside it), not on the head."""
+    try:
+        lexer = shlex.shlex(entrypoint, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        operators = [t for t in lexer if t and set(t) <= set("&|;<>()")]
+    except ValueError:
+        return []  # reported as an invalid command line
+    if "`" in entrypoint or "$(" in entrypoint:
+        operators.append("`...`" if "`" in entrypoint else "$(...)")
+    if not operators:
+        return []
+    return [
+        f"spec.entrypoint chains commands ({' '.join(dict.fromkeys(operators))}): KubeRay runs it through the "
+        "submitter pod's shell, so everything after the first command runs in the submitter pod, not on the head; "
+        "run the sweep alone (it prints its Pareto front at the end)"
+    ]
+
+
 def rayjob_spec_problems(spec: Any) -> list[str]:
-    """A RayJob's spec: fields, the sweep's entrypoint and flags, its cluster, its submitter pod."""
+    """A RayJob's spec: the sweep alone as its entrypoint, its flags, stores, data and teacher, its
+    cluster, its submitter pod. (Fields and types: the CRD.)"""
     if not isinstance(spec, dict):
         return ["spec: missing"]
-    problems = unknown_keys(spec, RAYJOB_SPEC_KEYS, "spec")
     entrypoint = spec.get("entrypoint", "")
-    problems += command_problems(entrypoint, "spec.entrypoint")
+    problems = command_problems(entrypoint, "spec.entrypoint") + single_command_problems(entrypoint)
     try:
         args = sweep_arguments(entrypoint)
     except ValueError as exc:  # unbalanced quotes
@@ -325,6 +467,7 @@ def rayjob_spec_problems(spec: Any) -> list[str]:
         problems.append(f"spec.entrypoint does not run `python -m afm_ray.sweep` (found {entrypoint!r})")
     else:
         problems += sweep_problems(args)
+        problems += sweep_store_problems(args, "spec.entrypoint", None)
     if bool(spec.get("clusterSelector")) == ("rayClusterSpec" in spec):
         problems.append(
             "spec: give exactly one of clusterSelector (run on the RayCluster of raycluster.yaml) and "
@@ -337,9 +480,51 @@ def rayjob_spec_problems(spec: Any) -> list[str]:
     return problems + rayjob_auth_problems(spec)
 
 
+def database_problems(doc: dict) -> list[str]:
+    """The PostgreSQL StatefulSet: a pinned image, its password from a Secret, its data on a volume that
+    outlives the pod and the StatefulSet."""
+    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    template = spec.get("template")
+    problems = schema_problems(
+        template, pod_template_validator(), f"Kubernetes PodTemplateSpec (KubeRay {KUBERAY_VERSION} CRD)"
+    )
+    problems = [f"spec.template.{p}" if not p.startswith("<top") else f"spec.template{p[12:]}" for p in problems]
+    problems += pod_problems(template, "spec.template", ray_pod=False, images=False)
+    containers = [c for c in ((template or {}).get("spec") or {}).get("containers") or [] if isinstance(c, dict)]
+    claims = {(t.get("metadata") or {}).get("name") for t in spec.get("volumeClaimTemplates") or []}
+    for container in containers:
+        cat = f"spec.template.spec.containers[{container.get('name')}]"
+        image = str(container.get("image", ""))
+        if not DATABASE_IMAGE.match(image):
+            problems.append(
+                f"{cat}: image {image or '(none)'} is not postgres:MAJOR.MINOR: pin the PostgreSQL release, so a "
+                "restart never brings up a major version whose data format differs"
+            )
+        for entry in container.get("env") or []:
+            if isinstance(entry, dict) and "PASSWORD" in str(entry.get("name")) and "value" in entry:
+                problems.append(f"{cat}: {entry['name']} is a literal value: take it from a Secret (secretKeyRef)")
+        data = (_env_value(container, "PGDATA") or "/var/lib/postgresql/data").rstrip("/")
+        mounts = {m.get("mountPath", "").rstrip("/"): m.get("name") for m in container.get("volumeMounts") or []}
+        holder = next(
+            (mounts[p] for p in sorted(mounts, key=len, reverse=True) if data == p or data.startswith(p + "/")), None
+        )
+        if holder not in claims:
+            problems.append(
+                f"{cat}: the database's data ({data}) is not on a volume of spec.volumeClaimTemplates: it would be "
+                "lost with the pod"
+            )
+    retention = (spec.get("persistentVolumeClaimRetentionPolicy") or {}).get("whenDeleted", "Retain")
+    if retention != "Retain":
+        problems.append(
+            f"spec.persistentVolumeClaimRetentionPolicy.whenDeleted is {retention}: deleting the StatefulSet would "
+            "delete the records of every sweep; keep Retain"
+        )
+    return problems
+
+
 def kuberay_problems(doc: Any) -> list[str]:
-    """One KubeRay manifest document (RayCluster, RayJob, or a NetworkPolicy, ServiceAccount, PVC or
-    ConfigMap beside them)."""
+    """One KubeRay manifest document (RayCluster, RayJob, or a NetworkPolicy, ServiceAccount, PVC,
+    ConfigMap, Service or the database's StatefulSet beside them)."""
     if not isinstance(doc, dict):
         return [f"a manifest must be a mapping, found {type(doc).__name__}"]
     kind = doc.get("kind")
@@ -347,17 +532,29 @@ def kuberay_problems(doc: Any) -> list[str]:
     if kind in ("RayCluster", "RayJob"):
         if doc.get("apiVersion") != "ray.io/v1":
             problems.append(f"apiVersion is {doc.get('apiVersion')!r}; KubeRay's {kind} is ray.io/v1")
+        problems += crd_problems(doc)
         if kind == "RayCluster":
-            problems += raycluster_spec_problems(doc.get("spec"), "spec")
+            found = raycluster_spec_problems(doc.get("spec"), "spec", (doc.get("metadata") or {}).get("name"))
+            problems += found
             if not problems:  # Ray's translation of a broken RayCluster only repeats its problems, less readably
                 problems += ray_translation_problems(doc)
             if isinstance(doc.get("spec"), dict):
                 problems += raycluster_auth_problems(doc["spec"])
         else:
             problems += rayjob_spec_problems(doc.get("spec"))
-    elif kind in ("ServiceAccount", "PersistentVolumeClaim", "ConfigMap"):
+    elif kind in ("ServiceAccount", "PersistentVolumeClaim", "ConfigMap", "Service"):
         if doc.get("apiVersion") != "v1":
             problems.append(f"apiVersion is {doc.get('apiVersion')!r}; a {kind} is v1")
+        service_type = (doc.get("spec") or {}).get("type", "ClusterIP") if kind == "Service" else "ClusterIP"
+        if service_type != "ClusterIP":
+            problems.append(
+                f"spec.type is {service_type}: that publishes the service outside the Kubernetes cluster; keep "
+                "ClusterIP and use kubectl port-forward"
+            )
+    elif kind == "StatefulSet":
+        if doc.get("apiVersion") != "apps/v1":
+            problems.append(f"apiVersion is {doc.get('apiVersion')!r}; a StatefulSet is apps/v1")
+        problems += database_problems(doc)
     elif kind == "NetworkPolicy":
         if doc.get("apiVersion") != "networking.k8s.io/v1":
             problems.append(f"apiVersion is {doc.get('apiVersion')!r}; a NetworkPolicy is networking.k8s.io/v1")
@@ -367,43 +564,69 @@ def kuberay_problems(doc: Any) -> list[str]:
             "a Secret in the repository puts its credentials in git: create it with kubectl (clusters/README.md)"
         )
     else:
-        problems.append(
-            f"kind {kind!r} is not one this project ships (RayCluster, RayJob, NetworkPolicy, ServiceAccount, "
-            "PersistentVolumeClaim, ConfigMap)"
-        )
-    return problems
+        problems.append(f"kind {kind!r} is not one this project ships ({SHIPPED_KINDS})")
+    return problems + credential_problems(strings(doc))
 
 
 def kuberay_reference_problems(doc: Any, defined: list, where: str = "clusters/kuberay") -> list[str]:
-    """Names `doc` uses that no document in `defined` (the manifests in `where`) defines."""
+    """Names `doc` uses that no document in `defined` (the manifests in `where`) defines, and what a
+    RayJob's sweep needs from the RayCluster it runs on."""
     names = {(d.get("kind"), (d.get("metadata") or {}).get("name")) for d in defined if isinstance(d, dict)}
     spec = doc.get("spec") if isinstance(doc, dict) else None
     if not isinstance(spec, dict):
         return []
+    clusters = [d for d in defined if isinstance(d, dict) and d.get("kind") == "RayCluster"]
     problems = []
     if doc.get("kind") == "RayJob":
         selected = (spec.get("clusterSelector") or {}).get("ray.io/cluster")
         if selected is not None and ("RayCluster", selected) not in names:
             problems.append(f"spec.clusterSelector selects RayCluster {selected!r}, which {where} does not define")
-        clusters = [d for d in defined if isinstance(d, dict) and d.get("kind") == "RayCluster"]
         cluster = next((d for d in clusters if (d.get("metadata") or {}).get("name") == selected), None)
         if cluster is not None and token_secret(doc) and token_secret(doc) != token_secret(cluster):
             problems.append(
                 f"the submitter reads its token from Secret {token_secret(doc)!r}, RayCluster {selected} from "
                 f"{token_secret(cluster)!r}: `ray job submit` would be refused"
             )
+        try:
+            args = sweep_arguments(spec.get("entrypoint", ""))
+        except ValueError:
+            args = None
+        if cluster is not None and args is not None and isinstance(cluster.get("spec"), dict):
+            problems += sweep_store_problems(args, "spec.entrypoint", head_env(cluster["spec"]))
+            problems += _job_fit_problems(args, cluster)
     if doc.get("kind") == "RayCluster":
         problems += network_policy_problems(doc, defined)
         for group in [spec.get("headGroupSpec") or {}, *(spec.get("workerGroupSpecs") or [])]:
-            pod = (group.get("template") or {}).get("spec") or {}
+            pod = _pod_spec(group)
             account = pod.get("serviceAccountName")
             if account is not None and ("ServiceAccount", account) not in names:
                 problems.append(f"no ServiceAccount {account!r}")
-            for volume in pod.get("volumes", []):
+            for volume in pod.get("volumes") or []:
                 claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
                 if claim is not None and ("PersistentVolumeClaim", claim) not in names:
                     problems.append(f"no PersistentVolumeClaim {claim!r}")
                 config_map = volume.get("configMap")
                 if config_map and not config_map.get("optional") and ("ConfigMap", config_map["name"]) not in names:
                     problems.append(f"no ConfigMap {config_map['name']!r}")
+    if doc.get("kind") == "StatefulSet":
+        cluster_name = next(((c.get("metadata") or {}).get("name") for c in clusters), "afm-ray")
+        problems += database_policy_problems(doc, defined, cluster_name)
+        for volume in _pod_spec(doc).get("volumes") or []:
+            config_map = volume.get("configMap")
+            if config_map and not config_map.get("optional") and ("ConfigMap", config_map.get("name")) not in names:
+                problems.append(f"no ConfigMap {config_map.get('name')!r}")
     return problems
+
+
+def _job_fit_problems(args: list[str], cluster: dict) -> list[str]:
+    """The RayJob's space, with its per-worker flags, fits the RayCluster it runs on."""
+    space_name = _flag(args, "--space")
+    overrides = {flag: value for flag in SPACE_FLAGS if (value := _flag(args, flag)) is not None}
+    space = load_space(space_name, overrides) if space_name and "/" not in space_name else None
+    if space is None:
+        return []
+    try:
+        workers, head_memory = kuberay_node_types(cluster)
+    except Exception:
+        return []  # reported with the RayCluster
+    return [f"spec.entrypoint: {p}" for p in fit_problems(workers, head_memory, [space])]

@@ -1,21 +1,28 @@
 """Ray cluster launcher configs (`ray up`): Ray's own schema and config preparation, then this
-project's rules (a CPU on-demand head; GPU workers from 0, spot before on-demand; the afm-ray
-image; nothing installed at start-up; only SSH open; MLflow on the loopback) and its security
-rules (checks/security.py)."""
+project's rules: a CPU on-demand head with an identity of its own; GPU workers from 0, spot before
+on-demand, each type a machine that has the CPUs, memory and GPUs it declares, booting an image whose
+NVIDIA driver runs the image's torch, and checking its GPU before it joins; every shipped space fits
+a worker type and the head holds the trials' drivers (checks/fit.py); the afm-ray image; nothing
+installed at start-up; only SSH open; MLflow on the loopback; no state on the head and no credential
+in the file (checks/stores.py); the security rules (checks/security.py)."""
 
 from __future__ import annotations
 
 import copy
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import ray.autoscaler
 
-from checks.common import command_problems, did_you_mean, dotted, image_problems
+from checks.common import CLUSTERS, command_problems, did_you_mean, dotted, image_problems, strings
+from checks.fit import fit_problems, launcher_node_types
+from checks.machines import CUDA_MIN_DRIVER, image_driver, machine, torch_cuda
 from checks.security import launcher_auth_problems
+from checks.stores import MLFLOW_STORE_ENV, OPTUNA_STORE_ENV, credential_problems, mlflow_server_problems
 
 RAY_SCHEMA_PATH = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 COMMAND_KEYS = (
@@ -23,6 +30,7 @@ COMMAND_KEYS = (
     "head_start_ray_commands worker_start_ray_commands"
 ).split()
 MACHINE_KEY = {"aws": "InstanceType", "gcp": "machineType"}
+GPU_CHECK = "python /home/ray/node/gpu_check.py"  # clusters/node/gpu_check.py, in the image
 
 
 def schema_problems(cfg: dict) -> list[str]:
@@ -88,7 +96,18 @@ def launcher_rule_problems(cfg: dict) -> list[str]:
                 "subnet, whose firewall may open more than SSH; use the afm-ray network (clusters/README.md)"
             )
         is_spot = _is_spot(kind, node_config)
+        problems += machine_problems(kind, name, node_type)
         if name == head:
+            if kind == "aws" and "IamInstanceProfile" not in node_config:
+                problems.append(
+                    f"{at}.node_config has no IamInstanceProfile: `ray up` would create and use its own head role, "
+                    "ray-autoscaler-v1, with AmazonEC2FullAccess and AmazonS3FullAccess; name afm-ray-head"
+                )
+            if "initialization_commands" in node_type:
+                problems.append(
+                    f"{at}.initialization_commands are never run: `ray up` runs the global initialization_commands "
+                    "on the head; move them there (and give the worker types their own list)"
+                )
             if resources.get("GPU", 0):
                 problems.append(
                     f"{at}: the head is a CPU node, its resources must not declare a GPU "
@@ -136,6 +155,7 @@ def launcher_rule_problems(cfg: dict) -> list[str]:
                     f"{at}.node_config.scheduling.onHostMaintenance must be TERMINATE: GCE refuses GPU VMs that "
                     "live-migrate"
                 )
+        problems += driver_problems(kind, name, node_config)
         (spot if is_spot else on_demand).append((name, node_type.get("priority", 0)))
     if not spot:
         problems.append("no spot GPU worker type: the sweep would pay on-demand prices for every trial")
@@ -190,11 +210,135 @@ def launcher_rule_problems(cfg: dict) -> list[str]:
     for key, lines in commands:
         for i, line in enumerate(lines):
             problems += command_problems(line, f"{key}[{i}]")
+    problems += gpu_check_problems(cfg)
+    problems += head_store_problems(cfg)
+    problems += credential_problems(strings(cfg))
+    known = {n: m for n, t in types.items() if (m := machine(kind, t.get("node_config") or {})[1])}
+    if len(known) == len(types):  # an unknown machine is reported above; its shape would be a guess
+        problems += fit_problems(*launcher_node_types(cfg, known))
     if "--autoscaling-config=~/ray_bootstrap_config.yaml" not in " ".join(cfg.get("head_start_ray_commands") or []):
         problems.append(
             "head_start_ray_commands never start Ray with --autoscaling-config=~/ray_bootstrap_config.yaml: the "
             "autoscaler would not run and no GPU worker would ever start"
         )
+    return problems
+
+
+def machine_problems(provider: str, name: str, node_type: dict) -> list[str]:
+    """The node type's machine is one check.py knows, with at least the CPUs, memory and GPUs declared."""
+    at = f"available_node_types.{name}"
+    machine_name, found = machine(provider, node_type.get("node_config") or {})
+    if machine_name is None:
+        return []  # reported as a missing machine type
+    if found is None:
+        return [
+            f"{at}: check.py does not know the machine type {machine_name}: add it to clusters/checks/machines.py "
+            "with its vCPUs, memory and GPUs from the provider's page, so its declared resources can be checked"
+        ]
+    resources = node_type.get("resources") or {}
+    problems = []
+    if resources.get("GPU", 0) > found.gpus:
+        what = f"{found.gpus} GPU" + ("s" if found.gpus != 1 else "") if found.gpus else "no GPU"
+        problems.append(
+            f"{at}: declares GPU: {resources['GPU']} but {machine_name} has {what}: the autoscaler would send GPU "
+            "trials to a machine that cannot run them"
+        )
+    if resources.get("CPU", 0) > found.vcpus:
+        problems.append(f"{at}: declares CPU: {resources['CPU']} but {machine_name} has {found.vcpus} vCPUs")
+    if resources.get("memory", 0) > found.memory_gib * 1024**3:
+        problems.append(
+            f"{at}: declares memory {resources['memory'] / 1024**3:.1f} GiB but {machine_name} has "
+            f"{found.memory_gib:g} GiB"
+        )
+    return problems
+
+
+def image_torch_cuda() -> str | None:
+    """The CUDA of the torch the cluster image installs: clusters/constraints.txt's pin, Dockerfile's index."""
+    constraints = (CLUSTERS / "constraints.txt").read_text() if (CLUSTERS / "constraints.txt").is_file() else ""
+    dockerfile = (CLUSTERS / "Dockerfile").read_text() if (CLUSTERS / "Dockerfile").is_file() else ""
+    pin = re.search(r"^torch==(\S+)", constraints, re.M)
+    index = re.search(r"^ARG TORCH_INDEX_URL=(\S*)", dockerfile, re.M)
+    return torch_cuda(pin and pin.group(1), index.group(1) if index else "")
+
+
+def driver_problems(provider: str, name: str, node_config: dict) -> list[str]:
+    """A GPU type's boot image has an NVIDIA driver that runs the image's torch build."""
+    at = f"available_node_types.{name}.node_config"
+    cuda = image_torch_cuda()
+    needed = CUDA_MIN_DRIVER.get(cuda or "")
+    if needed is None:
+        return [
+            f"{at}: check.py does not know the CUDA of the image's torch (clusters/constraints.txt, Dockerfile's "
+            "TORCH_INDEX_URL): add it to clusters/checks/machines.py"
+        ]
+    image, driver = image_driver(provider, node_config)
+    if driver is None:
+        return [
+            f"{at}: check.py cannot tell the NVIDIA driver of image {image or '(none)'}: use an image whose driver it "
+            "knows (clusters/checks/machines.py: the DLAMI's SSM parameter, a GCP family ending -nvidia-NNN) or add it"
+        ]
+    if driver < needed:
+        return [
+            f"{at}: image {image} has NVIDIA driver {driver}, older than the {needed} that the image's torch "
+            f"(CUDA {cuda}) needs: torch.cuda.is_available() would be False on every node; use a -nvidia-{needed} "
+            "(or newer) image, or build torch for an older CUDA (TORCH_INDEX_URL)"
+        ]
+    return []
+
+
+def gpu_check_problems(cfg: dict) -> list[str]:
+    """Every GPU type runs the GPU check before it starts Ray (a failed check keeps the node out)."""
+    types = cfg.get("available_node_types") or {}
+    head = cfg.get("head_node_type")
+    problems = []
+    for name, node_type in types.items():
+        if name == head or not (node_type.get("resources") or {}).get("GPU"):
+            continue
+        setup = list(node_type.get("worker_setup_commands", cfg.get("worker_setup_commands") or []))
+        start = list(cfg.get("worker_start_ray_commands") or [])
+        before_ray = setup + [c for c in start[: next((i for i, c in enumerate(start) if "ray start" in c), 0)]]
+        checked = [c for c in before_ray if GPU_CHECK in str(c)]
+        if not checked or any(re.search(r"\|\||;|&\s*$", str(c)) for c in checked):
+            problems.append(
+                f"available_node_types.{name}: a GPU node type whose nodes never run `{GPU_CHECK}` as a command of "
+                "its own before `ray start` (worker_setup_commands or worker_start_ray_commands): a node whose "
+                "driver cannot run torch's CUDA would join Ray and fail every trial placed on it"
+            )
+    return problems
+
+
+def _head_env(cfg: dict) -> set[str]:
+    """The variables the head's container gets from a secret: the --env-file the global initialization
+    commands fetch from the cloud's secret store (the file's content is the secret's: assumed to hold both)."""
+    docker = cfg.get("docker") or {}
+    files = [
+        m.group(1)
+        for o in list(docker.get("run_options") or []) + list(docker.get("head_run_options") or [])
+        if (m := re.fullmatch(r"--env-file[ =](\S+)", str(o).strip()))
+    ]
+    fetch = ("secretsmanager get-secret-value", "gcloud secrets versions access")
+    commands = [str(c) for c in cfg.get("initialization_commands") or []]
+    from_secret = [f for f in files if any(any(x in c for x in fetch) and f.rsplit("/", 1)[-1] in c for c in commands)]
+    return {MLFLOW_STORE_ENV, OPTUNA_STORE_ENV} if from_secret else set()
+
+
+def head_store_problems(cfg: dict) -> list[str]:
+    """The head's MLflow server keeps its store in the database, its artifacts in the bucket."""
+    env = _head_env(cfg)
+    problems = []
+    for i, command in enumerate(cfg.get("head_start_ray_commands") or []):
+        problems += mlflow_server_problems(str(command), f"head_start_ray_commands[{i}]", env)
+    docker = cfg.get("docker") or {}
+    for option in docker.get("head_run_options") or []:
+        if m := re.fullmatch(r"--env-file[ =](\S+)", str(option).strip()):
+            name = m.group(1).rsplit("/", 1)[-1]
+            writes = [str(c) for c in cfg.get("initialization_commands") or [] if name in str(c)]
+            if writes and not any(re.search(r"\bumask 0?077\b|\binstall\b.*\s-m\s*0?[46]00\b", c) for c in writes):
+                problems.append(
+                    f"initialization_commands: {m.group(1)} (the database URLs) is written without `umask 077`: any "
+                    "user on the head could read the database's password"
+                )
     return problems
 
 

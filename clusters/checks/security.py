@@ -2,10 +2,17 @@
 
 - Ray's token authentication is on for every node (`RAY_AUTH_MODE=token`), and the token comes from
   a secret store (AWS Secrets Manager, Google Secret Manager, a Kubernetes Secret), never from a
-  file in this repository or a literal in a config;
-- on Kubernetes, a NetworkPolicy admits only the cluster's own pods to Ray's ports (6379, 8265,
-  10001 and the rest); the dashboard's job API also admits the sweep's submitter pod and the
-  KubeRay operator, which polls job status there.
+  file in this repository or a literal in a config; on the host it is a file only the container's
+  user may read (uid 1000, the `ray` user of Ray's images: docker/base-deps/Dockerfile in Ray's
+  repository), whatever the SSH user's uid is;
+- no port is published beyond the cluster: no `docker run -p`, no hostPort or hostNetwork, no
+  NodePort or LoadBalancer Service;
+- on Kubernetes, a NetworkPolicy admits only the cluster's own pods to its pods, on any port; the
+  dashboard's job API (8265) also admits the sweep's submitter pod and the KubeRay operator, which
+  polls job status there;
+- on Kubernetes, the workers run as a service account of their own, not the head's (KubeRay binds
+  the autoscaler's Role, which may patch pods and the RayCluster, to the head's account), with no
+  API token mounted.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any
 from checks.common import strings
 
 TOKEN_PATH = "/home/ray/.ray/auth_token"  # Ray's default token file inside the image (user ray)
+CONTAINER_UID = 1000  # the `ray` user of rayproject/ray images, whom the container runs as
 # Where each cloud's CLI reads a secret, as the host runs it before Docker starts.
 SECRET_FETCH = {"aws": "secretsmanager get-secret-value", "gcp": "gcloud secrets versions access"}
 LITERAL_TOKEN = re.compile(r"RAY_AUTH_TOKEN\s*=\s*(?![\"']?\$)\S")
@@ -70,22 +78,67 @@ def launcher_auth_problems(cfg: dict) -> list[str]:
     fetch = SECRET_FETCH.get((cfg.get("provider") or {}).get("type"))
     if host_file and fetch:
         host_name = host_file.rsplit("/", 1)[-1]
-        types = cfg.get("available_node_types") or {}
-        for name, node_type in types.items():
-            # A node type's own initialization_commands replace the global ones.
-            commands = node_type.get("initialization_commands", cfg.get("initialization_commands") or [])
-            if not any(fetch in str(c) and host_name in str(c) for c in commands):
-                where = (
-                    f"available_node_types.{name}"
-                    if "initialization_commands" in node_type
-                    else "initialization_commands"
-                )
+        for name, where, commands in node_initialization_commands(cfg):
+            writes = [str(c) for c in commands if fetch in str(c) and host_name in str(c)]
+            if not writes:
                 problems.append(
                     f"{where}: node type {name} never fetches the Ray token ({fetch} ... > {host_file}) before "
                     "Docker starts: its container would start without one"
                 )
+            for command in writes:
+                problems += token_file_problems(command, f"{where} (node type {name})")
     problems += literal_token_problems(strings(cfg))
+    problems += published_port_problems(
+        shared + list(docker.get("head_run_options") or []) + list(docker.get("worker_run_options") or [])
+    )
     return problems
+
+
+def node_initialization_commands(cfg: dict) -> list[tuple[str, str, list]]:
+    """(node type, where its list is, the initialization commands it runs) as Ray runs them: `ray up`
+    runs the global list on the head whatever the head's type says (ray/autoscaler/_private/commands.py);
+    a worker type's own list replaces the global one (the v2 autoscaler's ray_installer)."""
+    found = []
+    head = cfg.get("head_node_type")
+    for name, node_type in (cfg.get("available_node_types") or {}).items():
+        if name != head and "initialization_commands" in node_type:
+            found.append((name, f"available_node_types.{name}", node_type["initialization_commands"]))
+        else:
+            found.append((name, "initialization_commands", cfg.get("initialization_commands") or []))
+    return found
+
+
+def token_file_problems(command: str, at: str) -> list[str]:
+    """The command that writes the token file leaves it readable by the container's user only."""
+    problems = []
+    private = re.search(r"\bumask 0?077\b", command) or re.search(r"\binstall\b[^|;&]*\s-m\s*0?[46]00\b", command)
+    if not private:
+        problems.append(
+            f"{at}: the Ray token file is written without `umask 077` or `install -m 0400`: any user on the host "
+            "could read the cluster's token"
+        )
+    owned = re.search(rf"\binstall\b[^|;&]*\s-o\s*{CONTAINER_UID}\b", command) or re.search(
+        rf"\bchown\s+{CONTAINER_UID}\b", command
+    )
+    if not owned:
+        problems.append(
+            f"{at}: the Ray token file belongs to the SSH user, but the container reads it as uid {CONTAINER_UID} "
+            f"(the image's `ray` user): write it with `sudo install -m 0400 -o {CONTAINER_UID} -g 100 /dev/stdin FILE`"
+        )
+    return problems
+
+
+PUBLISH = re.compile(r"^(?:-p|--publish|-P|--publish-all)(?:[ =]|$)|^--(?:net|network)[ =](?!host\b)")
+
+
+def published_port_problems(options: list[str]) -> list[str]:
+    """`docker run` options that publish a port or leave the host's network (Ray runs --net=host)."""
+    return [
+        f"docker run option {option!r} publishes a container port (or leaves the host network): only SSH may be "
+        "reachable from outside; reach the dashboard and MLflow through SSH tunnels"
+        for option in (str(o).strip() for o in options)
+        if PUBLISH.search(option)
+    ]
 
 
 def literal_token_problems(texts: list[str]) -> list[str]:
@@ -241,13 +294,13 @@ def network_policy_problems(raycluster: dict, around: list) -> list[str]:
                 continue
             for peer in peers:
                 kind = _peer(peer, cluster, submitters)
-                reached = sorted(RAY_PORTS if ports is None else ports & set(RAY_PORTS))
-                allowed = {"cluster"} | ({"submitter", "operator"} if reached == [8265] else set())
-                if reached and kind not in allowed:
-                    problems.append(
-                        f"NetworkPolicy {name}: ingress[{i}] admits {peer} to ports {reached}; only the pods of "
-                        f"RayCluster {cluster} may reach them (the job API 8265 also its submitter and the operator)"
-                    )
+                if kind == "cluster" or (kind in ("submitter", "operator") and ports == {8265}):
+                    continue
+                reached = "every port" if ports is None else f"ports {sorted(ports, key=str)}"
+                problems.append(
+                    f"NetworkPolicy {name}: ingress[{i}] admits {peer} to {reached}; only the pods of RayCluster "
+                    f"{cluster} may reach its pods (the job API 8265 also its submitter and the operator)"
+                )
     for labels in submitters:
         if not any(
             _peer(peer, cluster, [labels]) == "submitter" and (_ports(rule) is None or 8265 in _ports(rule))
@@ -259,4 +312,36 @@ def network_policy_problems(raycluster: dict, around: list) -> list[str]:
                 f"the NetworkPolicy admits no RayJob submitter pod of RayCluster {cluster} (labels {labels}) to the "
                 "job API (8265): `ray job submit` would time out; label submitterPodTemplate and admit that label"
             )
+    return problems
+
+
+def database_policy_problems(database: dict, around: list, cluster: str) -> list[str]:
+    """A NetworkPolicy selects the database's pods and admits only the Ray head of `cluster`, on its port."""
+    template = ((database.get("spec") or {}).get("template") or {}).get("metadata") or {}
+    labels = template.get("labels") or {}
+    name = (database.get("metadata") or {}).get("name")
+    policies = [
+        d
+        for d in around
+        if isinstance(d, dict)
+        and d.get("kind") == "NetworkPolicy"
+        and _selects((d.get("spec") or {}).get("podSelector"), labels)
+    ]
+    if not policies:
+        return [
+            f"no NetworkPolicy selects the pods of {name} (labels {labels}): any pod in the Kubernetes cluster "
+            "could try the database's password"
+        ]
+    head = {"ray.io/cluster": cluster, "ray.io/node-type": "head"}
+    problems = []
+    for policy in policies:
+        pname = (policy.get("metadata") or {}).get("name")
+        for i, rule in enumerate((policy.get("spec") or {}).get("ingress") or []):
+            for peer in rule.get("from") or [{"everyone": True}]:
+                pods = peer.get("podSelector") if set(peer) == {"podSelector"} else None
+                if pods is None or (pods.get("matchLabels") or {}) != head:
+                    problems.append(
+                        f"NetworkPolicy {pname}: ingress[{i}] admits {peer} to {name}; only the head of RayCluster "
+                        f"{cluster} (matchLabels {head}) may reach the database"
+                    )
     return problems
