@@ -46,35 +46,11 @@ import yaml
 # folder is then sys.path[0]) or is loaded by path (tests/test_clusters.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from checks.build import (  # noqa: E402
-    constraints_problems,
-    dockerfile_problems,
-    dockerignore_problems,
-    runtime_env_problems,
-)
-from checks.common import (  # noqa: E402
-    AFM_IMAGE,
-    CLUSTERS,
-    RAY_VERSION,
-    ROOT,
-    afm_ray_commands,
-    expected_version,
-    flag_problems,
-    image_problems,
-    module_sources,
-    package_version,
-    pyproject_version,
-    strings,
-    tomllib,
-)
-from checks.iam import iam_problems, policy_problems  # noqa: E402
-from checks.kuberay import (  # noqa: E402
-    kuberay_problems,
-    kuberay_reference_problems,
-    rayjob_spec_problems,
-    sweep_arguments,
-)
-from checks.launcher import _is_spot, launcher_problems, prepare_launcher_config  # noqa: E402
+from checks.build import constraints_problems, dockerfile_problems, dockerignore_problems, runtime_env_problems  # noqa: E402
+from checks.common import CLUSTERS, ROOT, flag_problems, strings, tomllib  # noqa: E402
+from checks.iam import policy_problems  # noqa: E402
+from checks.kuberay import kuberay_problems, kuberay_reference_problems  # noqa: E402
+from checks.launcher import launcher_problems  # noqa: E402
 from checks.readme import readme_problems  # noqa: E402
 
 # Each check module by its name, for the tests that reach past the functions above.
@@ -82,42 +58,6 @@ CHECKS = {
     name: importlib.import_module(f"checks.{name}")
     for name in "build common crd fit iam kuberay launcher machines readme security stores".split()
 }
-
-__all__ = [
-    "AFM_IMAGE",
-    "CHECKS",
-    "CLUSTERS",
-    "RAY_VERSION",
-    "ROOT",
-    "_is_spot",
-    "afm_ray_commands",
-    "check_all",
-    "check_file",
-    "cluster_files",
-    "constraints_problems",
-    "dockerfile_problems",
-    "dockerignore_problems",
-    "expected_version",
-    "file_kind",
-    "flag_problems",
-    "iam_problems",
-    "image_problems",
-    "kuberay_problems",
-    "kuberay_reference_problems",
-    "launcher_problems",
-    "main",
-    "module_sources",
-    "package_version",
-    "policy_problems",
-    "prepare_launcher_config",
-    "pyproject_version",
-    "rayjob_spec_problems",
-    "readme_problems",
-    "runtime_env_problems",
-    "strings",
-    "sweep_arguments",
-    "tomllib",
-]
 
 
 def _yaml_docs(path: Path) -> list:

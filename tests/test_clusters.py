@@ -38,10 +38,12 @@ def _load_check() -> Any:
 
 
 check = _load_check()
-if check.tomllib is None:  # Python 3.10 without tomli
+from checks import build, common, iam, kuberay, launcher, readme  # noqa: E402 -- importable once check.py put clusters/ on sys.path
+
+if common.tomllib is None:  # Python 3.10 without tomli
     pytest.skip("reading pyproject.toml needs Python >= 3.11 or tomli", allow_module_level=True)
 
-RAY_VERSION = check.RAY_VERSION
+RAY_VERSION = common.RAY_VERSION
 LAUNCHER_CONFIGS = sorted(p.name for p in CLUSTERS.glob("*.yaml") if check.file_kind(p) == "launcher")
 KUBERAY_MANIFESTS = sorted(p.name for p in KUBERAY.glob("*.yaml"))
 RUNTIME_ENVS = ["job-runtime-env.yaml"]
@@ -60,7 +62,7 @@ def all_manifests() -> list[dict]:
 
 
 def package_version() -> str:
-    version = check.package_version()
+    version = common.package_version()
     assert version, "afm_ray/__init__.py has no __version__ = '...' line"
     return version
 
@@ -100,8 +102,8 @@ def test_every_cluster_file_is_checked():
 @pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
 def test_launcher_config_is_valid(name):
     cfg = load_launcher(name)
-    _assert_clean(check.launcher_problems(cfg), f"clusters/{name}")
-    prepared = check.prepare_launcher_config(cfg)
+    _assert_clean(launcher.launcher_problems(cfg), f"clusters/{name}")
+    prepared = launcher.prepare_launcher_config(cfg)
     # What Ray filled in is what the autoscaler will use: GPU types from 0, the head fixed.
     head = prepared["head_node_type"]
     for type_name, node_type in prepared["available_node_types"].items():
@@ -115,11 +117,11 @@ def test_launcher_config_prefers_spot_in_rays_autoscaler(name):
     from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
 
     cfg = load_launcher(name)
-    _assert_clean(check.launcher_problems(cfg), f"clusters/{name}")  # a readable failure first
+    _assert_clean(launcher.launcher_problems(cfg), f"clusters/{name}")  # a readable failure first
     node_types = AutoscalingConfig(copy.deepcopy(cfg), skip_content_hash=True).get_node_type_configs()
     kind = cfg["provider"]["type"]
     workers = {n: t for n, t in node_types.items() if n != cfg["head_node_type"]}
-    is_spot = {n: check._is_spot(kind, cfg["available_node_types"][n]["node_config"]) for n in workers}
+    is_spot = {n: launcher._is_spot(kind, cfg["available_node_types"][n]["node_config"]) for n in workers}
     spot = [t.priority for n, t in workers.items() if is_spot[n]]
     fallback = [t.priority for n, t in workers.items() if not is_spot[n]]
     assert spot and fallback and min(spot) > max(fallback), (spot, fallback)
@@ -131,20 +133,20 @@ def test_kuberay_manifest_is_valid(name):
     docs = load_manifests(name)
     assert docs, f"clusters/kuberay/{name} is empty"
     for i, doc in enumerate(docs):
-        _assert_clean(check.kuberay_problems(doc), f"clusters/kuberay/{name}[{i}] ({check._label(doc, i)})")
+        _assert_clean(kuberay.kuberay_problems(doc), f"clusters/kuberay/{name}[{i}] ({check._label(doc, i)})")
 
 
 def test_kuberay_references_resolve():
     docs = all_manifests()
     assert any(d["kind"] == "RayCluster" for d in docs), "clusters/kuberay defines no RayCluster"
-    _assert_clean([p for d in docs for p in check.kuberay_reference_problems(d, docs)], "clusters/kuberay")
+    _assert_clean([p for d in docs for p in kuberay.kuberay_reference_problems(d, docs)], "clusters/kuberay")
 
 
 def test_rayjob_space_ships_in_the_image():
     """The RayJob's --space names a space shipped in afm-ray (package data) or the spaces ConfigMap."""
     jobs = [d for d in all_manifests() if d["kind"] == "RayJob"]
     assert jobs, "clusters/kuberay defines no RayJob"
-    problems = [p for job in jobs for p in check.rayjob_spec_problems(job["spec"]) if "--space" in p]
+    problems = [p for job in jobs for p in kuberay.rayjob_spec_problems(job["spec"]) if "--space" in p]
     _assert_clean(problems, "clusters/kuberay/rayjob.yaml")
 
 
@@ -635,18 +637,18 @@ BROKEN_IAM = [
 def test_broken_launcher_config_fails_with_a_readable_message(case):
     case_id, name, mutate, message = case
     cfg = load_launcher(name)
-    _skip_if_broken(check.launcher_problems(copy.deepcopy(cfg)), f"clusters/{name}")
+    _skip_if_broken(launcher.launcher_problems(copy.deepcopy(cfg)), f"clusters/{name}")
     mutate(cfg)
-    _assert_reported(check.launcher_problems(cfg), message, f"clusters/{name} ({case_id})")
+    _assert_reported(launcher.launcher_problems(cfg), message, f"clusters/{name} ({case_id})")
 
 
 @pytest.mark.parametrize("case", BROKEN_KUBERAY, ids=[c[0] for c in BROKEN_KUBERAY])
 def test_broken_kuberay_manifest_fails_with_a_readable_message(case):
     case_id, name, index, mutate, message = case
     doc = load_manifests(name)[index]
-    _skip_if_broken(check.kuberay_problems(copy.deepcopy(doc)), f"clusters/kuberay/{name}")
+    _skip_if_broken(kuberay.kuberay_problems(copy.deepcopy(doc)), f"clusters/kuberay/{name}")
     mutate(doc)
-    _assert_reported(check.kuberay_problems(doc), message, f"clusters/kuberay/{name}[{index}] ({case_id})")
+    _assert_reported(kuberay.kuberay_problems(doc), message, f"clusters/kuberay/{name}[{index}] ({case_id})")
 
 
 @pytest.mark.parametrize("case", BROKEN_KUBERAY_REFERENCES, ids=[c[0] for c in BROKEN_KUBERAY_REFERENCES])
@@ -655,11 +657,11 @@ def test_broken_manifests_fail_their_cross_references(case):
     docs = {n: load_manifests(n) for n in KUBERAY_MANIFESTS}
     everything = [d for n in KUBERAY_MANIFESTS for d in docs[n]]
     _skip_if_broken(
-        [p for d in everything for p in check.kuberay_reference_problems(d, everything)], "clusters/kuberay"
+        [p for d in everything for p in kuberay.kuberay_reference_problems(d, everything)], "clusters/kuberay"
     )
     mutate(docs[name][index])
     everything = [d for n in KUBERAY_MANIFESTS for d in docs[n]]
-    problems = [p for d in everything for p in check.kuberay_reference_problems(d, everything)]
+    problems = [p for d in everything for p in kuberay.kuberay_reference_problems(d, everything)]
     _assert_reported(problems, message, f"clusters/kuberay/{name}[{index}] ({case_id})")
 
 
@@ -667,9 +669,9 @@ def test_broken_manifests_fail_their_cross_references(case):
 def test_broken_iam_policy_fails_least_privilege(case):
     case_id, name, mutate, message = case
     policy, cfg = json.loads((CLUSTERS / "aws-iam" / name).read_text()), load_launcher("aws.yaml")
-    _skip_if_broken(check.policy_problems(copy.deepcopy(policy), cfg, name), f"clusters/aws-iam/{name}")
+    _skip_if_broken(iam.policy_problems(copy.deepcopy(policy), cfg, name), f"clusters/aws-iam/{name}")
     mutate(policy)
-    _assert_reported(check.policy_problems(policy, cfg, name), message, f"clusters/aws-iam/{name} ({case_id})")
+    _assert_reported(iam.policy_problems(policy, cfg, name), message, f"clusters/aws-iam/{name} ({case_id})")
 
 
 def test_security_rules_hold_for_the_shipped_files():
@@ -698,7 +700,7 @@ def _rayjob_sweep_arguments(root: Path, *, drop: str = "") -> list[str]:
     """The RayJob's `python -m afm_ray.sweep` arguments, the bucket swapped for a local folder behind a
     file:// URI (the same pyarrow path an s3:// one takes), MLflow's sidecar for a SQLite file."""
     job = next(d for d in all_manifests() if d["kind"] == "RayJob")
-    args = check.sweep_arguments(job["spec"]["entrypoint"])
+    args = kuberay.sweep_arguments(job["spec"]["entrypoint"])
     if drop:
         i = args.index(drop)
         del args[i - 1 : i + 1]  # the flag and its value
@@ -788,7 +790,7 @@ def _image_refs() -> list[tuple[str, str]]:
 
 def _installed_versions() -> list[tuple[str, str]]:
     """(where, afm-ray version) for every afm-ray image tag in clusters/, the Dockerfile's default too."""
-    found = [(where, m["version"]) for where, image in _image_refs() if (m := check.AFM_IMAGE.match(image))]
+    found = [(where, m["version"]) for where, image in _image_refs() if (m := common.AFM_IMAGE.match(image))]
     arg = re.search(r"^ARG AFM_RAY_VERSION=(\S+)$", (CLUSTERS / "Dockerfile").read_text(), re.M)
     assert arg, "clusters/Dockerfile has no `ARG AFM_RAY_VERSION=<version>` default"
     found.append(("clusters/Dockerfile ARG AFM_RAY_VERSION", arg.group(1)))
@@ -801,7 +803,7 @@ def _installed_versions() -> list[tuple[str, str]]:
 def test_pyproject_declares_version():
     path = ROOT / "pyproject.toml"
     assert path.is_file(), "pyproject.toml is missing: the cluster image's version comes from its [project] version"
-    version = check.pyproject_version()
+    version = common.pyproject_version()
     assert version, "pyproject.toml has no [project] version: the cluster image's version comes from it"
     assert version == package_version(), (
         f"pyproject.toml says {version}, afm_ray/__init__.py says {package_version()}: keep them equal"
@@ -809,7 +811,7 @@ def test_pyproject_declares_version():
 
 
 def test_configs_install_the_pyproject_version():
-    version = check.pyproject_version()
+    version = common.pyproject_version()
     assert version, "pyproject.toml (or its [project] version) is missing; the configs cannot be checked against it"
     wrong = [f"{where}: {found}" for where, found in _installed_versions() if found != version]
     assert not wrong, f"these install another afm-ray than pyproject.toml's {version}: {wrong}"
@@ -824,38 +826,36 @@ def test_configs_install_the_package_version():
 def test_every_afm_ray_image_is_built_on_the_projects_ray():
     # The database's image (kuberay/postgres.yaml) runs no Ray: check.py pins it on its own rule.
     refs = [(where, image) for where, image in _image_refs() if not image.startswith("postgres:")]
-    assert any(check.AFM_IMAGE.match(image) for _, image in refs), "no config names the afm-ray image"
-    _assert_clean([p for where, image in refs for p in check.image_problems(image, where)], "images")
+    assert any(common.AFM_IMAGE.match(image) for _, image in refs), "no config names the afm-ray image"
+    _assert_clean([p for where, image in refs for p in common.image_problems(image, where)], "images")
 
 
 # ---- the image, its build context and constraints, the IAM roles, the job's runtime env
 
 
 def test_dockerfile_builds_on_the_ray_gpu_image_and_pins_the_project():
-    _assert_clean(check.dockerfile_problems((CLUSTERS / "Dockerfile").read_text()), "clusters/Dockerfile")
+    _assert_clean(build.dockerfile_problems((CLUSTERS / "Dockerfile").read_text()), "clusters/Dockerfile")
 
 
 def test_dockerignore_lets_in_what_the_build_needs():
     path = CLUSTERS / "Dockerfile.dockerignore"
-    _assert_clean(check.dockerignore_problems(path.read_text()), str(path.relative_to(ROOT)))
+    _assert_clean(build.dockerignore_problems(path.read_text()), str(path.relative_to(ROOT)))
 
 
 def test_constraints_pin_the_stack_the_project_declares():
-    _assert_clean(check.constraints_problems((CLUSTERS / "constraints.txt").read_text()), "clusters/constraints.txt")
-    if not (ROOT / "pyproject.toml").is_file():
-        pytest.skip("pyproject.toml not written yet: cannot compare the pins with its dependencies")
+    _assert_clean(build.constraints_problems((CLUSTERS / "constraints.txt").read_text()), "clusters/constraints.txt")
 
 
 def test_aws_iam_policies_match_the_config():
     head_policy = json.loads((CLUSTERS / "aws-iam" / "head-policy.json").read_text())
-    _assert_clean(check.iam_problems(head_policy, load_launcher("aws.yaml")), "clusters/aws-iam/head-policy.json")
+    _assert_clean(iam.iam_problems(head_policy, load_launcher("aws.yaml")), "clusters/aws-iam/head-policy.json")
     for name in ("head-policy.json", "worker-policy.json", "ec2-trust.json"):  # each parses; the head's passes
         _assert_clean(check.check_file(CLUSTERS / "aws-iam" / name), f"clusters/aws-iam/{name}")
 
 
 def test_job_runtime_env_uploads_the_spaces_but_not_the_package():
     env = yaml.safe_load((CLUSTERS / "job-runtime-env.yaml").read_text())
-    _assert_clean(check.runtime_env_problems(env), "clusters/job-runtime-env.yaml")
+    _assert_clean(build.runtime_env_problems(env), "clusters/job-runtime-env.yaml")
 
 
 # ---- commands: the flags the configs and the README pass exist
@@ -865,15 +865,14 @@ def test_commands_use_flags_the_modules_define():
     texts = []
     for path in sorted(CLUSTERS.rglob("*")):
         if path.suffix == ".yaml":
-            texts.append((path, "\n".join(check.strings(list(yaml.safe_load_all(path.read_text()))))))
+            texts.append((path, "\n".join(common.strings(list(yaml.safe_load_all(path.read_text()))))))
         elif path.suffix == ".md":
             texts.append((path, path.read_text()))
-    modules = {module for _, text in texts for module, _ in check.afm_ray_commands(text)}
+    modules = {module for _, text in texts for module, _ in common.afm_ray_commands(text)}
     assert "sweep" in modules, "clusters/ never runs python -m afm_ray.sweep"
-    problems = [f"{path.relative_to(ROOT)}: {p}" for path, text in texts for p in check.flag_problems(text)]
+    problems = [f"{path.relative_to(ROOT)}: {p}" for path, text in texts for p in common.flag_problems(text)]
     _assert_clean(problems, "clusters/")
-    if missing := sorted(m for m in modules if not check.module_sources(m)):
-        pytest.skip(f"afm_ray modules not written yet: {missing}")
+    assert not [m for m in modules if not common.module_sources(m)], "a command clusters/ runs has no module"
 
 
 # ---- the command line: what a user runs before `ray up`
@@ -1051,6 +1050,6 @@ BROKEN_README = [
 def test_broken_readme_fails_with_a_readable_message(case):
     case_id, old, new, message = case
     text = (CLUSTERS / "README.md").read_text()
-    _skip_if_broken(check.readme_problems(text), "clusters/README.md")
+    _skip_if_broken(readme.readme_problems(text), "clusters/README.md")
     assert old in text, old
-    _assert_reported(check.readme_problems(text.replace(old, new, 1)), message, f"clusters/README.md ({case_id})")
+    _assert_reported(readme.readme_problems(text.replace(old, new, 1)), message, f"clusters/README.md ({case_id})")

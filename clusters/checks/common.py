@@ -159,7 +159,8 @@ def flag_problems(text: str) -> list[str]:
     problems = []
     for module, args in afm_ray_commands(text):
         sources = module_sources(module)
-        if not sources:  # a module not written yet: nothing to compare with
+        if not sources:
+            problems.append(f"python -m afm_ray.{module}: no such command (afm_ray/{module}/__main__.py)")
             continue
         defined = {flag for source in sources for flag in FLAG_DEFINITION.findall(source.read_text())}
         names = " and ".join(str(source.relative_to(ROOT)) for source in sources)
