@@ -35,6 +35,25 @@ def trained_student(seed: int = 0, steps: int = 30, x: torch.Tensor | None = Non
     return model.eval()
 
 
+def digits_cnn(steps: int = 100) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A plain tiny CNN (no normalisation, no BatchNorm) trained for ``steps`` Adam steps on the first 1500
+    digits, and the 297 images it did not train on: a model the attacks can really hurt."""
+    x, y = digits()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 64, 10)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        idx = torch.randint(0, 1500, (128,))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model, x[1500:], y[1500:]
+
+
 def mlflow_store(root: Path, experiment: str) -> dict[str, Any]:
     """A SQLite MLflow store under ``root`` with one experiment whose artifacts live beside it."""
     uri = f"sqlite:///{root / 'mlflow.db'}"

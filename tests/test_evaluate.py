@@ -7,8 +7,7 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import digits
+from helpers import digits_cnn
 from torch import nn
 
 from afm_ray.config import from_flat
@@ -23,18 +22,7 @@ ATTACKS = ("clean", "pgd20", "pgd10", "cw", "aa")
 @pytest.fixture(scope="module")
 def digits_model():
     """A tiny CNN trained for a few steps on sklearn digits, and the images it did not train on."""
-    x, y = digits()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        idx = torch.randint(0, 1500, (128,))
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model, x[1500:], y[1500:]
+    return digits_cnn()
 
 
 def module_flags(model: nn.Module) -> list[bool]:
