@@ -19,7 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import digits, trained_student
+from helpers import digits, mlflow_store, trained_student
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
@@ -97,10 +97,8 @@ def _add_trial(
 @pytest.fixture(scope="module")
 def sweep_db(tmp_path_factory):
     """Experiment 'sweep-a': sweep 1 with 11 trials of every kind, sweep 2 with one trial."""
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri, uri)
-    exp = client.create_experiment("sweep-a", artifact_location=str(root / "artifacts"))
+    store = mlflow_store(tmp_path_factory.mktemp("mlflow"), "sweep-a")
+    root, uri, client, exp = store["root"], store["uri"], store["client"], store["exp"]
     client.create_experiment("empty-exp", artifact_location=str(root / "artifacts2"))
     p1 = client.create_run(exp, run_name="sweep-one", tags={"afm_ray.role": "sweep"}).info.run_id
     p2 = client.create_run(exp, run_name="sweep-two", tags={"afm_ray.role": "sweep"}).info.run_id
@@ -503,10 +501,8 @@ def test_register_needs_a_student(sweep_db, capsys):
 @pytest.fixture(scope="module")
 def noisy_db(tmp_path_factory):
     """Trials measured on 200 images (Wilson 95% half-width about 7 points at 50%), one on 2000."""
-    root = tmp_path_factory.mktemp("noisy")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri, uri)
-    exp = client.create_experiment("noisy", artifact_location=str(root / "artifacts"))
+    store = mlflow_store(tmp_path_factory.mktemp("noisy"), "noisy")
+    root, uri, client, exp = store["root"], store["uri"], store["client"], store["exp"]
     parent = client.create_run(exp, run_name="sw", tags={"afm_ray.role": "sweep"}).info.run_id
     client.log_param(parent, "sweep.objectives", "clean_acc:max,aa_acc:max")
     spec = {  # name: (aa_acc, clean_acc, n_samples)
