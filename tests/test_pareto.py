@@ -502,7 +502,7 @@ def test_register_needs_a_student(sweep_db, capsys):
 def noisy_db(tmp_path_factory):
     """Trials measured on 200 images (Wilson 95% half-width about 7 points at 50%), one on 2000."""
     store = mlflow_store(tmp_path_factory.mktemp("noisy"), "noisy")
-    root, uri, client, exp = store["root"], store["uri"], store["client"], store["exp"]
+    uri, client, exp = store["uri"], store["client"], store["exp"]
     parent = client.create_run(exp, run_name="sw", tags={"afm_ray.role": "sweep"}).info.run_id
     client.log_param(parent, "sweep.objectives", "clean_acc:max,aa_acc:max")
     spec = {  # name: (aa_acc, clean_acc, n_samples)
