@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 from afm_ray.config import ExperimentConfig, from_flat
 from afm_ray.data import check_available
-from afm_ray.endpoints import bounded, check_mlflow_server, probe_timeout_s
+from afm_ray.databases import (
+    SERVER_BACKENDS,
+    check_separate_stores,
+    check_tables,
+    is_server_url,
+    probe_database,
+    schema_lock,
+)
+from afm_ray.endpoints import check_mlflow_server
 from afm_ray.errors import ConfigError, DataError, StorageError, TrackingError, UserError, one_line
 from afm_ray.methods import build_method
 from afm_ray.names import TRAIN_TEACHER
@@ -64,6 +71,9 @@ def check_tracking_uri(uri: str, timeout_s: float | None = None, experiment: str
         _check_sqlite_file(path, f"tracking URI {shown!r}")
         if not path.exists():
             return  # the sweep creates it; nothing in it to check
+    elif is_server_url(uri):  # MLflow's SQL store on PostgreSQL, MySQL, ...: the server, the login, the database
+        label = f"tracking URI {shown!r}"
+        check_tables(probe_database(uri, label, TrackingError, timeout_s), label, "mlflow", TrackingError)
     elif parsed.scheme in ("", "file"):
         raise TrackingError(
             f"tracking URI {shown!r}: MLflow's file store is disabled; use sqlite:///<absolute path> "
@@ -72,8 +82,9 @@ def check_tracking_uri(uri: str, timeout_s: float | None = None, experiment: str
     from mlflow.tracking import MlflowClient
 
     try:
-        client = MlflowClient(uri)
-        client.search_experiments(max_results=1)
+        with schema_lock(uri):  # the first use of a new database creates MLflow's tables: one sweep at a time
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
         found = client.get_experiment_by_name(experiment) if experiment else None
     except Exception as exc:
         raise TrackingError(f"tracking URI {shown!r} is not usable: {redact_text(one_line(exc))}") from None
@@ -99,13 +110,14 @@ def _check_sqlite_file(path: Path, label: str) -> None:
         raise UserError(f"{label}: folder {path.parent} does not exist or is not writable")
 
 
-def check_optuna_storage(url: str) -> None:
+def check_optuna_storage(url: str, tracking_uri: str | None = None) -> None:
     """--optuna-storage is an SQLAlchemy URL Optuna can open: an SQLite file that can be created
-    (or is a database), or a server that answers; checked without creating anything."""
+    (or is a database), or a database server that answers, takes the login and has the database,
+    which is not MLflow's (`tracking_uri`); checked without creating anything."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    label = f"--optuna-storage {url!r}"
+    label = f"--optuna-storage {redact_uri(url)!r}"  # the URL may carry a password
     try:
         parsed = make_url(url)
         parsed.get_dialect()
@@ -115,6 +127,8 @@ def check_optuna_storage(url: str) -> None:
         raise StorageError(f"{label}: {one_line(exc)}; use sqlite, postgresql or mysql") from None
     except ImportError as exc:
         raise StorageError(f"{label}: its database driver is not installed ({one_line(exc)})") from None
+    if tracking_uri is not None:
+        check_separate_stores(tracking_uri, url, StorageError)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database in ("", ":memory:"):
@@ -124,13 +138,8 @@ def check_optuna_storage(url: str) -> None:
         except UserError as exc:
             raise StorageError(str(exc)) from None
         return
-    if parsed.host:
-        port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(parsed.get_backend_name(), 0)
-        try:
-            timeout_s = probe_timeout_s()
-            bounded(lambda: socket.create_connection((parsed.host, port), timeout=timeout_s).close(), timeout_s + 1)
-        except (OSError, TimeoutError) as exc:
-            raise StorageError(f"{label}: no database answers at {parsed.host}:{port} ({one_line(exc)})") from None
+    if parsed.get_backend_name() in SERVER_BACKENDS:
+        check_tables(probe_database(url, label, StorageError), label, "optuna", StorageError)
 
 
 def check_storage_writable(root: str) -> None:
