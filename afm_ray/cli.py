@@ -22,6 +22,7 @@ from typing import NoReturn
 
 from afm_ray.checkpoints import load_training_state, stored_config
 from afm_ray.config import ExperimentConfig, apply_overrides, from_flat, load_yaml, parse_overrides, to_flat
+from afm_ray.credentials import redact_text, redacted_output, uri_from
 from afm_ray.endpoints import check_ray_address
 from afm_ray.errors import ConfigError, UserError, one_line
 from afm_ray.evaluate import evaluate_checkpoint, format_results
@@ -39,6 +40,9 @@ from afm_ray.sweep.plan import (
 )
 from afm_ray.teacher import ensure_teacher
 from afm_ray.train import method_hparams, train_fn_per_worker
+
+#: The environment variable --optuna-storage defaults to (as MLflow's MLFLOW_TRACKING_URI for --tracking-uri).
+OPTUNA_STORAGE_ENV = "AFM_RAY_OPTUNA_STORAGE"
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
@@ -79,11 +83,12 @@ def _run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
     one line and 130; --debug shows their tracebacks. Any other exception is a bug: traceback."""
     previous = install_sigterm_as_sigint()
     try:
-        return body(args)
+        with redacted_output():  # the backstop: no line a command prints carries a credential
+            return body(args)
     except UserError as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {redact_text(one_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if getattr(args, "debug", False):
@@ -209,14 +214,21 @@ def _sweep(args: argparse.Namespace) -> int:
         print(format_plan(describe_plan(space), args.format))
         return 0
     root = storage_root(args.storage)
-    optuna_url = args.optuna_storage or f"sqlite:///{Path('optuna.db').resolve()}"
+    # A URI may carry a password: from a file or the environment it stays off the command line.
+    optuna_url = (
+        uri_from("--optuna-storage", args.optuna_storage, args.optuna_storage_file, os.environ, OPTUNA_STORAGE_ENV)
+        or f"sqlite:///{Path('optuna.db').resolve()}"
+    )
     experiment = args.experiment or space.experiment
-    tracking_uri = args.tracking_uri or default_tracking_uri()
+    tracking_uri = (
+        uri_from("--tracking-uri", args.tracking_uri, args.tracking_uri_file, os.environ, "MLFLOW_TRACKING_URI")
+        or default_tracking_uri()
+    )
     # Before Ray starts, a teacher trains or any node is requested: the cluster answers, the stores
     # take writes, the workers' data is there, the teacher exists (or is to be trained, at a cost
     # shown), the tracking server answers. None of these checks creates anything.
     check_ray_address(args.address)
-    check_optuna_storage(optuna_url)
+    check_optuna_storage(optuna_url, tracking_uri)
     for _, check in preflight_checks(space, root, tracking_uri, experiment=experiment):
         print(f"preflight: {check()}", flush=True)
     name = args.name
@@ -253,12 +265,17 @@ def sweep_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)"
     )
+    parser.add_argument("--tracking-uri-file", metavar="PATH", help="read --tracking-uri from this file's first line")
     parser.add_argument(
         "--storage",
         help="where Ray keeps trial results and checkpoints: a path or s3://, gs:// URI (default: ./ray_results)",
     )
     parser.add_argument(
-        "--optuna-storage", help="Optuna study storage, any SQLAlchemy URL (default: sqlite:///<cwd>/optuna.db)"
+        "--optuna-storage",
+        help=f"Optuna study storage, any SQLAlchemy URL (default: ${OPTUNA_STORAGE_ENV} or sqlite:///<cwd>/optuna.db)",
+    )
+    parser.add_argument(
+        "--optuna-storage-file", metavar="PATH", help="read --optuna-storage from this file's first line"
     )
     parser.add_argument(
         "--name", help="sweep name (default: <space name>-<timestamp>; with --resume: the newest sweep of the space)"

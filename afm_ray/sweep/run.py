@@ -18,11 +18,12 @@ from typing import Any
 
 import optuna
 import ray
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from afm_ray.config import from_flat, to_flat
+from afm_ray.credentials import recall, remember
+from afm_ray.databases import schema_lock
 from afm_ray.errors import ClusterError, ConfigError, UserError, one_line
 from afm_ray.evaluate import evaluate_checkpoint
 from afm_ray.front import non_dominated
@@ -36,7 +37,7 @@ from afm_ray.sweep.local_ray import connect_or_start
 from afm_ray.sweep.plan import teacher_methods
 from afm_ray.sweep.progress import TrialProgress
 from afm_ray.sweep.schedulers import build_scheduler
-from afm_ray.sweep.tracking import TrialTracker, start_or_resume_sweep_run
+from afm_ray.sweep.tracking import RedactingClient, TrialTracker, start_or_resume_sweep_run
 from afm_ray.sweep.trial import train_driver_fn
 from afm_ray.teacher import STAGING_PREFIX, ensure_teacher, remove_stale_staging, teacher_cache_dir
 
@@ -135,6 +136,8 @@ def run_sweep(
 ) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     started = time.monotonic()
+    remember(tracking_uri)  # what Tune pickles keeps them redacted; restored here, they come back whole
+    remember(optuna_url)
     sweep_dir = f"{storage_root}/{name}"
     if resume and not tune.Tuner.can_restore(sweep_dir):
         raise ConfigError(f"--resume: nothing to resume at {sweep_dir}")
@@ -185,7 +188,7 @@ def _run_sweep(
     teacher_keys, teacher_scores = prepare_teacher(space, runtime, log)
     space = dataclasses.replace(space, fixed={**space.fixed, **teacher_keys})
 
-    client = MlflowClient(tracking_uri)
+    client = RedactingClient(tracking_uri)
     parent_params = {  # credentials in a URI never reach MLflow
         "sweep.space": space.path,
         "sweep.name": name,
@@ -228,7 +231,7 @@ def _run_sweep(
             mode=[o.mode for o in space.objectives] if multi else space.objectives[0].mode,
             sampler=sampler,
             study_name=name,
-            storage=optuna.storages.RDBStorage(optuna_url),
+            storage=optuna_storage(optuna_url),
         )
         name_metrics(name, optuna_url, [o.metric for o in space.objectives])
         scheduler = build_scheduler(space.scheduler, from_flat(space.fixed).optim.epochs)
@@ -274,6 +277,23 @@ def resume_command(name: str, storage_root: str, space: SearchSpace) -> str:
     return f"python -m afm_ray.sweep --resume --name {name} --storage {redact_uri(storage_root)}" + (
         f" --space {space.path}" if space.path else ""
     )
+
+
+class RedactedRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage pickled with its URL redacted (Tune saves the searcher, and with it the
+    storage, into the sweep's folder); unpickled in the driver that remembered the URL, whole again."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "url": redact_uri(self.url)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__({**state, "url": recall(state["url"])})
+
+
+def optuna_storage(optuna_url: str) -> RedactedRDBStorage:
+    """The study's storage; its tables are created (on a new database) by one sweep at a time."""
+    with schema_lock(optuna_url):
+        return RedactedRDBStorage(optuna_url)
 
 
 def name_metrics(study_name: str, optuna_url: str, metrics: list[str]) -> None:
