@@ -50,7 +50,8 @@ _USERINFO_WITH_SPACES = re.compile(
     r"(?P<user>[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"\[]*:)(?!\d{1,5}(?:[/?#\s'\"),;.]|$))(?:(?!://)[^@\n])*?@"
 )
 # `user:password@host` outside a URI (a scheme mistyped, `postgresql//u:p@h`): the password goes too.
-_BARE_USERINFO = re.compile(r"(?P<user>[\w.+-]*):[^\s@'\"]+@(?=[\w\[])")
+# Not after ':/' (MLflow's models:/name@alias, runs:/id/path).
+_BARE_USERINFO = re.compile(r"(?P<user>[\w.+-]*):(?!/)[^\s@'\"]+@(?=[\w\[])")
 # Names that say what kind a setting is, not a credential: RAY_AUTH_MODE=token, token_type=bearer.
 _KIND_NAME = re.compile(r"[._-](?:mode|type|method|enabled|required|file|path|dir|size|length|version)$", re.I)
 _TRAILING = "'\"),;:.]}>"  # punctuation around a URI in a sentence, not part of it
@@ -118,7 +119,8 @@ def _redact_plain(text: str) -> str:
     text = _BARE_USERINFO.sub(lambda m: f"{m.group('user')}:{REDACTED}@", text)
 
     def replace(m: re.Match) -> str:
-        if m.group("key") and _KIND_NAME.search(m.group("key")):
+        if m.group("key") and (_KIND_NAME.search(m.group("key")) or m.group("key").lower() == "key"):
+            # a bare `key=` is how messages name any setting ("expected key=value"), not a credential
             return f"{m.group('key')}{m.group('eq')}{redact_text(m.group('value'))}"  # a URI in it is still one
         if m.group("key"):
             return f"{m.group('key')}{m.group('eq')}{REDACTED}"
@@ -126,11 +128,6 @@ def _redact_plain(text: str) -> str:
         return f"{q}{m.group('qkey')}{q}{m.group('colon')}{q}{REDACTED}{q}"
 
     return _KEYWORD.sub(replace, text)
-
-
-def redact_mapping(values: Mapping[str, Any]) -> dict[str, str]:
-    """Each value as text, redacted (MLflow params and tags)."""
-    return {key: redact_uri(str(value)) for key, value in values.items()}
 
 
 # ------------------------------------------------------------------------------ the backstop

@@ -83,6 +83,8 @@ def test_secrets_in_running_text_are_redacted(text):
         "see http://host:5000/x and mail a@b.com",
         "(http://[::1]:5000) answered",
         "Set RAY_AUTH_MODE=disabled to opt out",
+        "--set 'attack.eps': expected key=value e.g. attack.eps=0.1",
+        "registered models:/afm-students@pareto-1 -> version 1",
         "clean: accuracy on the test subset; pgd20: PGD-20 on cross-entropy, step eps/4",
     ],
 )
