@@ -69,7 +69,8 @@ def assert_no_secret_recorded(tracking: str, optuna_url: str, experiment: str = 
 def test_sweep_interrupted_resumed_and_read_by_pareto_on_postgresql(postgres, tmp_path):
     """Both stores on PostgreSQL, their URLs from a file and the environment (so the command line holds
     no password); interrupted (SIGINT) after one trial, resumed with the URLs given differently;
-    then pareto reads the front through $MLFLOW_TRACKING_URI. Every trial once in MLflow and Optuna."""
+    then pareto reads the front and export writes a student, both through $MLFLOW_TRACKING_URI. Every
+    trial once in MLflow and Optuna."""
     tracking, optuna_url = postgres.url(postgres.create_database()), postgres.url(postgres.create_database())
     (tmp_path / "tracking-uri").write_text(tracking + "\n")
     (tmp_path / "optuna-url").write_text(optuna_url + "\n")
@@ -137,6 +138,14 @@ def test_sweep_interrupted_resumed_and_read_by_pareto_on_postgresql(postgres, tm
     assert pareto.returncode == 0, pareto.stdout[-2000:] + pareto.stderr[-2000:]
     assert "Pareto-optimal of 3 eligible trials" in pareto.stdout, pareto.stdout
     output += pareto.stdout + pareto.stderr
+    exported = subprocess.run(
+        [sys.executable, "-m", "afm_ray.export", "--model", f"runs:/{trials[0].info.run_id}", "--format", "safetensors",
+         "--out", str(tmp_path / "export")],
+        cwd=tmp_path, env={**sweep_env(tmp_path), "MLFLOW_TRACKING_URI": tracking}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert exported.returncode == 0 and "verified on" in exported.stdout, exported.stdout + exported.stderr[-2000:]
+    output += exported.stdout + exported.stderr
 
     assert SECRET not in output and "%2F" not in output
     for root in (tmp_path, *ray_temp_dirs(output)):
