@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from afm_ray.config import ExperimentConfig, apply_overrides, load_yaml, parse_overrides
+from afm_ray.credentials import redact_text, redacted_output
 from afm_ray.errors import UserError, one_line
 from afm_ray.search.space import embedded_default
 from afm_ray.signals import install_sigterm_as_sigint, restore_sigterm
@@ -87,11 +88,12 @@ def run_command(
     args = parser.parse_args(argv)
     previous = install_sigterm_as_sigint()
     try:
-        return body(args)
+        with redacted_output():  # the backstop: no line a command prints carries a credential
+            return body(args)
     except UserError as exc:
         if args.debug:
             raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {redact_text(one_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.debug:

@@ -171,6 +171,10 @@ class Objective:
 DEFAULT_OBJECTIVES = (Objective("clean_acc", "max"), Objective("aa_acc", "max"))
 
 
+# What --optuna-storage defaults to, as MLflow's MLFLOW_TRACKING_URI does for --tracking-uri.
+OPTUNA_STORAGE_ENV = "AFM_RAY_OPTUNA_STORAGE"
+
+
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else a SQLite file in the working directory (absolute URI)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"

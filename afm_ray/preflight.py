@@ -11,7 +11,6 @@ object it deletes, and fails as one line (an afm_ray.errors.UserError).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,9 +18,18 @@ from urllib.parse import urlparse
 from afm_ray.checkpoints import check_teacher_checkpoint, checkpoint_file
 from afm_ray.config import ExperimentConfig
 from afm_ray.cost import teacher_cost
+from afm_ray.credentials import redact_text, redact_uri
 from afm_ray.data import check_available
+from afm_ray.databases import (
+    SERVER_BACKENDS,
+    check_separate_stores,
+    check_tables,
+    is_server_url,
+    probe_database,
+    schema_lock,
+)
 from afm_ray.devices import resolve_device
-from afm_ray.endpoints import bounded, check_mlflow_server, probe_timeout_s
+from afm_ray.endpoints import check_mlflow_server
 from afm_ray.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -33,7 +41,7 @@ from afm_ray.errors import (
 )
 from afm_ray.names import TRAIN_TEACHER, needs_teacher
 from afm_ray.search.space import SearchSpace
-from afm_ray.storage import file_size, probe_writable, redact_text, redact_uri
+from afm_ray.storage import file_size, probe_writable
 from afm_ray.teacher.training import check_cache_writable, teacher_cache_dir, teacher_training_config
 
 
@@ -102,6 +110,9 @@ def check_tracking_uri(uri: str, timeout_s: float | None = None, experiment: str
         _check_sqlite_file(path, f"tracking URI {shown!r}")
         if not path.exists():
             return  # the sweep creates it; nothing in it to check
+    elif is_server_url(uri):  # MLflow's SQL store on PostgreSQL, MySQL, ...: the server, the login, the database
+        label = f"tracking URI {shown!r}"
+        check_tables(probe_database(uri, label, TrackingError, timeout_s), label, "mlflow", TrackingError)
     elif parsed.scheme in ("", "file"):
         raise TrackingError(
             f"tracking URI {shown!r}: MLflow's file store is disabled; use sqlite:///<absolute path> "
@@ -110,8 +121,9 @@ def check_tracking_uri(uri: str, timeout_s: float | None = None, experiment: str
     from mlflow.tracking import MlflowClient
 
     try:
-        client = MlflowClient(uri)
-        client.search_experiments(max_results=1)
+        with schema_lock(uri):  # the first use of a new database creates MLflow's tables: one sweep at a time
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
         found = client.get_experiment_by_name(experiment) if experiment else None
     except Exception as exc:
         raise TrackingError(f"tracking URI {shown!r} is not usable: {redact_text(one_line(exc))}") from None
@@ -137,9 +149,10 @@ def _check_sqlite_file(path: Path, label: str) -> None:
         raise UserError(f"{label}: folder {path.parent} does not exist or is not writable")
 
 
-def check_optuna_storage(url: str) -> None:
+def check_optuna_storage(url: str, tracking_uri: str | None = None) -> None:
     """--optuna-storage is an SQLAlchemy URL Optuna can open: an SQLite file that can be created
-    (or is a database), or a server that answers; checked without creating anything."""
+    (or is a database), or a database server that answers, takes the login and has the database,
+    which is not MLflow's (`tracking_uri`); checked without creating anything."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -153,6 +166,8 @@ def check_optuna_storage(url: str) -> None:
         raise StorageError(f"{label}: {one_line(exc)}; use sqlite, postgresql or mysql") from None
     except ImportError as exc:
         raise StorageError(f"{label}: its database driver is not installed ({one_line(exc)})") from None
+    if tracking_uri is not None:
+        check_separate_stores(tracking_uri, url, StorageError)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database in ("", ":memory:"):
@@ -162,13 +177,8 @@ def check_optuna_storage(url: str) -> None:
         except UserError as exc:
             raise StorageError(str(exc)) from None
         return
-    if parsed.host:
-        port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(parsed.get_backend_name(), 0)
-        try:
-            timeout_s = probe_timeout_s()
-            bounded(lambda: socket.create_connection((parsed.host, port), timeout=timeout_s).close(), timeout_s + 1)
-        except (OSError, TimeoutError) as exc:
-            raise StorageError(f"{label}: no database answers at {parsed.host}:{port} ({one_line(exc)})") from None
+    if parsed.get_backend_name() in SERVER_BACKENDS:
+        check_tables(probe_database(url, label, StorageError), label, "optuna", StorageError)
 
 
 def check_storage_writable(root: str) -> str:

@@ -5,60 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from afm_ray.credentials import redact_text, redact_uri
 from afm_ray.errors import StorageError, one_line
-
-# Query parameters whose values are credentials: access_key, secret_key, session_token, sig, ...
-_SECRET_PARAM = re.compile(r"token|secret|pass|pwd|key|sig|credential|auth", re.I)
-REDACTED = "***"
 
 
 def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
-
-
-def redact_uri(uri: str) -> str:
-    """`uri` with its credentials replaced by ***, for printing and for MLflow params: the password
-    (or a lone token) of `user:pass@host`, and the values of query parameters that name a key,
-    secret, token, password or signature. Anything that is not a URI comes back unchanged."""
-    text = str(uri)
-    if "://" not in text:
-        return text
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return text
-    netloc, query = parts.netloc, parts.query
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user, sep, _ = userinfo.partition(":")
-        netloc = f"{user}:{REDACTED}@{host}" if sep else f"{REDACTED}@{host}"
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(_SECRET_PARAM.search(k) for k, _ in pairs):
-        query = urlencode([(k, REDACTED if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="*/:")
-    if (netloc, query) == (parts.netloc, parts.query):
-        return text  # nothing secret: unchanged, byte for byte
-    # Assembled by hand: urlunsplit would drop the empty authority of sqlite:////abs/path.
-    return (
-        f"{parts.scheme}://{netloc}{parts.path}"
-        + (f"?{query}" if query else "")
-        + (f"#{parts.fragment}" if parts.fragment else "")
-    )
-
-
-_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
-
-
-def redact_text(text: str) -> str:
-    """`text` (an error message, a log line) with every URI in it passed through redact_uri."""
-    return _URI_IN_TEXT.sub(lambda match: redact_uri(match.group(0)), str(text))
 
 
 def file_size(path: str, filename_in_directory: str) -> int:

@@ -8,11 +8,11 @@ import pytest
 from afm_ray.checkpoints import save_training_state
 from afm_ray.config import from_flat
 from afm_ray.cost import dataset_shapes, forward_flops, teacher_cost, train_flops_per_image
+from afm_ray.credentials import redact_uri
 from afm_ray.errors import ConfigError, UserError
 from afm_ray.models import build_model
 from afm_ray.preflight import check_teacher, sweep_checks
 from afm_ray.search.space import load_search_space, parse_search_space
-from afm_ray.storage import redact_uri
 from afm_ray.teacher.training import teacher_training_config
 
 

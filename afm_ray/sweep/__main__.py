@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -15,9 +16,10 @@ from pathlib import Path
 
 from afm_ray.cli import add_address, add_overrides, add_tracking_uri, command_parser, run_command
 from afm_ray.config import parse_overrides
+from afm_ray.credentials import uri_from
 from afm_ray.endpoints import check_ray_address
 from afm_ray.errors import ConfigError
-from afm_ray.names import default_tracking_uri
+from afm_ray.names import OPTUNA_STORAGE_ENV, default_tracking_uri
 from afm_ray.preflight import check_optuna_storage, sweep_checks
 from afm_ray.search.space import DEFAULT_SPACE, load_search_space, shipped_spaces
 from afm_ray.sweep.plan import SweepPlan, check_sweep_name, newest_sweep, storage_root
@@ -35,14 +37,21 @@ def sweep(args: argparse.Namespace) -> int:
         print(format_plan(describe_plan(space), args.format))
         return 0
     root = storage_root(args.storage)
-    optuna_url = args.optuna_storage or f"sqlite:///{Path('optuna.db').resolve()}"
+    # A URI may carry a password: from a file or the environment it stays off the command line.
+    optuna_url = (
+        uri_from("--optuna-storage", args.optuna_storage, args.optuna_storage_file, os.environ, OPTUNA_STORAGE_ENV)
+        or f"sqlite:///{Path('optuna.db').resolve()}"
+    )
     experiment = args.experiment or space.experiment
-    tracking_uri = args.tracking_uri or default_tracking_uri()
+    tracking_uri = (
+        uri_from("--tracking-uri", args.tracking_uri, args.tracking_uri_file, os.environ, "MLFLOW_TRACKING_URI")
+        or default_tracking_uri()
+    )
     # Before Ray starts, a teacher trains or any node is requested: the cluster answers, the stores
     # take writes, the workers' data is there, the teacher exists (or is to be trained, at a cost
     # shown), the tracking server answers. None of these checks creates anything.
     check_ray_address(args.address)
-    check_optuna_storage(optuna_url)
+    check_optuna_storage(optuna_url, tracking_uri)
     for _, check in sweep_checks(space, root, tracking_uri, experiment=experiment):
         print(f"preflight: {check()}", flush=True)
     name = args.name
@@ -78,13 +87,16 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--experiment", help="MLflow experiment (default: the space's `experiment`)")
     add_tracking_uri(p)
+    p.add_argument("--tracking-uri-file", metavar="PATH", help="read --tracking-uri from this file's first line")
     p.add_argument(
         "--storage",
         help="where Ray keeps trial results and checkpoints: a path or s3://, gs:// URI (default: ./ray_results)",
     )
     p.add_argument(
-        "--optuna-storage", help="Optuna study storage, any SQLAlchemy URL (default: sqlite:///<cwd>/optuna.db)"
+        "--optuna-storage",
+        help=f"Optuna study storage, any SQLAlchemy URL (default: ${OPTUNA_STORAGE_ENV} or sqlite:///<cwd>/optuna.db)",
     )
+    p.add_argument("--optuna-storage-file", metavar="PATH", help="read --optuna-storage from this file's first line")
     p.add_argument(
         "--name", help="sweep name (default: <space name>-<timestamp>; with --resume: the newest sweep of the space)"
     )

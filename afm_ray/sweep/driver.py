@@ -19,11 +19,12 @@ from typing import Any
 
 import optuna
 import ray
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from afm_ray.config import from_flat, to_flat
+from afm_ray.credentials import recall, redact_uri, remember
+from afm_ray.databases import schema_lock
 from afm_ray.errors import ClusterError, ConfigError, UserError, one_line
 from afm_ray.evaluate.protocol import evaluate_checkpoint
 from afm_ray.names import (
@@ -38,7 +39,7 @@ from afm_ray.preflight import teacher_methods
 from afm_ray.search.samplers import build_sampler
 from afm_ray.search.space import SearchSpace
 from afm_ray.signals import install_sigterm_as_sigint
-from afm_ray.storage import list_dirs, redact_uri, write_bytes
+from afm_ray.storage import list_dirs, write_bytes
 from afm_ray.sweep.aa_gate import FinishedTrialsFeed, actor_name, start_finished_trials
 from afm_ray.sweep.lifecycle import SweepRecords
 from afm_ray.sweep.local_ray import connect_or_start
@@ -47,7 +48,7 @@ from afm_ray.sweep.progress import TrialProgress, print_summary
 from afm_ray.sweep.schedulers import build_scheduler
 from afm_ray.sweep.trial import TrialRuntime, train_driver_fn
 from afm_ray.teacher.training import STAGING_PREFIX, ensure_teacher, remove_stale_staging, teacher_cache_dir
-from afm_ray.tracking.trial_tracker import TrialTracker, start_or_resume_sweep_run
+from afm_ray.tracking.trial_tracker import RedactingClient, TrialTracker, start_or_resume_sweep_run
 
 
 def prepare_teacher(space: SearchSpace, runtime: TrialRuntime, log: Any) -> tuple[dict[str, Any], dict[str, float]]:
@@ -136,6 +137,8 @@ def run_sweep(plan: SweepPlan) -> int:
     130 when it was interrupted (what it recorded is kept; `plan.resume_command()` continues it)."""
     log = lambda line: print(line, flush=True)  # noqa: E731
     started = time.monotonic()
+    remember(plan.tracking_uri)  # what Tune pickles keeps them redacted; restored here, they come back whole
+    remember(plan.optuna_url)
     if plan.resume and not tune.Tuner.can_restore(plan.sweep_dir):
         raise ConfigError(f"--resume: nothing to resume at {plan.sweep_dir}")
     if not plan.resume and plan.name in list_dirs(plan.storage_root):  # SweepRecords may remove what it creates
@@ -170,7 +173,7 @@ def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float) -> int:
     teacher_keys, teacher_scores = prepare_teacher(space, runtime, log)
     space = dataclasses.replace(space, fixed={**space.fixed, **teacher_keys})
 
-    client = MlflowClient(plan.tracking_uri)
+    client = RedactingClient(plan.tracking_uri)
     parent_params = {  # credentials in a URI never reach MLflow
         "sweep.space": space.path,
         "sweep.name": name,
@@ -212,7 +215,7 @@ def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float) -> int:
             mode=[o.mode for o in space.objectives] if multi else space.objectives[0].mode,
             sampler=build_sampler(space.sampler, space.seed),
             study_name=name,
-            storage=optuna.storages.RDBStorage(plan.optuna_url),
+            storage=optuna_storage(plan.optuna_url),
         )
         name_metrics(name, plan.optuna_url, [o.metric for o in space.objectives])
         tuner = tune.Tuner(
@@ -242,6 +245,23 @@ def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float) -> int:
         print(f"interrupted: continue with  {plan.resume_command()}")
         return 130
     return 0
+
+
+class RedactedRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage pickled with its URL redacted (Tune saves the searcher, and with it the
+    storage, into the sweep's folder); unpickled in the driver that remembered the URL, whole again."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "url": redact_uri(self.url)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__({**state, "url": recall(state["url"])})
+
+
+def optuna_storage(optuna_url: str) -> RedactedRDBStorage:
+    """The study's storage; its tables are created (on a new database) by one sweep at a time."""
+    with schema_lock(optuna_url):
+        return RedactedRDBStorage(optuna_url)
 
 
 def name_metrics(study_name: str, optuna_url: str, metrics: list[str]) -> None:

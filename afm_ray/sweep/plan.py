@@ -8,9 +8,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from afm_ray.credentials import redact_uri
 from afm_ray.errors import ConfigError
 from afm_ray.search.space import SearchSpace
-from afm_ray.storage import is_uri, list_dirs, redact_uri
+from afm_ray.storage import is_uri, list_dirs
 
 
 @dataclass(frozen=True)

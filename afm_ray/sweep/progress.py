@@ -8,9 +8,9 @@ from typing import Any
 
 from ray.tune import Callback
 
+from afm_ray.credentials import redact_uri
 from afm_ray.domination import non_dominated
 from afm_ray.names import AA_SKIPPED_METRIC, FINAL_RESULT_FLAG, Objective
-from afm_ray.storage import redact_uri
 from afm_ray.sweep.plan import SweepPlan
 
 SHOWN_CONFIG_KEYS = ("method.name", "attack.eps", "attack.steps", "method.tau", "augment.policy", "optim.lr")

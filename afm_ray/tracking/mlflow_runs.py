@@ -23,6 +23,8 @@ from mlflow.entities import Experiment, ViewType
 from mlflow.exceptions import MlflowException
 
 from afm_ray import names
+from afm_ray.credentials import redact_uri
+from afm_ray.databases import is_server_url, probe_database
 from afm_ray.endpoints import check_mlflow_server
 from afm_ray.errors import ConfigError, TrackingError, one_line
 from afm_ray.names import Objective
@@ -55,6 +57,8 @@ def client_for(tracking_uri: str | None) -> MlflowClient:
         )
     if uri.startswith(("http://", "https://")):  # MLflow's own client retries for minutes, silently
         check_mlflow_server(uri)
+    elif is_server_url(uri):  # PostgreSQL, MySQL: one line for a server that is down, a login refused, no database
+        probe_database(uri, f"tracking URI {redact_uri(uri)!r}", TrackingError)
     return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
 
 
@@ -85,7 +89,9 @@ def _get_experiment(client: MlflowClient, name: str) -> Experiment:
     if exp is None or exp.lifecycle_stage != "active":
         known = ", ".join(sorted(e.name for e in all_pages(client.search_experiments))) or "none"
         state = "is deleted" if exp is not None else "not found"
-        raise TrackingError(f"experiment {name!r} {state} at {client.tracking_uri}; experiments there: {known}")
+        raise TrackingError(
+            f"experiment {name!r} {state} at {redact_uri(client.tracking_uri)}; experiments there: {known}"
+        )
     return exp
 
 

@@ -12,15 +12,17 @@ which would override the callback's experiment.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from afm_ray.checkpoints import checkpoint_data_spec, load_model
 from afm_ray.config import from_flat, to_flat
+from afm_ray.credentials import recall, redact_uri
 from afm_ray.errors import ConfigError
 from afm_ray.names import (
     AA_SKIP_REASON_KEY,
@@ -37,7 +39,7 @@ from afm_ray.names import (
     TRIAL_ID_TAG,
     TRIAL_STATUS_TAG,
 )
-from afm_ray.storage import local_directory, redact_uri
+from afm_ray.storage import local_directory
 from afm_ray.tracking.mlflow_runs import tags_match
 from afm_ray.tracking.student_model import log_student
 
@@ -45,10 +47,48 @@ from afm_ray.tracking.student_model import log_student
 EVAL_PROTOCOL = "; ".join(f"{name}: {text}" for name, text in EVAL_PROTOCOLS.items() if name != "pgd10")
 
 
+class RedactingClient(MlflowClient):
+    """An MlflowClient whose params and tags pass through `redact_uri`: the backstop that keeps a
+    credential out of MLflow whatever a caller logs (a URI, an exception's text)."""
+
+    def log_param(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> Any:
+        return super().log_param(run_id, key, redact_uri(str(value)), synchronous=synchronous)
+
+    def set_tag(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> Any:
+        return super().set_tag(run_id, key, redact_uri(str(value)), synchronous=synchronous)
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[Param] = (),
+        tags: Sequence[RunTag] = (),
+        synchronous: bool | None = None,
+    ) -> Any:
+        params = [Param(p.key, redact_uri(str(p.value))) for p in params]
+        tags = [RunTag(t.key, redact_uri(str(t.value))) for t in tags]
+        return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous)
+
+    def create_run(
+        self,
+        experiment_id: str,
+        start_time: int | None = None,
+        tags: Mapping[str, Any] | None = None,
+        run_name: str | None = None,
+    ) -> Any:
+        tags = {k: redact_uri(str(v)) for k, v in (tags or {}).items()}
+        return super().create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
+
+
 def experiment_id(client: Any, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name)
+        try:
+            return client.create_experiment(name)
+        except MlflowException:  # another sweep on the same store created it meanwhile
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
     if experiment.lifecycle_stage == "deleted":
         raise ConfigError(
             f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore) "
@@ -91,9 +131,17 @@ class TrialTracker(MLflowLoggerCallback):
         self._last_checkpoint: dict[str, str] = {}
         self._node_ids: dict[str, list[str]] = {}  # per trial, every node its workers ran on, in order
 
+    # Tune pickles its callbacks into the sweep's folder (tuner.pkl): the tracking URI goes there
+    # redacted, and comes back whole in the driver that remembered it (afm_ray.credentials).
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "tracking_uri": redact_uri(str(self.tracking_uri))}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({**state, "tracking_uri": recall(state["tracking_uri"])})
+
     def setup(self, *args: Any, **kwargs: Any) -> None:
         super().setup(*args, **kwargs)
-        self._client = MlflowClient(self.tracking_uri)
+        self._client = RedactingClient(self.tracking_uri)
         self._experiment_id = self.mlflow_util.experiment_id
 
     def _existing_run(self, trial_id: str) -> str | None:
