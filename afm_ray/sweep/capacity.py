@@ -94,14 +94,22 @@ def worker_slots(resources: TrialResources, node: Mapping[str, float]) -> float:
 
 def trials_that_fit(resources: TrialResources, capacity: Capacity) -> float:
     """The most trials of `resources` the cluster runs at once (a trial's workers may span nodes)."""
-    slots = 0.0
-    workers_left = math.inf if capacity.max_workers is None else capacity.max_workers
-    # The head first (it is always there), then the types whose nodes hold the most workers.
-    for group in sorted(capacity.groups, key=lambda g: (not g.head, -worker_slots(resources, g.resources))):
+    # (workers per node, nodes, the head itself): the head is always there; more nodes of its type (a
+    # config may allow them) and of the other types count against the autoscaler's bound on workers.
+    nodes = []
+    for group in capacity.groups:
         per_node = worker_slots(resources, group.resources)
         count = math.inf if group.count == UNBOUNDED else group.count
-        if not group.head:
-            count, workers_left = min(count, workers_left), workers_left - min(count, workers_left)
+        if group.head:
+            nodes.append((per_node, 1, True))
+            count -= 1
+        nodes.append((per_node, count, False))
+    slots = 0.0
+    workers_left = math.inf if capacity.max_workers is None else capacity.max_workers
+    for per_node, count, head in sorted(nodes, key=lambda n: (not n[2], -n[0])):  # fill the roomiest types first
+        if not head:
+            count = min(count, workers_left)
+            workers_left -= count
         if per_node and count:
             slots += per_node * count
     for name, amount in resources.worker_bundle().items():
@@ -294,5 +302,5 @@ def _with_live_head(capacity: Capacity, alive: list[Mapping[str, Any]]) -> Capac
     head = next((_resources(n) for n in alive if HEAD_RESOURCE in _resources(n)), None)
     if head is None:
         return capacity
-    groups = tuple(NodeGroup(g.name, head, 1, head=True) if g.head else g for g in capacity.groups)
+    groups = tuple(NodeGroup(g.name, head, g.count, head=True) if g.head else g for g in capacity.groups)
     return Capacity(groups, capacity.source, capacity.largest, capacity.max_workers, capacity.max_resources)
