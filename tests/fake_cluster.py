@@ -3,9 +3,12 @@
 Ray's fake multi-node provider (`FakeMultiNodeProvider`, with `RAY_FAKE_CLUSTER=1`) lets the real
 autoscaler (v2, as `ray up` runs it) launch and terminate worker nodes that are local raylets.
 `simulated_config` derives its node types from the shipped AWS config: the same type names,
-min/max workers and priorities, GPUs replaced by one CPU each (none exist here), the idle timeout
+min/max workers and priorities, GPUs replaced by one CPU each (none exist here, and a Train worker
+that asks for a GPU uses NCCL and CUDA), memory left to what `ray start` detects, the idle timeout
 shortened, a head of 0 CPUs. Ray's `AutoscalingCluster` would read an example YAML its wheel does
-not ship, so the config is written here.
+not ship, so the config is written here: where `ray up` puts it on a head, `~/ray_bootstrap_config.yaml`
+(the `HOME` of `env`), so a sweep's driver finds the autoscaler's node types where it finds them on AWS
+or GCP (afm_ray.sweep.capacity).
 
 The provider's nodes dial the GCS at `provider.gcs_address` (else the default port 6379, which
 another Ray on the machine may hold): it is set to the head's own free port. Every fake node shares
@@ -30,32 +33,45 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ray_head import RAY, free_port, ray_head
+from ray_head import RAY, free_port, ray_head, session_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # the fake provider's own
 FAKE_HEAD_NODE_TYPE = "ray.head.default"  # the type the fake provider gives its head, whatever the config says
 
 
-def simulated_config(aws: Mapping[str, Any], *, gcs_address: str, idle_timeout_s: float) -> dict[str, Any]:
+def simulated_config(
+    aws: Mapping[str, Any], *, gcs_address: str, idle_timeout_s: float, maxima: Mapping[str, int] | None = None
+) -> dict[str, Any]:
     """clusters/aws.yaml's node types on the fake multi-node provider (its head under the fake
-    provider's own type name, which the autoscaler must find among the node types)."""
+    provider's own type name, which the autoscaler must find among the node types); `maxima` lowers
+    some types' max_workers (and the cluster's) for a test that fills the cluster on 2 cores."""
+    maxima = maxima or {}
     head = FAKE_HEAD_NODE_TYPE
     types: dict[str, Any] = {head: {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}}
     for name, node_type in aws["available_node_types"].items():
         if name == aws["head_node_type"]:
             continue
-        resources = {k: v for k, v in node_type["resources"].items() if k not in ("CPU", "GPU")}
+        # The fake provider starts a node with every resource but CPU and GPU as a custom one, which
+        # Ray refuses for `memory`: a fake node has this machine's memory, as `ray start` detects it.
+        resources = {k: v for k, v in node_type["resources"].items() if k not in ("CPU", "GPU", "memory")}
         types[name] = {
             "resources": {**resources, "CPU": 1},  # one CPU stands for the GPU a trial asks for
             "node_config": {},
             "min_workers": node_type.get("min_workers", 0),
-            "max_workers": node_type["max_workers"],
+            "max_workers": maxima.get(name, node_type["max_workers"]),
             "priority": node_type.get("priority", 0),
         }
     return {
         "cluster_name": f"{aws['cluster_name']}-simulated",
-        "max_workers": aws["max_workers"],
+        "max_workers": min(
+            aws["max_workers"],
+            sum(
+                maxima.get(n, t.get("max_workers", 0))
+                for n, t in aws["available_node_types"].items()
+                if n != aws["head_node_type"]
+            ),
+        ),
         "upscaling_speed": aws.get("upscaling_speed", 1.0),
         "idle_timeout_minutes": idle_timeout_s / 60,
         "provider": {
@@ -117,6 +133,7 @@ class Cluster:
 
     def __init__(self, head: dict[str, str], env: dict[str, str], log: Path):
         self.gcs, self.dashboard, self.temp_dir = head["gcs"], head["dashboard"], head["temp_dir"]
+        self.session = int(head["pid"])  # every process of the cluster, fake nodes included, is in its session
         self.env, self.log = env, log
 
     def history(self) -> list[dict[str, Any]]:
@@ -155,6 +172,25 @@ class Cluster:
                 return pid
         raise LookupError(f"no raylet of node {node_id} running")
 
+    def processes(self) -> list[dict[str, Any]]:
+        """Every process of the cluster now: {"pid", "title" (its command line, or the `ray::Class.method`
+        title Ray gives a worker), "head" (on the head node, not on a fake worker node), "rss" and "pss"
+        (bytes: resident, and resident with each shared page divided among the processes that map it)}."""
+        pids = session_processes(self.session)
+        worker_nodes: set[int] = set()
+        for pid in pids:  # a fake node's raylet, and what it started (its workers and agents)
+            cmdline = _cmdline(pid)
+            if "raylet" in cmdline.split(" ", 1)[0] and f"--node_id={FAKE_HEAD_NODE_ID}" not in cmdline:
+                worker_nodes |= {pid} | _descendants(pid)
+        found = []
+        for pid in pids:
+            title, rss = _cmdline(pid).strip(), _rss(pid)
+            if title and rss is not None:
+                found.append(
+                    {"pid": pid, "title": title, "head": pid not in worker_nodes, "rss": rss, "pss": _pss(pid)}
+                )
+        return found
+
     def job(self, args: list[str], *, env_vars: Mapping[str, str]) -> subprocess.Popen:
         """`ray job submit -- python -m afm_ray.sweep ...`, running (stdout and stderr in one pipe), with
         no working dir: the job runs the installed package, as on a cluster of the afm-ray image."""
@@ -184,6 +220,28 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def _rss(pid: int) -> int | None:
+    """The resident memory of a process in bytes (None once it has exited)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return 0  # a zombie: no memory left
+
+
+def _pss(pid: int) -> int:
+    """A process's proportional set size in bytes (0 once it has exited)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _pids_of(temp_dir: str) -> list[int]:
@@ -228,7 +286,9 @@ def _started(pid: int) -> str | None:
 
 
 @contextmanager
-def simulated_cluster(env: Mapping[str, str], *, idle_timeout_s: float) -> Iterator[Cluster]:
+def simulated_cluster(
+    env: Mapping[str, str], *, idle_timeout_s: float, maxima: Mapping[str, int] | None = None
+) -> Iterator[Cluster]:
     """The cluster of clusters/aws.yaml's node types, running; stopped (only its processes) on exit.
 
     `env` must carry RAY_AUTH_MODE=token and a HOME whose ~/.ray/auth_token exists (a token made
@@ -237,9 +297,11 @@ def simulated_cluster(env: Mapping[str, str], *, idle_timeout_s: float) -> Itera
     aws = yaml.safe_load((ROOT / "clusters" / "aws.yaml").read_text())
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="afm-ray-sim-"))
-    config = workdir / "autoscaling.json"
+    config = Path(env["HOME"]) / "ray_bootstrap_config.yaml"  # JSON, as `ray up` writes it
     config.write_text(
-        json.dumps(simulated_config(aws, gcs_address=f"{node_ip()}:{port}", idle_timeout_s=idle_timeout_s))
+        json.dumps(
+            simulated_config(aws, gcs_address=f"{node_ip()}:{port}", idle_timeout_s=idle_timeout_s, maxima=maxima)
+        )
     )
     env = {
         **env,

@@ -216,6 +216,66 @@ ROWS: dict[str, Row] = {
     "evaluate-samples-not-int": Row("evaluate", ("--checkpoint", "x", "--samples", "1.5"), "invalid int value: '1.5'"),
     "pareto-no-experiment": Row("pareto", (), "the following arguments are required: --experiment"),
     "sweep-num-samples-zero": Row("sweep", ("--num-samples", "0", *sweep()), "--num-samples: got 0", valid_space()),
+    # --- how many trials at once, and what each asks for (the space's resources overridden)
+    "sweep-max-concurrent-zero": Row(
+        "sweep",
+        ("--max-concurrent-trials", "0", *sweep()),
+        "--max-concurrent-trials: got 0, expected an integer >= 1",
+        valid_space(),
+    ),  # fmt: skip
+    "sweep-max-concurrent-negative": Row(
+        "sweep", ("--max-concurrent-trials", "-3", *sweep()), "--max-concurrent-trials: got -3", valid_space()
+    ),  # fmt: skip
+    "sweep-max-concurrent-not-int": Row(
+        "sweep", ("--max-concurrent-trials", "2.5"), "argument --max-concurrent-trials: invalid int value: '2.5'"
+    ),  # fmt: skip
+    "sweep-cpus-per-worker-negative": Row(
+        "sweep",
+        ("--cpus-per-worker", "-1", *sweep()),
+        "--cpus-per-worker: expected a number >= 0, got -1.0",
+        valid_space(),
+    ),  # fmt: skip
+    "sweep-gpus-per-worker-not-number": Row(
+        "sweep", ("--gpus-per-worker", "one"), "argument --gpus-per-worker: invalid float value: 'one'", subprocess=True
+    ),  # fmt: skip
+    "sweep-memory-per-worker-negative": Row(
+        "sweep",
+        ("--memory-per-worker", "-8", *sweep()),
+        "--memory-per-worker: expected a number >= 0, got -8.0",
+        valid_space(),
+    ),  # fmt: skip
+    "sweep-memory-per-worker-inf": Row(
+        "sweep",
+        ("--memory-per-worker", "inf", *sweep()),
+        "--memory-per-worker: expected a number >= 0, got inf",
+        valid_space(),
+    ),  # fmt: skip
+    "sweep-memory-per-worker-unit": Row(
+        "sweep", ("--memory-per-worker", "8Gi"), "argument --memory-per-worker: invalid float value: '8Gi'"
+    ),  # fmt: skip
+    "sweep-num-workers-zero": Row(
+        "sweep", ("--num-workers", "0", *sweep()), "--num-workers: expected an integer >= 1, got 0", valid_space()
+    ),  # fmt: skip
+    "space-memory-per-worker-negative": Row(
+        "sweep",
+        sweep(),
+        "space.yaml: resources.memory_per_worker: expected a number >= 0, got -2",
+        valid_space(resources={"memory_per_worker": -2}),
+    ),  # fmt: skip
+    "space-memory-per-worker-text": Row(
+        "sweep",
+        sweep(),
+        "resources.memory_per_worker: expected a number >= 0, got '8Gi'",
+        valid_space(resources={"memory_per_worker": "8Gi"}),
+    ),  # fmt: skip
+    "dry-run-no-node-fits": Row(
+        "sweep",
+        ("--dry-run", "--gpus-per-worker", "1", *sweep()),
+        "no node of this machine (a sweep without --address runs its own Ray here) holds a Train worker of "
+        "{{CPU 1, GPU 1}}",
+        valid_space(),
+        needs="no-cuda",
+    ),  # fmt: skip
     # --- --set syntax
     "set-no-equals": Row("train", sets("attack.eps"), "expected key=value"),
     "set-no-key": Row("train", sets("=0.1"), "expected key=value"),

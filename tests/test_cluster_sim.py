@@ -10,7 +10,12 @@ with tiny models.
   the network between GPU nodes), names both nodes and scores what a one-worker run of the same
   config scores, within the run-to-run noise measured by benchmarks/ddp_noise.py;
 - node loss: a worker node's raylet killed mid-trial; the trial resumes on another node from its
-  last checkpoint and the sweep finishes with one FINISHED MLflow run per trial.
+  last checkpoint and the sweep finishes with one FINISHED MLflow run per trial;
+- bounded concurrency (issue 19), on its own cluster of aws.yaml's node types with lower maxima (1 spot +
+  1 on-demand: ten trials at once, as the shipped maxima give, overload 2 cores): a space with
+  `max_concurrent_trials: 0` and three times more trials than the cluster holds, sent while no worker
+  node runs. The driver reads the autoscaler's node types where `ray up` puts them and runs at most 2
+  trials at once; the trial drivers are counted and their memory on the head sampled all along.
 
 The timings the tests see (scale-up, scale-down) are printed: `pytest -s -m slow tests/test_cluster_sim.py`.
 """
@@ -23,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +48,12 @@ ddp_noise = importlib.import_module("ddp_noise")  # DDP_CONFIG and worker_config
 # difference between a two-worker and a one-worker run is 0.011 for clean and 0.048 for PGD-20
 # accuracy (360 test images). The tolerance is four of those, rounded up.
 DDP_TOLERANCE = {"clean_acc": 0.05, "pgd20_acc": 0.20}
+SMALL = {"gpu_spot": 1, "gpu_ondemand": 1}  # aws.yaml's 8 + 2, lowered: 10 trials at once overload 2 cores
+CAP = sum(SMALL.values())  # trials of one worker node each at the small cluster's largest size
+DRIVER = "ray::ImplicitFunc"  # the title Ray gives the process of a trial's Tune function (reuse_actors is off)
+# What each running trial adds beside its Train workers, wherever its driver landed: the Tune function, Train
+# V2's controller (pinned to the driver's node), its placement-group cleaner and the queue of its reports.
+PER_TRIAL = (DRIVER, "ray::TrainController", "ray::PlacementGroupCleaner", "ray::_QueueActor")
 
 
 def _only_head(nodes: dict) -> bool:
@@ -58,13 +70,26 @@ def teacher(tmp_path_factory):
     return str(ensure_teacher(cfg, log=lambda line: None))
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")  # Ray keeps the token in ~/.ray/auth_token
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+def _cluster_env(home: Path) -> dict[str, str]:
+    """The head's environment: this one, with its own HOME (Ray keeps the token in ~/.ray/auth_token, `ray up`
+    the autoscaler's config in ~/ray_bootstrap_config.yaml) and token authentication."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_CLUSTER_NAME")}
     env.update(HOME=str(home), RAY_AUTH_MODE="token")
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
-    with simulated_cluster(env, idle_timeout_s=IDLE_TIMEOUT_S) as sim:
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with simulated_cluster(_cluster_env(tmp_path_factory.mktemp("home")), idle_timeout_s=IDLE_TIMEOUT_S) as sim:
+        yield sim
+
+
+@pytest.fixture
+def small_cluster(tmp_path_factory):
+    """aws.yaml's node types with lower maxima (SMALL), so that filling the cluster fits 2 cores."""
+    home = tmp_path_factory.mktemp("home")
+    with simulated_cluster(_cluster_env(home), idle_timeout_s=IDLE_TIMEOUT_S, maxima=SMALL) as sim:
         yield sim
 
 
@@ -118,6 +143,78 @@ def _assert_succeeded(result: tuple[int, str], trials: int) -> None:
     status, out = result
     assert status == 0 and "succeeded" in out, out[-4000:]
     assert f"{trials}/{trials} trials completed" in out, out[-4000:]
+
+
+def _max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals open at one moment (one that ends as another starts does not overlap it)."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_cap_from_the_autoscalers_node_types_bounds_trial_drivers_and_head_memory(small_cluster, teacher, tmp_path):
+    """Issue 19: `max_concurrent_trials: 0` resolves to what the autoscaler's node types hold at their maxima;
+    no more trial drivers than that ever run, and what they hold on the head stays within their reservation."""
+    from afm_ray.sweep.trial import TRIAL_DRIVER_MEMORY
+
+    cluster = small_cluster
+    cluster.wait_for(_only_head, 300, "the cluster at rest")  # no worker node yet, as on a fresh cluster
+    fixed = {
+        **ddp_noise.worker_config(teacher, 0, 1),
+        **{"optim.epochs": 1, "eval.samples": 64, "eval.attacks": "clean,pgd20", "eval.val_samples": 32},
+    }
+    trials = 3 * CAP
+    space = _space(tmp_path / "space.yaml", fixed, num_samples=trials, max_concurrent_trials=0, search={
+        "optim.lr": {"loguniform": [0.05, 0.2]}})  # fmt: skip
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # the store before the sweep
+    at_rest = sum(p["pss"] for p in cluster.processes() if p["head"])
+    samples = []  # trial drivers anywhere; on the head: the trials' processes (RSS, PSS), everything (PSS)
+    started = time.monotonic()
+    job = cluster.job(_sweep_args(tmp_path, space, "bounded"), env_vars=_job_env(tmp_path))
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.append(job.communicate(timeout=1500)[0]))
+    reader.start()
+    try:
+        while reader.is_alive():
+            procs = cluster.processes()
+            on_head = [p for p in procs if p["head"]]
+            trial_procs = [p for p in on_head if p["title"].startswith(PER_TRIAL)]
+            samples.append((
+                sum(p["title"].startswith(DRIVER) for p in procs),
+                sum(p["title"].startswith(DRIVER) for p in on_head),
+                sum(p["rss"] for p in trial_procs),
+                sum(p["pss"] for p in trial_procs),
+                sum(p["pss"] for p in on_head),
+            ))  # fmt: skip
+            time.sleep(0.5)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        reader.join()
+    wall = time.monotonic() - started
+    out = output[0] if output else ""
+    runs = _trial_runs(tmp_path)  # each trial's MLflow run spans its Tune trial: a record of every moment
+    most_runs = _max_overlap([(r.info.start_time, r.info.end_time or r.info.start_time) for r in runs])
+    most_drivers, most_on_head, peak_rss, peak_pss, peak_head = (max(column) for column in zip(*samples, strict=True))
+    gb = 1e9
+    print(
+        f"\nbounded concurrency: {trials} trials, cap {CAP}, {len(samples)} samples every 0.5 s; at most "
+        f"{most_drivers} trial drivers alive at once ({most_on_head} on the head), {most_runs} trial runs open at "
+        f"once (MLflow); the trials' processes on the head peaked at {peak_pss / gb:.2f} GB PSS "
+        f"({peak_rss / gb:.2f} GB RSS), {peak_pss / max(most_on_head, 1) / gb:.2f} GB PSS per trial "
+        f"(reserved {TRIAL_DRIVER_MEMORY / gb:.2f} GB); the whole head peaked at {peak_head / gb:.2f} GB PSS "
+        f"({at_rest / gb:.2f} GB at rest); wall {wall:.0f} s"
+    )
+    assert job.returncode == 0 and f"{trials}/{trials} trials completed" in out, out[-4000:]
+    source = f"at most {CAP} trials at once: what the cluster at its largest size (the autoscaler's config "
+    assert source + "~/ray_bootstrap_config.yaml) holds" in out, out[:4000]
+    assert len(runs) == trials
+    assert most_runs <= CAP and most_drivers == CAP, (most_runs, most_drivers)
+    # What the trials hold on the head stays within what they reserve there (Ray places no more).
+    assert peak_pss <= most_on_head * TRIAL_DRIVER_MEMORY, (peak_pss, most_on_head, TRIAL_DRIVER_MEMORY)
 
 
 def test_autoscales_from_zero_runs_trials_on_workers_and_back(cluster, teacher, tmp_path):

@@ -70,9 +70,17 @@ def test_every_shipped_space_plans_a_model_based_search(path):
     assert 0 < f["min"] <= f["mean"] <= f["max"]
     assert 0 < estimate["sweep_flops"]["expected"] <= estimate["sweep_flops"]["upper_bound"]
     assert estimate["device_hours"]
+    # The number of trials at once the sweep will use (issue 19): an integer, never "unbounded"; the CIFAR
+    # spaces state the 10 the shipped clusters hold (tests/test_concurrency.py), the others get this machine's.
+    assert isinstance(plan["max_concurrent_trials"], int) and plan["max_concurrent_trials"] > 0
+    if path.stem.startswith(("cifar", "study_methods_cifar")):
+        assert plan["max_concurrent_trials"] == 10 and "stated cap 10" in plan["max_concurrent_trials_source"]
+    else:
+        assert "this machine" in plan["max_concurrent_trials_source"]
     text = format_plan(describe_plan(load_search_space(path)))
     startup = "every combination" if sampler["name"] == "grid" else "random start-up trials"
-    assert f"trials       {plan['num_samples']}" in text and startup in text
+    assert f"trials       {plan['num_samples']}, at most {plan['max_concurrent_trials']} at once: " in text
+    assert startup in text
     assert f"scheduler    {plan['scheduler']['name']}" in text and "h per full trial" in text
 
 

@@ -32,6 +32,7 @@ def test_two_trial_sweep_end_to_end(tmp_path):
     out = proc.stdout
     assert "2/2 trials completed" in out and "Pareto-optimal trials" in out and "mlflow ui" in out
     assert out.count("started") >= 2 and "Ray overhead" in out  # one line per trial event
+    assert "at most 2 trials at once: " in out and "what the local Ray this sweep started holds" in out
 
     runs = trial_runs(tracking)
     assert len(runs) == 2

@@ -46,7 +46,7 @@ from afm_ray.names import CI_HIGH, CI_LOW, Objective
 from afm_ray.search.space import parse_search_space
 from afm_ray.stats import mean_interval
 from afm_ray.sweep.local_ray import connect_or_start
-from afm_ray.sweep.trial import TrialRuntime, build_trainer
+from afm_ray.sweep.trial import TRIAL_DRIVER_MEMORY, TrialRuntime, build_trainer
 from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, client_for, column, tag_column, tags_match
 from afm_ray.tracking.student_model import (
     SPEC_FILE,
@@ -238,7 +238,7 @@ def _run_jobs(
                 task = ray.remote(_reevaluate).options(num_cpus=resources.cpus, num_gpus=resources.gpus_per_worker)
                 ref = task.remote(spec["model"], weights, flat, samples)
             else:  # waits on its Train run, whose workers hold the resources (as a sweep's trial does)
-                task = ray.remote(_retrain).options(num_cpus=0, memory=64 * 1024**2)
+                task = ray.remote(_retrain).options(num_cpus=0, memory=TRIAL_DRIVER_MEMORY)
                 ref = task.remote({**flat, "run.seed": job.seed}, runtime, f"confirm-{job.trial_run}-seed{job.seed}")
             pending[ref] = (job, run_id)
         while pending:

@@ -22,8 +22,10 @@ see afm_ray/search_spaces/default.yaml):
     num_samples: 6                     # trials (grid: default and most = the number of grid points)
     sampler: {name: tpe}               # tpe | nsga2 | random | grid (every combination once)
     scheduler: {name: fifo}            # or {name: asha, metric: val/pgd10_acc, grace_period: 2}
-    resources: {num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
-    max_concurrent_trials: 0           # 0 = from the cluster's resources
+    resources: {num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, memory_per_worker: 0}  # per Train
+                                       # worker; memory in GiB; the sweep's --num-workers etc. override
+    max_concurrent_trials: 0           # trials at once; 0 = as many as the cluster holds at its largest
+                                       # size (afm_ray.sweep.capacity); never more than that
     max_failures: 2                    # worker failures a trial survives (from its checkpoint)
     seed: 0                            # sampler seed
 

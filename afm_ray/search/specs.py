@@ -11,6 +11,7 @@ Schedulers (run by afm_ray.sweep.schedulers): `fifo`, `asha` (one objective), `m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ class SchedulerSpec:
         return self.name in ("asha", "mo_asha")
 
 
+GIB = 1024**3  # `memory_per_worker` is in GiB; Ray counts its `memory` resource in bytes
+
+
 @dataclass(frozen=True)
 class TrialResources:
     """What one trial's Ray Train run asks for: its workers and each worker's share of a node."""
@@ -66,6 +70,7 @@ class TrialResources:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    memory_per_worker: float = 0.0  # GiB of Ray's `memory` resource (0: none asked)
 
     @property
     def cpus(self) -> float:
@@ -74,6 +79,11 @@ class TrialResources:
     @property
     def gpus(self) -> float:
         return self.num_workers * self.gpus_per_worker
+
+    def worker_bundle(self) -> dict[str, float]:
+        """One Train worker's request in Ray's resource names (memory in bytes); what it does not ask, absent."""
+        bundle = {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker, "memory": self.memory_per_worker * GIB}
+        return {name: amount for name, amount in bundle.items() if amount > 0}
 
 
 RESOURCE_KEYS = tuple(TrialResources.__dataclass_fields__)
@@ -84,11 +94,28 @@ def parse_resources(raw: Any, where: str) -> TrialResources:
     for key in spec:
         if key not in RESOURCE_KEYS:
             raise unknown_value(f"{where}: unknown resources field", key, RESOURCE_KEYS)
-    positive_int(spec.get("num_workers", 1), f"{where}: resources.num_workers")
-    for key in ("cpus_per_worker", "gpus_per_worker"):
-        if key in spec and (not is_number(spec[key]) or spec[key] < 0):
-            raise ConfigError(f"{where}: resources.{key} must be a number >= 0, got {spec[key]!r}")
-    return TrialResources(**{k: float(v) if k != "num_workers" else v for k, v in spec.items()})
+    for key, value in spec.items():
+        _check_resource(key, value, f"{where}: resources.{key}")
+    return TrialResources(**_typed(spec))
+
+
+def override_resources(resources: TrialResources, flags: Mapping[str, Any]) -> TrialResources:
+    """`resources` with the sweep's per-worker flags applied (`flags` by field name: --cpus-per-worker
+    is `cpus_per_worker`), each validated like the space's own field."""
+    for key, value in flags.items():
+        _check_resource(key, value, "--" + key.replace("_", "-"))
+    return dataclasses.replace(resources, **_typed(flags))
+
+
+def _check_resource(key: str, value: Any, label: str) -> None:
+    if key == "num_workers":
+        positive_int(value, label)
+    elif not is_number(value) or value < 0:
+        raise ConfigError(f"{label}: expected a number >= 0, got {value!r}")
+
+
+def _typed(spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v if k == "num_workers" else float(v) for k, v in spec.items()}
 
 
 def default_startup_trials(num_samples: int) -> int:

@@ -22,6 +22,7 @@ from afm_ray.errors import ConfigError
 from afm_ray.names import OPTUNA_STORAGE_ENV, default_tracking_uri
 from afm_ray.preflight import check_optuna_storage, sweep_checks
 from afm_ray.search.space import DEFAULT_SPACE, load_search_space, shipped_spaces
+from afm_ray.search.specs import RESOURCE_KEYS, override_resources
 from afm_ray.sweep.plan import SweepPlan, check_sweep_name, newest_sweep, storage_root
 
 
@@ -31,10 +32,23 @@ def sweep(args: argparse.Namespace) -> int:
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples: got {args.num_samples}, expected >= 1")
         space = dataclasses.replace(space, num_samples=args.num_samples)
-    if args.dry_run:  # the resolved plan only: no Ray, no storage, no tracking server
+    if args.max_concurrent_trials is not None:
+        if args.max_concurrent_trials < 1:
+            raise ConfigError(f"--max-concurrent-trials: got {args.max_concurrent_trials}, expected an integer >= 1")
+        space = dataclasses.replace(space, max_concurrent_trials=args.max_concurrent_trials)
+    flags = {key: getattr(args, key) for key in RESOURCE_KEYS if getattr(args, key) is not None}
+    if flags:
+        space = dataclasses.replace(space, resources=override_resources(space.resources, flags))
+    if args.dry_run:  # the resolved plan only: no storage, no tracking server; Ray only to read --address
         from afm_ray.sweep.dry_run import describe_plan, format_plan
 
-        print(format_plan(describe_plan(space), args.format))
+        capacity = None
+        if args.address:  # the number the sweep will use there: read from the cluster, nothing started
+            check_ray_address(args.address)
+            from afm_ray.sweep.capacity import read_capacity
+
+            capacity = read_capacity(args.address)
+        print(format_plan(describe_plan(space, capacity), args.format))
         return 0
     root = storage_root(args.storage)
     # A URI may carry a password: from a file or the environment it stays off the command line.
@@ -101,13 +115,25 @@ def parser() -> argparse.ArgumentParser:
         "--name", help="sweep name (default: <space name>-<timestamp>; with --resume: the newest sweep of the space)"
     )
     p.add_argument("--num-samples", type=int, help="number of trials (default: the space's num_samples)")
+    p.add_argument(
+        "--max-concurrent-trials",
+        type=int,
+        help="run at most N trials at once (default: the space's max_concurrent_trials; 0 there: as many as the "
+        "cluster holds at its largest size); never more than the cluster holds",
+    )
+    p.add_argument("--num-workers", type=int, help="Train workers per trial (default: the space's resources)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per Train worker (default: the space's resources)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per Train worker (default: the space's resources)")
+    p.add_argument(
+        "--memory-per-worker", type=float, help="GiB of Ray memory per Train worker (default: the space's resources)"
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (same --storage and --name)")
     add_overrides(p, help="pin a config key in every trial, e.g. --set optim.epochs=2")
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved plan (sampler, scheduler, resources, evaluation, estimated cost) and exit; "
-        "starts nothing and writes nothing",
+        help="print the resolved plan (sampler, scheduler, resources, trials at once, evaluation, estimated cost) "
+        "and exit; starts nothing and writes nothing (with --address it reads that cluster's node types)",
     )
     p.add_argument("--format", choices=("text", "json"), default="text", help="--dry-run output format")
     add_address(p)

@@ -10,7 +10,6 @@ runs unchanged under `ray job submit` on a cluster.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 import warnings
@@ -41,12 +40,13 @@ from afm_ray.search.space import SearchSpace
 from afm_ray.signals import install_sigterm_as_sigint
 from afm_ray.storage import list_dirs, write_bytes
 from afm_ray.sweep.aa_gate import FinishedTrialsFeed, actor_name, start_finished_trials
+from afm_ray.sweep.capacity import Concurrency, cluster_capacity, resolve_concurrency
 from afm_ray.sweep.lifecycle import SweepRecords
 from afm_ray.sweep.local_ray import connect_or_start
 from afm_ray.sweep.plan import SweepPlan
 from afm_ray.sweep.progress import TrialProgress, print_summary
 from afm_ray.sweep.schedulers import build_scheduler
-from afm_ray.sweep.trial import TrialRuntime, train_driver_fn
+from afm_ray.sweep.trial import TRIAL_DRIVER_RESOURCES, TrialRuntime, train_driver_fn
 from afm_ray.teacher.training import STAGING_PREFIX, ensure_teacher, remove_stale_staging, teacher_cache_dir
 from afm_ray.tracking.trial_tracker import RedactingClient, TrialTracker, start_or_resume_sweep_run
 
@@ -118,20 +118,6 @@ def uses_staged_evaluation(space: SearchSpace) -> bool:
     return space.base.eval.aa_policy == "candidates" or any("candidates" in d.choices for d in searched)
 
 
-def max_concurrent_trials(space: SearchSpace, cluster: dict[str, float]) -> int | None:
-    """As many trials as the cluster fits now; None (no cap) when it has no GPU node yet but
-    trials need GPUs: an autoscaling cluster starts from zero GPU workers and grows."""
-    if space.max_concurrent_trials:
-        return space.max_concurrent_trials
-    r = space.resources
-    if r.gpus_per_worker > 0 and cluster.get("GPU", 0) == 0:
-        return None
-    fits = [cluster.get("CPU", 1) / max(r.cpus, 1e-9)]
-    if r.gpus_per_worker > 0:
-        fits.append(cluster.get("GPU", 0) / r.gpus)
-    return max(1, math.floor(min(fits) + 1e-9))
-
-
 def run_sweep(plan: SweepPlan) -> int:
     """Run the sweep `plan` describes (validated, its preflight passed): 0 when every trial ended,
     130 when it was interrupted (what it recorded is kept; `plan.resume_command()` continues it)."""
@@ -155,20 +141,26 @@ def run_sweep(plan: SweepPlan) -> int:
     except (ConnectionError, RuntimeError, ValueError) as exc:  # auth, version mismatch, a head that went away
         raise ClusterError(f"Ray at {plan.address or 'a new local instance'}: {one_line(exc)}") from None
     install_sigterm_as_sigint()  # ray.init replaced it with an immediate exit
+    # Before anything is recorded: a cluster no trial fits is one line, not a sweep that waits forever.
+    space = plan.space
+    concurrency = resolve_concurrency(
+        space.resources, space.max_concurrent_trials, space.num_samples, cluster_capacity(plan.address is None)
+    )
     records = SweepRecords(plan)
     try:
-        return _run_sweep(plan, records, started)
+        return _run_sweep(plan, records, started, concurrency)
     except BaseException as exc:
         records.abandon(exc, log)
         raise
 
 
-def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float) -> int:
+def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float, concurrency: Concurrency) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     space, name = plan.space, plan.name
     # Train runs live inside the sweep's folder, next to Tune's own trial folders.
     runtime = TrialRuntime(space.resources, storage_path=plan.sweep_dir, max_failures=space.max_failures)
     log(f"sweep {name}: {space.num_samples} trials of {space.path or 'space'}; Ray {ray.cluster_resources()}")
+    log(f"sweep {name}: at most {concurrency.trials} trials at once: {concurrency.source}")
 
     teacher_keys, teacher_scores = prepare_teacher(space, runtime, log)
     space = dataclasses.replace(space, fixed={**space.fixed, **teacher_keys})
@@ -199,11 +191,9 @@ def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float) -> int:
         runtime = dataclasses.replace(runtime, aa_gate=actor_name(name))
         callbacks.append(FinishedTrialsFeed(actor_name(name), space.objectives))
 
-    # The Tune function only waits on its Train run: it takes no CPU (a token of memory keeps
-    # its bundle non-empty), so on a 2-CPU laptop the trial drivers cannot starve the workers.
-    trainable = tune.with_resources(
-        tune.with_parameters(train_driver_fn, runtime=runtime), {"CPU": 0, "memory": 64 * 1024**2}
-    )
+    # The Tune function only waits on its Train run: it takes no CPU, so on a 2-CPU laptop the trial
+    # drivers cannot starve the workers; it reserves the memory it and its Train controller use.
+    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, runtime=runtime), TRIAL_DRIVER_RESOURCES)
     if plan.resume:
         tuner = tune.Tuner.restore(plan.sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -224,7 +214,7 @@ def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float) -> int:
                 search_alg=searcher,
                 scheduler=build_scheduler(space.scheduler, space.base.optim.epochs),
                 num_samples=space.num_samples,
-                max_concurrent_trials=max_concurrent_trials(space, ray.cluster_resources()),
+                max_concurrent_trials=concurrency.trials,
             ),
             run_config=tune.RunConfig(
                 name=name,

@@ -27,6 +27,7 @@ from afm_ray.cost import (
 )
 from afm_ray.search.mo_asha import rung_milestones
 from afm_ray.search.space import SearchSpace
+from afm_ray.sweep.capacity import Capacity, machine_capacity, resolve_concurrency
 
 
 def sampler_plan(space: SearchSpace) -> dict[str, Any]:
@@ -146,11 +147,19 @@ def estimate(space: SearchSpace, cfg: ExperimentConfig, schedule: dict[str, Any]
     return out
 
 
-def describe_plan(space: SearchSpace) -> dict[str, Any]:
-    """Everything a sweep of ``space`` would run, resolved, and its estimated cost (Ray-free)."""
+def describe_plan(space: SearchSpace, capacity: Capacity | None = None) -> dict[str, Any]:
+    """Everything a sweep of ``space`` would run, resolved, and its estimated cost (Ray-free).
+
+    The trials it runs at once are resolved as the sweep resolves them (afm_ray.sweep.capacity) against
+    ``capacity``, the cluster of --address; without one, the space's stated cap, else this machine (where
+    a sweep without --address runs).
+    """
     cfg = space.base
     epochs = _epoch_range(space, cfg)
     schedule = scheduler_plan(space, epochs)
+    if capacity is None and not space.max_concurrent_trials:
+        capacity = machine_capacity()
+    concurrency = resolve_concurrency(space.resources, space.max_concurrent_trials, space.num_samples, capacity)
     return {
         "space": {
             "name": space.name,
@@ -164,7 +173,8 @@ def describe_plan(space: SearchSpace) -> dict[str, Any]:
         "sampler": sampler_plan(space),
         "scheduler": schedule,
         "resources": dataclasses.asdict(space.resources),
-        "max_concurrent_trials": space.max_concurrent_trials or "as many as the cluster fits",
+        "max_concurrent_trials": concurrency.trials,
+        "max_concurrent_trials_source": concurrency.source,
         "evaluation": {
             "attacks": list(cfg.eval_attacks),
             "samples": cfg.eval.samples,
@@ -198,7 +208,8 @@ def format_plan(plan: dict[str, Any], fmt: str = "text") -> str:
         f"space        {s['name']} ({s['path'] or 'inline'}), experiment {s['experiment']}",
         f"objectives   {', '.join(s['objectives'])}",
         "search       " + "; ".join(f"{k} {_short(v)}" for k, v in s["search"].items()),
-        f"trials       {plan['num_samples']}, {plan['max_concurrent_trials']} at a time",
+        f"trials       {plan['num_samples']}, at most {plan['max_concurrent_trials']} at once: "
+        f"{plan['max_concurrent_trials_source']}",
         f"sampler      {sampler['name']} (seed {sampler['seed']}): "
         + (
             "every combination of the choices once, in random order"
