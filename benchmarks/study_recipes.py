@@ -54,7 +54,7 @@ STUDY = {
     "eval.samples": 0,  # every test image
     "eval.attacks": "clean,pgd20,aa",
     "eval.val_samples": 256,
-    "eval.batch_size": 256,  # AutoAttack's per-batch overhead dominates on small batches of a small model
+    "eval.batch_size": 512,  # every test image in one batch: AutoAttack's per-batch overhead dominates here
     "student.ema_decay": 0.999,
     "student.swa_start": 0.5,  # the epochs after the first learning-rate decay
     "run.device": "cpu",
@@ -132,7 +132,9 @@ def one_run(name: str, seed: int, config: dict[str, Any], out: str) -> str:
     }
     cfg = from_flat(config)
     state = load_training_state(reporter.latest_checkpoint)
-    if cfg.student.select != "last" or cfg.student.average != "none":
+    if int(final["student/selected_epoch"]) == cfg.optim.epochs:
+        record["last"] = record["selected"]  # the last epoch was selected: the same weights, scored once
+    elif cfg.student.select != "last" or cfg.student.average != "none":
         averaged = state["student_weights"].get("averaged")
         last_weights = averaged if averaged is not None else state.get("train_model", state["model"])
         data = load_run_data(cfg)
@@ -170,7 +172,13 @@ def run_all(workdir: Path, seeds: list[int], jobs: int, base: dict[str, Any]) ->
         futures = {pool.submit(one_run, *job): job[:2] for job in todo}
         for future in as_completed(futures):
             name, seed = futures[future]
-            future.result()
+            try:
+                future.result()
+            except Exception as exc:  # the others go on; running the command again retries this one
+                print(
+                    f"[{datetime.now():%H:%M:%S}] FAILED: {name} seed {seed}: {type(exc).__name__}: {exc}", flush=True
+                )
+                continue
             print(f"[{datetime.now():%H:%M:%S}] done: {name} seed {seed}", flush=True)
 
 
