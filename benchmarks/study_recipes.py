@@ -12,13 +12,14 @@ Runs per seed (15 in all), each `train_fn_per_worker` in a plain process, two at
 
 - `none`, `ema`, `swa`: student.select best_pgd with student.average none / ema / swa. The same seed
   trains the same weights in all three (averaging and selection do not touch training), so their
-  differences are paired. Each run's final evaluation scores its best_pgd student; the study also
-  scores the last epoch's weights of the same run (its checkpoint's training or averaged weights):
-  6 students from 3 runs.
+  differences are paired. The study scores each run's best_pgd student (its checkpoint's `model`) and
+  the last epoch's weights of the same run (its training or averaged weights): 6 students from 3 runs.
 - `ensemble`: teacher.checkpoint = the PGD-AT and the TRADES teacher (mean of probabilities); last, none.
 - `early_teacher`: the PGD-AT teacher at its best val/pgd10_acc epoch (teacher.select best_pgd).
 
 The reference for the teacher rows is `none`'s last-epoch student (PGD-AT teacher, last epoch).
+Every student is scored the same way (afm_ray.evaluate.protocol.evaluate_model: all test images, each
+attack seeded by data.seed), so two students differ by their weights, not by attack randomness.
 """
 
 from __future__ import annotations
@@ -122,28 +123,36 @@ def one_run(name: str, seed: int, config: dict[str, Any], out: str) -> str:
         report(metrics, checkpoint_dir)
 
     reporter.report = keep  # type: ignore[method-assign]
-    final = train_fn_per_worker(config, reporter)
+    # The run's own final evaluation is clean only; every student is scored below the one way (the same
+    # images, the attacks seeded alike), so two students of a run differ by their weights, not by noise.
+    final = train_fn_per_worker({**config, "eval.attacks": "clean"}, reporter)
+    cfg = from_flat(config)
+    data = load_run_data(cfg)
+    state = load_training_state(reporter.latest_checkpoint)
+
+    def score(weights: dict) -> dict[str, float]:
+        model = build_model(cfg.student.arch, **model_kwargs(cfg.student, data))
+        model.load_state_dict(weights)
+        scores = evaluate_model(model, cfg, data, log=lambda line: None)
+        return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+
+    selected_epoch = int(final["student/selected_epoch"])
     record: dict[str, Any] = {
         "run": name,
         "seed": seed,
         "config": config,
-        "selected": {k: float(v) for k, v in final.items() if isinstance(v, (int, float))},
+        "selected": {
+            **score(state["model"]),
+            "student/selected_epoch": float(selected_epoch),
+            "epoch": cfg.optim.epochs,
+        },
         "curve": curve,
     }
-    cfg = from_flat(config)
-    state = load_training_state(reporter.latest_checkpoint)
-    if int(final["student/selected_epoch"]) == cfg.optim.epochs:
+    if selected_epoch == cfg.optim.epochs:
         record["last"] = record["selected"]  # the last epoch was selected: the same weights, scored once
-    elif cfg.student.select != "last" or cfg.student.average != "none":
-        averaged = state["student_weights"].get("averaged")
-        last_weights = averaged if averaged is not None else state.get("train_model", state["model"])
-        data = load_run_data(cfg)
-        model = build_model(cfg.student.arch, **model_kwargs(cfg.student, data))
-        model.load_state_dict(last_weights)
-        scores = evaluate_model(model, cfg, data, log=lambda line: None)
-        record["last"] = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
     else:
-        record["last"] = record["selected"]
+        averaged = state["student_weights"].get("averaged")
+        record["last"] = score(averaged if averaged is not None else state["train_model"])
     record["wall_s"] = time.time() - started
     Path(out).write_text(json.dumps(record, indent=1))
     import shutil
@@ -202,7 +211,7 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def render(records: list[dict[str, Any]], workdir: Path, command: str) -> str:
+def render(records: list[dict[str, Any]], workdir: Path, command: str, notes: str | None = None) -> str:
     from afm_ray.devices import cpu_model_name
     from afm_ray.stats import mean_interval
 
@@ -263,11 +272,14 @@ def render(records: list[dict[str, Any]], workdir: Path, command: str) -> str:
         "",
         "## Differences from the last epoch's weights as trained (paired by seed, in points)",
         "",
-        "| student | " + " | ".join(f"Δ {m} [95%]" for m in METRICS) + " |",
-        "|---|" + "---:|" * len(METRICS),
+        "Resolved: the paired 95% interval excludes 0 (+ better, − worse); otherwise not resolved at this size.",
+        "",
+        "| student | " + " | ".join(f"Δ {m} [95%]" for m in METRICS) + " | resolved |",
+        "|---|" + "---:|" * len(METRICS) + "---|",
     ]
+    resolved: list[str] = []
     for label, run, which in ROWS[1:]:
-        cells = []
+        cells, verdicts = [], []
         for metric in METRICS:
             a, b = values(run, which, metric), values("none", "last", metric)
             common = sorted(set(a) & set(b))
@@ -277,7 +289,15 @@ def render(records: list[dict[str, Any]], workdir: Path, command: str) -> str:
             d, low, high = _paired([a[s] for s in common], [b[s] for s in common])
             interval = "" if math.isnan(low) else f" [{100 * low:+.1f}, {100 * high:+.1f}]"
             cells.append(f"{100 * d:+.1f}{interval}")
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
+            if not math.isnan(low) and (low > 0 or high < 0):
+                verdicts.append(f"{metric} {'+' if low > 0 else '−'}")
+        resolved += [f"{label}: {v}" for v in verdicts]
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {', '.join(verdicts) or 'none'} |")
+    out += [
+        "",
+        "Resolved at this size: " + ("; ".join(resolved) if resolved else "no difference") + ". Everything else in "
+        "the table is within the noise of 3 seeds on these test images.",
+    ]
     out += [
         "",
         "## Robust overfitting: the validation curve of the weights as trained",
@@ -308,9 +328,8 @@ def render(records: list[dict[str, Any]], workdir: Path, command: str) -> str:
                 f"- {method}: {len(index)} epochs; val/pgd10_acc best {_pct(best['val/pgd10_acc'])}% at epoch "
                 f"{best['epoch']}, last {_pct(index[-1]['val/pgd10_acc'])}% (256 held-out training images)."
             )
-    notes = workdir / "notes.md"
-    if notes.is_file():
-        out += ["", notes.read_text().rstrip()]
+    if notes:
+        out += ["", Path(notes).read_text().rstrip()]
     return "\n".join(out) + "\n"
 
 
@@ -323,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=STUDY["optim.epochs"])
     parser.add_argument("--teacher-epochs", type=int, default=STUDY["teacher.epochs"])
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--notes", help="markdown appended verbatim: the reading of the numbers")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -338,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         command += f" --epochs {args.epochs}"
     if args.teacher_epochs != STUDY["teacher.epochs"]:
         command += f" --teacher-epochs {args.teacher_epochs}"
-    Path(args.out).write_text(render(records, workdir, command))
+    if args.notes:
+        command += f" --notes {args.notes}"
+    Path(args.out).write_text(render(records, workdir, command, args.notes))
     print(f"wrote {args.out} ({len(records)} runs)")
     return 0
 

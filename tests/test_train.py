@@ -1,5 +1,6 @@
 """The training function end to end in a plain process: teacher, student, checkpoints, resume."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from afm_ray.checkpoints import load_teacher
 from afm_ray.config import ConfigError, from_flat
 from afm_ray.data import load_run_data
 from afm_ray.evaluate.protocol import evaluate_checkpoint
+from afm_ray.teacher.members import load_teachers, resolve_member
 from afm_ray.teacher.training import ensure_teacher, teacher_cache_key
 from afm_ray.train.__main__ import main as train_main
 from afm_ray.train.loop import LocalReporter, train_fn_per_worker
@@ -41,6 +43,22 @@ def test_teacher_is_cached_by_config_hash(teacher_path, tmp_path_factory):
     # What a sweep varies for the student never changes which teacher it is.
     assert teacher_cache_key(cfg) == teacher_cache_key(from_flat({**TINY, "attack.eps": 0.2, "optim.lr": 0.01}))
     assert teacher_cache_key(cfg) != teacher_cache_key(from_flat({**TINY, "teacher.epochs": 3}))
+
+
+def test_trained_teacher_keeps_every_epoch_for_teacher_select(teacher_path):
+    """The cache entry is a folder of epoch checkpoints: teacher.select picks one when the teacher is
+    loaded (so selecting never changes the cache key, and one training serves every selection)."""
+    entry = str(Path(teacher_path).parent)
+    index = json.loads((Path(entry) / "epochs" / "index.json").read_text())
+    assert [row["epoch"] for row in index] == [1, 2] and all("val/pgd10_acc" in row for row in index)
+    best = max(index, key=lambda row: (row["val/pgd10_acc"], -row["epoch"]))["epoch"]
+    assert resolve_member(entry, "best_pgd").endswith(f"epoch_{best:04d}.pt")
+    assert resolve_member(entry, "last") == str(teacher_path)
+    cfg = from_flat({**TINY, "teacher.checkpoint": entry, "teacher.select": "epoch:1"})
+    first = load_teachers(cfg, load_run_data(cfg))
+    stored = torch.load(Path(entry) / "epochs" / "epoch_0001.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, stored[k]) for k, v in first.state_dict().items())
+    assert teacher_cache_key(cfg) == teacher_cache_key(from_flat({**TINY, "teacher.select": "best_pgd"}))
 
 
 def test_teacher_is_robust_and_frozen(teacher_path):
