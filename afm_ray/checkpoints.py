@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from afm_ray.config import ExperimentConfig, from_flat
+from afm_ray.cost import dataset_shapes
 from afm_ray.data import ImageDataset
 from afm_ray.errors import CheckpointError, CheckpointNotFoundError, ConfigError, one_line
 from afm_ray.models import build_model, model_kwargs
 from afm_ray.storage import is_uri, local_file
+from afm_ray.weight_layouts import WRAPPER_KEYS, to_our_layout, unwrap_state_dict
 
 FILENAME = "checkpoint.pt"
 
@@ -74,9 +76,12 @@ def save_training_state(
     scheduler: Any = None,
     metrics: Mapping[str, float] | None = None,
     data: ImageDataset | DataSpec | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `checkpoint.pt` in `directory` atomically; `data` describes the model's dataset, so
-    `load_model` can rebuild the model without loading the data."""
+    `load_model` can rebuild the model without loading the data. `model` is the student (what
+    `load_model` rebuilds); `extra` holds what else a resumed run needs (`train_model`: the training
+    weights when they are not the student, `student_weights`: afm_ray.student_weights' state)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -91,6 +96,7 @@ def save_training_state(
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    state.update(extra or {})
     path = directory / FILENAME
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -137,8 +143,12 @@ def stored_config(state: Mapping[str, Any], file: str | Path) -> ExperimentConfi
         raise CheckpointError(f"{file}: its stored config is invalid ({exc})") from None
 
 
-def load_resume_state(path: str | Path, model: nn.Module, optimizer: Any, scheduler: Any) -> int:
-    """Load a training checkpoint into `model`, `optimizer` and `scheduler`; returns its epoch."""
+def load_resume_state(
+    path: str | Path, model: nn.Module, optimizer: Any, scheduler: Any, student_weights: Any = None
+) -> int:
+    """Load a training checkpoint into `model` (its training weights), `optimizer`, `scheduler` and
+    `student_weights` (an afm_ray.student_weights.StudentWeights: the average, the best epoch so far);
+    returns its epoch."""
     file = checkpoint_file(path)
     state = load_training_state(file)
     missing = [k for k in ("optimizer", "scheduler", "epoch") if k not in state]
@@ -147,9 +157,11 @@ def load_resume_state(path: str | Path, model: nn.Module, optimizer: Any, schedu
             f"run.resume_from {path}: {file} holds no {', '.join(missing)}; resume needs a training checkpoint"
         )
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("train_model", state["model"]))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if student_weights is not None and "student_weights" in state:
+            student_weights.load_state_dict(state["student_weights"], state["model"])
         return int(state["epoch"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"run.resume_from {path}: does not fit this run's model ({one_line(exc)})") from None
@@ -173,9 +185,18 @@ def load_model(
     if data is None:
         data = _stored_data(state, stored, file)
     model = build_model(spec.arch, **model_kwargs(spec, data))
-    _check_state_dict(model.state_dict(), weights, file, spec.arch, data)
+    notes: list[str] = []
+    if stored is None:  # a state dict from elsewhere: RobustBench's or a training script's key names
+        weights, notes = to_our_layout(weights, spec.arch, data.image_shape[0])
+    _check_state_dict(model.state_dict(), weights, file, _described(spec), data, notes)
     model.load_state_dict(weights)
     return model.to(device), stored
+
+
+def _described(spec: Any) -> str:
+    """'wrn' (depth 34, width 10): the architecture as teacher.* names it, for messages."""
+    sizes = ", ".join(f"{k} {getattr(spec, k)}" for k in ("depth", "width") if getattr(spec, k, 0))
+    return f"{spec.arch!r}" + (f" ({sizes})" if sizes else "")
 
 
 def _model_state(path: str | Path, fallback: Any) -> tuple[Path, Any, Mapping[str, torch.Tensor], Any, Any]:
@@ -195,24 +216,40 @@ def _model_state(path: str | Path, fallback: Any) -> tuple[Path, Any, Mapping[st
             raise CheckpointError(f"checkpoint {file}: its stored config is not a mapping")
         stored = stored_config(state, file)
         spec, weights = stored.student, state["model"]
-    elif isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+    elif (found := unwrap_state_dict(state)) is not None:  # plain, or wrapped by a training script
         if fallback is None:
             raise CheckpointError(
                 f"checkpoint {file} is a bare state dict: say which architecture it is (teacher.arch)"
             )
-        spec, weights = fallback, state
+        spec, weights = fallback, found
     else:
-        raise CheckpointError(f"checkpoint {file}: expected an afm-ray checkpoint or a state dict of tensors")
+        raise CheckpointError(
+            f"checkpoint {file}: expected an afm-ray checkpoint or a state dict of tensors "
+            f"(plain or under {'/'.join(WRAPPER_KEYS)})"
+        )
     if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"checkpoint {file}: its 'model' entry is not a state dict of tensors")
     return file, spec, weights, stored, state
 
 
-def check_teacher_checkpoint(cfg: ExperimentConfig) -> None:
-    """teacher.checkpoint loads (weights only) and holds the architecture teacher.arch names:
-    checked before a run computes anything; the shapes are checked once the data is loaded."""
-    _, _, _, stored, _ = _model_state(cfg.teacher.checkpoint, cfg.teacher)
-    _check_teacher_arch(cfg.teacher.checkpoint, stored, cfg)
+def check_teacher_checkpoint(cfg: ExperimentConfig, path: str | Path | None = None) -> None:
+    """A teacher checkpoint (`path`, default teacher.checkpoint) loads (weights only) and holds the
+    architecture teacher.arch names; when the dataset's shapes are known without reading it, its keys and
+    shapes are checked too (on the meta device: nothing allocated), so a mismatch fails before any compute."""
+    path = cfg.teacher.checkpoint if path is None else path
+    file, spec, weights, stored, state = _model_state(path, cfg.teacher)
+    _check_teacher_arch(path, stored, cfg)
+    shapes = dataset_shapes(cfg)  # the one table of dataset facts
+    if shapes is None:  # Parquet: checked once the data is loaded
+        return
+    c = shapes.channels
+    data = DataSpec(shapes.classes, (c, shapes.side, shapes.side), (0.0,) * c, (1.0,) * c, cfg.data.name)
+    with torch.device("meta"):
+        model = build_model(spec.arch, **model_kwargs(spec, data))
+    notes: list[str] = []
+    if stored is None:
+        weights, notes = to_our_layout(weights, spec.arch, data.image_shape[0])
+    _check_state_dict(model.state_dict(), weights, file, _described(spec), data, notes)
 
 
 def _check_teacher_arch(path: str | Path, stored: ExperimentConfig | None, cfg: ExperimentConfig | None) -> None:
@@ -247,13 +284,17 @@ def _check_state_dict(
     file: Path,
     arch: str,
     data: ImageDataset | DataSpec,
+    notes: list[str] | None = None,
 ) -> None:
+    """Every key of the architecture is there with its shape, and nothing else: else one line that
+    says what did not match (and, for a state dict from elsewhere, how its keys were mapped)."""
+    mapped = f" [read as: {'; '.join(notes)}]" if notes else ""
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {file} does not match architecture {arch!r}: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"checkpoint {file} does not match architecture {arch}: {len(missing)} keys missing {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}{mapped}"
         )
     for key, tensor in expected.items():
         if weights[key].shape != tensor.shape:
@@ -264,7 +305,7 @@ def _check_state_dict(
                 )
             raise CheckpointError(
                 f"checkpoint {file}: {key} has shape {tuple(weights[key].shape)}, "
-                f"{arch!r} expects {tuple(tensor.shape)}{hint}"
+                f"{arch} expects {tuple(tensor.shape)}{hint}{mapped}"
             )
 
 

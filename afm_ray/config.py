@@ -31,7 +31,11 @@ from afm_ray.names import (
     METHODS,
     MODELS,
     NORMS,
+    STUDENT_AVERAGES,
+    STUDENT_SELECTIONS,
     TEACHER_METHODS,
+    TEACHER_SELECTIONS,
+    TRAIN_TEACHER,
     parse_policy,
 )
 from afm_ray.yaml_loading import load_yaml_mapping, parse_yaml
@@ -62,16 +66,50 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class StudentConfig(ModelConfig):
+    """The student's architecture, and which of its weights are the student (afm_ray.student_weights):
+    averaged first (what is validated, evaluated, exported), then selected among the epochs."""
+
+    select: str = "last"  # last | best_pgd (the epoch of the best val/pgd10_acc on the held-out split)
+    average: str = "none"  # none | ema (per step) | swa (per epoch, batch-norm statistics recomputed)
+    # EMA decay per optimiser step, warmed up as min(decay, (1 + t) / (10 + t)) over the t steps so far.
+    ema_decay: float = 0.999
+    swa_start: float = 0.75  # fraction of optim.epochs after which SWA averages each epoch's weights
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
     arch: str = "small_cnn"
     width: int = 32
     depth: int = 0
-    # A teacher checkpoint (path or URI) to load; "train" = train one first (cached by config hash).
-    # "" also trains in single runs; a sweep refuses it, so a costly teacher is never trained by accident.
+    # A teacher checkpoint (path or URI) to load, or several, comma-separated: an ensemble (the mean of
+    # the members' probabilities at the method's temperature, docs/methods.md). A checkpoint may be an
+    # afm-ray checkpoint, a plain state dict (RobustBench, official AT/TRADES scripts: afm_ray.weight_layouts)
+    # or a folder of epoch checkpoints (teacher.select picks one). "train" = train one first (cached by
+    # config hash). "" also trains in single runs; a sweep refuses it, so a costly teacher is never
+    # trained by accident.
     checkpoint: str = ""
     method: str = "pgd_at"  # how a missing teacher is trained: pgd_at | trades
     epochs: int = 5  # epochs for training a missing teacher
     cache_dir: str = ""  # where trained teachers are cached; "" = ~/.cache/afm_ray/teachers
+    # Which epoch of a trained teacher (or of a folder of epoch checkpoints) teaches: last | best_pgd
+    # (the best val/pgd10_acc of the teacher's own held-out split) | epoch:N (an early-stopped teacher).
+    select: str = "last"
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The checkpoints of teacher.checkpoint, in order: one, or an ensemble's several."""
+        return tuple(part.strip() for part in self.checkpoint.split(","))
+
+    @property
+    def trained_here(self) -> bool:
+        """Whether the project trains this teacher (teacher.checkpoint "" or "train")."""
+        return self.checkpoint in ("", TRAIN_TEACHER)
+
+    @property
+    def select_epoch(self) -> int | None:
+        """N of teacher.select epoch:N; None for last and best_pgd."""
+        return int(self.select.split(":", 1)[1]) if self.select.startswith("epoch:") else None
 
 
 @dataclass(frozen=True)
@@ -150,7 +188,7 @@ class RunConfig:
 @dataclass(frozen=True)
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -349,6 +387,33 @@ def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
         raise unknown_value(f"{key}: unknown value", value, choices)
 
 
+def _validate_teacher_choice(t: TeacherConfig) -> None:
+    """teacher.checkpoint's members and teacher.select, as far as they can be checked without files."""
+    members = t.members
+    if len(members) > 1:
+        _check(
+            all(members),
+            f"teacher.checkpoint: {t.checkpoint!r} has an empty member; list checkpoints separated by single commas",
+        )
+        _check(
+            TRAIN_TEACHER not in members,
+            f"teacher.checkpoint: {TRAIN_TEACHER!r} cannot be an ensemble member ({t.checkpoint!r}); train each "
+            "teacher with `python -m afm_ray.teacher` and list their checkpoints",
+        )
+        twice = sorted({m for m in members if members.count(m) > 1})
+        _check(not twice, f"teacher.checkpoint: {twice[:1]} listed twice; an ensemble member counts once")
+    _check(
+        re.fullmatch(r"last|best_pgd|epoch:[1-9]\d{0,8}", t.select) is not None,
+        f"teacher.select: got {t.select!r}, expected one of {', '.join(TEACHER_SELECTIONS)} (N an epoch >= 1)",
+    )
+    n = t.select_epoch
+    _check(
+        n is None or not t.trained_here or n <= t.epochs,
+        f"teacher.select: {t.select} but the teacher is trained for teacher.epochs={t.epochs}; "
+        f"expected epoch:1 .. epoch:{t.epochs}",
+    )
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Range and name checks, so a bad value fails before any data, model or Ray resource."""
     _check_choice("data.name", cfg.data.name, DATASETS)
@@ -364,6 +429,18 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(model.depth >= 0, f"{section}.depth: got {model.depth}, expected >= 0 (0 = architecture default)")
     _check_choice("teacher.method", cfg.teacher.method, TEACHER_METHODS)
     _check(cfg.teacher.epochs >= 1, f"teacher.epochs: got {cfg.teacher.epochs}, expected >= 1")
+    _validate_teacher_choice(cfg.teacher)
+    s = cfg.student
+    _check_choice("student.select", s.select, STUDENT_SELECTIONS)
+    _check_choice("student.average", s.average, STUDENT_AVERAGES)
+    _check(
+        0 < s.ema_decay < 1,
+        f"student.ema_decay: got {s.ema_decay}, expected 0 < decay < 1 (0.999 is usual: the last ~1000 steps)",
+    )
+    _check(
+        0 <= s.swa_start < 1,
+        f"student.swa_start: got {s.swa_start}, expected 0 <= fraction < 1 of optim.epochs (0.75: the last quarter)",
+    )
     _check_choice("method.name", cfg.method.name, METHODS)
     m = cfg.method
     _check(m.tau is None or m.tau > 0, f"method.tau: got {m.tau}, expected tau > 0")

@@ -16,6 +16,11 @@ accounting is clusters/README.md's ("What a trial costs"):
   (9 targets x 100 x 2 F_S), FAB-T (9 targets x 100 x 3 F_S) and Square (5000 queries x F_S) on
   the images still robust; 85% clean and 50% robust accuracy assumed (clusters/README.md);
 - per-epoch validation: clean + PGD-10 on eval.val_samples images;
+- a teacher ensemble of K checkpoints (teacher.checkpoint "a,b,...") counts F_T K times: every
+  forward and backward through the teacher runs through each member (members of teacher.arch at
+  teacher.width assumed: the dry run reads no checkpoint);
+- student.average swa adds one clean forward of the student per training image in each averaged
+  epoch (the batch-norm statistics recomputed); ema and best_pgd cost no FLOPs worth counting;
 - a teacher (PGD-AT or TRADES, trained by afm_ray.teacher.training) costs its method's training
   FLOPs per image on the images the training loop trains on.
 
@@ -25,6 +30,7 @@ of about two; measure one epoch and rescale for real numbers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -164,13 +170,17 @@ def trial_flops(
         return None
     f_s = forward_flops(cfg.student.arch, cfg.student.width, cfg.student.depth, shapes)
     needs_teacher = any(m not in TEACHER_METHODS for m in methods)
-    f_t = forward_flops(cfg.teacher.arch, cfg.teacher.width, cfg.teacher.depth, shapes) if needs_teacher else 0.0
+    teachers = teacher_count(cfg) if needs_teacher else 0
+    f_t = teachers * forward_flops(cfg.teacher.arch, cfg.teacher.width, cfg.teacher.depth, shapes) if teachers else 0.0
     epochs = cfg.optim.epochs if epochs is None else epochs
     per_image = sum(p * train_flops_per_image(m, steps, f_s, f_t) for m, p in methods.items())
+    if cfg.student.average == "swa":  # the batch-norm pass of each averaged epoch, spread over all epochs
+        per_image += f_s * (epochs - math.floor(cfg.student.swa_start * epochs)) / max(epochs, 1)
     n_eval = min(cfg.eval.samples or shapes.test_images, shapes.test_images)
     return {
         "student_forward_flops": f_s,
-        "teacher_forward_flops": f_t,
+        "teacher_forward_flops": f_t,  # the whole ensemble's: teachers x one member's
+        "teachers": float(teachers),
         "train_flops_per_epoch": per_image * shapes.train_images,
         "val_flops_per_epoch": val_flops_per_epoch(cfg, shapes, f_s),
         "eval_flops": n_eval * eval_flops_per_image(cfg.eval_attacks, f_s),
@@ -179,6 +189,11 @@ def trial_flops(
         "train_images": float(shapes.train_images),
         "eval_images": float(n_eval),
     }
+
+
+def teacher_count(cfg: ExperimentConfig) -> int:
+    """How many teachers each step runs: the members of teacher.checkpoint (one when trained here)."""
+    return 1 if cfg.teacher.trained_here else len(cfg.teacher.members)
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,22 @@ ACCURACY_METRICS = ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc")
 CONFIDENCE = 0.95
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 INTERVAL_METRICS = tuple(m + end for m in ACCURACY_METRICS for end in (CI_LOW, CI_HIGH))
+# Which weights are the student (student.select, student.average; afm_ray.student_weights): the epoch
+# whose weights were selected, their val/pgd10_acc, and how many snapshots the average holds (0: none).
+SELECTED_EPOCH_METRIC = "student/selected_epoch"
+SELECTED_VAL_METRIC = "student/selected_val_pgd10_acc"
+AVERAGED_METRIC = "student/averaged"
+STUDENT_METRICS = (SELECTED_EPOCH_METRIC, SELECTED_VAL_METRIC, AVERAGED_METRIC)
 # The one-value metrics every completed trial logs at its end.
-FINAL_METRICS = (*ACCURACY_METRICS, *INTERVAL_METRICS, "params", "latency_ms", "eval/n_samples", "eval/eps")
+FINAL_METRICS = (
+    *ACCURACY_METRICS,
+    *INTERVAL_METRICS,
+    "params",
+    "latency_ms",
+    "eval/n_samples",
+    "eval/eps",
+    *STUDENT_METRICS,
+)
 # Metrics a search space may optimise (final) and those a scheduler may read every epoch.
 OBJECTIVE_METRICS = (*ACCURACY_METRICS, "params", "latency_ms")
 PER_EPOCH_METRICS = ("val/clean_acc", "val/pgd10_acc")
@@ -97,6 +111,12 @@ DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "parquet")
 # teacher.checkpoint's value that says, explicitly, "train the teacher first" (a sweep refuses "").
 TRAIN_TEACHER = "train"
 LR_SCHEDULES = ("cosine", "step", "constant")
+# student.select: the last epoch's weights, or the epoch with the best val/pgd10_acc (held-out split).
+STUDENT_SELECTIONS = ("last", "best_pgd")
+# student.average: the weights as trained, an exponential moving average per step, or SWA per epoch.
+STUDENT_AVERAGES = ("none", "ema", "swa")
+# teacher.select: last | best_pgd | epoch:N (afm_ray.teacher.members).
+TEACHER_SELECTIONS = ("last", "best_pgd", "epoch:N")
 AMP_SETTINGS = ("auto", "off", "bf16")
 
 

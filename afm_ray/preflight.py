@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
-from afm_ray.checkpoints import check_teacher_checkpoint, checkpoint_file
+from afm_ray.checkpoints import checkpoint_file
 from afm_ray.config import ExperimentConfig
 from afm_ray.cost import teacher_cost
 from afm_ray.credentials import redact_text, redact_uri
@@ -42,6 +42,7 @@ from afm_ray.errors import (
 from afm_ray.names import TRAIN_TEACHER, needs_teacher
 from afm_ray.search.space import SearchSpace
 from afm_ray.storage import file_size, probe_writable
+from afm_ray.teacher.members import check_teachers, resolve_members
 from afm_ray.teacher.training import check_cache_writable, teacher_cache_dir, teacher_training_config
 
 
@@ -73,13 +74,13 @@ def check_run(
     for key in reads:
         section, name = key.split(".")
         path = getattr(getattr(cfg, section), name)
-        if path and path != TRAIN_TEACHER:  # "train": the teacher is trained (or taken from the cache)
+        if key == "teacher.checkpoint" and not cfg.teacher.trained_here:
+            check_teachers(cfg)  # every member (an ensemble's several), teacher.select, keys and shapes
+        elif path and path != TRAIN_TEACHER:  # "train": the teacher is trained (or taken from the cache)
             try:
                 checkpoint_file(path)
             except CheckpointNotFoundError as exc:
                 raise CheckpointNotFoundError(f"{key}: {one_line(exc)}") from None
-            if key == "teacher.checkpoint":
-                check_teacher_checkpoint(cfg)
     if writes_output:
         try:
             probe_writable(cfg.run.output_dir)
@@ -222,13 +223,29 @@ def check_teacher(space: SearchSpace) -> str:
                 f"s3://, gs:// URI), or {TRAIN_TEACHER!r} to have the sweep train one first: {cost}"
             )
         return f"teacher: to be trained before the first trial: {cost}"
+    sizes = []
+    for member in resolve_members_or_uris(cfg):
+        try:
+            sizes.append(file_size(member, "checkpoint.pt"))
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"teacher.checkpoint: {exc}; give an existing checkpoint, or {TRAIN_TEACHER!r} to have the sweep "
+                "train one"
+            ) from None
+    if len(sizes) == 1:
+        return f"teacher: {redact_uri(given)} ({sizes[0] / 1e6:.1f} MB)"
+    return (
+        f"teacher: an ensemble of {len(sizes)} ({', '.join(f'{s / 1e6:.1f}' for s in sizes)} MB): {redact_uri(given)}"
+    )
+
+
+def resolve_members_or_uris(cfg: ExperimentConfig) -> list[str]:
+    """The checkpoints teacher.select picks from each member; a member that is not there is returned as
+    it is (its size check says so in one line)."""
     try:
-        size = file_size(given, "checkpoint.pt")
-    except FileNotFoundError as exc:
-        raise ConfigError(
-            f"teacher.checkpoint: {exc}; give an existing checkpoint, or {TRAIN_TEACHER!r} to have the sweep train one"
-        ) from None
-    return f"teacher: {redact_uri(given)} ({size / 1e6:.1f} MB)"
+        return resolve_members(cfg)
+    except CheckpointNotFoundError:
+        return list(cfg.teacher.members)
 
 
 def sweep_checks(

@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -168,6 +169,30 @@ def crafted_checkpoint(tmp: Path, fx: Any) -> dict[str, str]:
     marker = tmp.parent / f"{tmp.name}-marker"
     path = write(tmp / "ckpt.pt", pickle.dumps({"model": Evil(os.system, f"touch {marker}"), "config": {}}))
     return {"ckpt": str(path), "marker": str(marker)}
+
+
+def epoch_folder(tmp: Path, fx: Any) -> dict[str, str]:
+    """A folder of two epoch checkpoints (afm-ray's, as a training run's output_dir holds them)."""
+    for epoch in (1, 2):
+        write(tmp / "epochs" / f"checkpoint_epoch{epoch:04d}" / "checkpoint.pt", Path(fx.ckpt).read_bytes())
+    return {"folder": str(tmp / "epochs")}
+
+
+def robustbench_wrn(tmp: Path, fx: Any) -> dict[str, str]:
+    """A WRN-10-1's weights as RobustBench's / TRADES' WideResNet names them, wrapped and prefixed as
+    an official script saves them (module., state_dict)."""
+    from afm_ray.models import build_model
+
+    model = build_model("wrn", num_classes=10, in_channels=1, mean=[0.0], std=[1.0], depth=10, width=1)
+    keys = {}
+    for key, value in model.state_dict().items():
+        if not key.startswith("normalize."):
+            key = re.sub(r"^net\.(block\d)\.(\d+)\.", r"\1.layer.\2.", key).removeprefix("net.")
+            keys["module." + key.replace(".conv_shortcut.", ".convShortcut.")] = value
+    path = tmp / "wrn.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": keys, "epoch": 76}, path)
+    return {"ckpt": str(path)}
 
 
 def under_a_file(tmp: Path, fx: Any) -> dict[str, str]:
@@ -701,6 +726,63 @@ ROWS: dict[str, Row] = {
     ),  # fmt: skip
     "resume-missing": Row(
         "train", sets(*TINY, "method.name=pgd_at", "run.resume_from={tmp}/none"), "run.resume_from: no checkpoint at"
+    ),  # fmt: skip
+    # --- which weights are the student; the teacher ensemble, teacher.select, teachers from outside
+    "student-select-unknown": Row(
+        "train", sets("student.select=best"), "student.select: unknown value 'best'; did you mean 'best_pgd'?"
+    ),  # fmt: skip
+    "student-average-unknown": Row("train", sets("student.average=ewa"), "student.average: unknown value 'ewa'"),
+    "ema-decay-out-of-range": Row(
+        "train", sets("student.ema_decay=1.5"), "student.ema_decay: got 1.5, expected 0 < decay < 1"
+    ),  # fmt: skip
+    "swa-start-out-of-range": Row(
+        "sweep",
+        (*sweep(), *sets("student.swa_start=1")),
+        "student.swa_start: got 1.0, expected 0 <= fraction < 1",
+        valid_space(),
+    ),  # fmt: skip
+    "teacher-select-unknown": Row(
+        "teacher", sets("teacher.select=best"), "teacher.select: got 'best', expected one of"
+    ),
+    "teacher-select-beyond-trained-epochs": Row(
+        "train",
+        sets(*TINY, "teacher.select=epoch:9"),
+        "teacher.select: epoch:9 but the teacher is trained for teacher.epochs=1",
+    ),  # fmt: skip
+    "teacher-select-beyond-folder": Row(
+        "train",
+        sets(*TINY, "teacher.checkpoint={folder}", "teacher.select=epoch:9"),
+        "teacher.select: epoch:9 but teacher.checkpoint {folder} holds epochs 1..2",
+        epoch_folder,
+    ),  # fmt: skip
+    "teacher-select-on-one-checkpoint": Row(
+        "teacher",
+        sets(*TINY, "teacher.checkpoint={ckpt}", "teacher.select=best_pgd"),
+        "is one checkpoint, not a folder of epoch checkpoints",
+        checkpoint(lambda fx: torch.load(fx.ckpt, weights_only=True)),
+    ),  # fmt: skip
+    "teacher-ensemble-member-missing": Row(
+        "train",
+        sets(*TINY, "teacher.checkpoint={ckpt},{tmp}/none.pt"),
+        "teacher.checkpoint: no checkpoint at '{tmp}/none.pt'",
+        checkpoint(lambda fx: torch.load(fx.ckpt, weights_only=True)),
+    ),  # fmt: skip
+    "teacher-ensemble-member-missing-sweep": Row(
+        "sweep",
+        sweep(),
+        "teacher.checkpoint: nothing at '{tmp}/none.pt'",
+        lambda tmp, fx: space_file(tmp, fixed={**SPACE["fixed"], "teacher.checkpoint": f"{fx.ckpt},{tmp}/none.pt"}),
+    ),  # fmt: skip
+    "teacher-ensemble-train-member": Row(
+        "train", sets("teacher.checkpoint=train,{tmp}/a.pt"), "'train' cannot be an ensemble member"
+    ),  # fmt: skip
+    "teacher-external-mismatch": Row(
+        "train",
+        sets(
+            "data.name=digits", "teacher.arch=wrn", "teacher.depth=16", "teacher.width=1", "teacher.checkpoint={ckpt}"
+        ),
+        "does not match architecture 'wrn' (depth 16, width 1): 36 keys missing",
+        robustbench_wrn,
     ),  # fmt: skip
     "evaluate-ckpt-missing": Row(
         "evaluate", ("--checkpoint", "{tmp}/none.pt"), "no checkpoint at '{tmp}/none.pt'", subprocess=True

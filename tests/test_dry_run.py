@@ -14,6 +14,7 @@ import torch
 
 from afm_ray.config import from_flat
 from afm_ray.cost import dataset_shapes, eval_flops_per_image, forward_flops, train_flops_per_image, trial_flops
+from afm_ray.ensemble import TeacherEnsemble
 from afm_ray.methods import METHODS, AttackSpec, build_method
 from afm_ray.models import build_model
 from afm_ray.search.space import load_search_space
@@ -133,6 +134,45 @@ def test_training_formula_matches_counted_flops_of_a_real_step(method):
     counted = bench_measure.count_flops(lambda: m(student, teacher, x, y, attack)["loss"].backward()) / len(x)
     # Losses and softmaxes are not counted by either; convolutions and matmuls are all of it.
     assert counted == pytest.approx(train_flops_per_image(method, 5, f_s, f_t), rel=0.02)
+
+
+@pytest.mark.parametrize("method", ["advfunmatch", "akd"])
+def test_each_ensemble_member_adds_its_flops(method):
+    """An ensemble of two teachers costs 2 F_T wherever one teacher costs F_T (counted on a real step),
+    and the dry run's estimate counts it."""
+    bench_measure = _benchmark("bench_measure")
+    torch.manual_seed(0)
+    kw = dict(num_classes=10, in_channels=1, mean=(0.5,), std=(0.5,))
+    student = build_model("small_cnn", width=4, **kw)
+    members = [build_model("small_cnn", width=8, **kw).eval().requires_grad_(False) for _ in range(2)]
+    x = torch.rand(4, 1, 8, 8)
+    y = torch.nn.functional.one_hot(torch.arange(4) % 10, 10).float()
+    f_s = bench_measure.count_flops(lambda: student(x[:1]))
+    f_t = bench_measure.count_flops(lambda: members[0](x[:1]))
+    m = build_method(method)
+    ensemble = TeacherEnsemble(members, m.tau).eval()
+    attack = AttackSpec(eps=0.1, step_size=0.025, steps=5, norm="linf", random_start="default")
+    counted = bench_measure.count_flops(lambda: m(student, ensemble, x, y, attack)["loss"].backward()) / len(x)
+    assert counted == pytest.approx(train_flops_per_image(method, 5, f_s, 2 * f_t), rel=0.02)
+
+    one = from_flat({"data.name": "digits", "method.name": method, "teacher.checkpoint": "a.pt"})
+    two = from_flat({"data.name": "digits", "method.name": method, "teacher.checkpoint": "a.pt,b.pt"})
+    single, pair = trial_flops(one, {method: 1.0}, 5), trial_flops(two, {method: 1.0}, 5)
+    assert pair["teachers"] == 2 and pair["teacher_forward_flops"] == 2 * single["teacher_forward_flops"]
+    per_image = train_flops_per_image(method, 5, single["student_forward_flops"], pair["teacher_forward_flops"])
+    assert pair["train_flops_per_epoch"] == pytest.approx(per_image * pair["train_images"])
+
+
+def test_dry_run_shows_the_ensemble_and_the_student_choice(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "fixed: {data.name: digits, method.name: akd, teacher.checkpoint: 'a.pt,b.pt', student.select: best_pgd, "
+        "student.average: swa}\nsearch: {attack.eps: {uniform: [0.05, 0.1]}}\nnum_samples: 2\n"
+    )
+    assert sweep_main(["--dry-run", "--space", str(space)]) == 0
+    out = capsys.readouterr().out
+    assert "teacher      a.pt,b.pt, teacher.select last; an ensemble of 2 (the mean of their probabilities): 2 x" in out
+    assert "student      select best_pgd, average swa" in out
 
 
 def _benchmark(name: str):

@@ -31,7 +31,6 @@ from afm_ray.names import (
     AA_SKIPPED_METRIC,
     FINAL_RESULT_FLAG,
     SWEEP_OBJECTIVES_PARAM,
-    TRAIN_TEACHER,
     Objective,
 )
 from afm_ray.preflight import teacher_methods
@@ -47,6 +46,7 @@ from afm_ray.sweep.plan import SweepPlan
 from afm_ray.sweep.progress import TrialProgress, print_summary
 from afm_ray.sweep.schedulers import build_scheduler
 from afm_ray.sweep.trial import TRIAL_DRIVER_RESOURCES, TrialRuntime, train_driver_fn
+from afm_ray.teacher.members import EPOCHS_DIR, INDEX, resolve_member
 from afm_ray.teacher.training import STAGING_PREFIX, ensure_teacher, remove_stale_staging, teacher_cache_dir
 from afm_ray.tracking.trial_tracker import RedactingClient, TrialTracker, start_or_resume_sweep_run
 
@@ -54,43 +54,59 @@ from afm_ray.tracking.trial_tracker import RedactingClient, TrialTracker, start_
 def prepare_teacher(space: SearchSpace, runtime: TrialRuntime, log: Any) -> tuple[dict[str, Any], dict[str, float]]:
     """Train (or reuse) the teacher every trial distils, as a Ray task on a worker's resources.
 
-    Returns the fixed keys to add (teacher.checkpoint) and the teacher's evaluation.
+    Returns the fixed keys to add (teacher.checkpoint) and the teacher's evaluation. When a trial picks
+    an epoch of the teacher (teacher.select other than last, fixed or searched), every epoch's weights
+    go to the sweep's storage with it (afm_ray.teacher.members' folder layout) and teacher.checkpoint
+    names that folder; otherwise only the last epoch's checkpoint goes.
     """
     if not teacher_methods(space):
         return {}, {}
     base = space.base
-    if base.teacher.checkpoint not in ("", TRAIN_TEACHER):  # a given checkpoint (preflight saw it exists)
+    if not base.teacher.trained_here:  # given checkpoints (preflight saw they exist)
         return {}, {}
+    with_epochs = base.teacher.select != "last" or any(d.key == "teacher.select" for d in space.search)
 
     cpus = runtime.resources.cpus
     if runtime.resources.gpus_per_worker == 0:  # no trial runs yet: a CPU teacher may use the whole node
         cpus = max(cpus, min(int(ray.available_resources().get("CPU", 1)), 16))
 
     @ray.remote(num_cpus=cpus, num_gpus=runtime.resources.gpus_per_worker)
-    def train_teacher(flat: dict[str, Any]) -> tuple[bytes, dict[str, float]]:
+    def train_teacher(flat: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, float]]:
         cfg = from_flat(flat)
         path = ensure_teacher(cfg, log=lambda line: print(line, flush=True))
-        scores = evaluate_checkpoint(path, cfg, attack_names=("clean", "pgd20"), log=lambda line: None)
-        return Path(path).read_bytes(), {k: scores[k] for k in ("clean_acc", "pgd20_acc")}
+        chosen = resolve_member(str(path.parent), cfg.teacher.select) if with_epochs else path
+        scores = evaluate_checkpoint(chosen, cfg, attack_names=("clean", "pgd20"), log=lambda line: None)
+        return _entry_files(path.parent, with_epochs), {k: scores[k] for k in ("clean_acc", "pgd20_acc")}
 
-    cache = teacher_cache_dir(base) / "checkpoint.pt"
-    if cache.is_file():
-        log(f"teacher: reusing {cache}")
-        payload, scores = cache.read_bytes(), {}
+    entry = teacher_cache_dir(base)
+    if (entry / "checkpoint.pt").is_file() and (not with_epochs or (entry / EPOCHS_DIR / INDEX).is_file()):
+        log(f"teacher: reusing {entry}")
+        files, scores = _entry_files(entry, with_epochs), {}
     else:
         log(
             f"teacher: training {base.teacher.arch} ({base.teacher.method}, {base.teacher.epochs} epochs) as a Ray task"
         )
-        payload, scores = _get_teacher(train_teacher.remote(to_flat(base)), cache.parent.parent)
-        write_bytes(str(cache), payload)
+        files, scores = _get_teacher(train_teacher.remote(to_flat(base)), entry.parent)
+        for name, payload in files.items():
+            write_bytes(str(entry / name), payload)
     # Trials may run on other nodes: they read the teacher from the sweep's storage.
-    target = f"{runtime.storage_path}/teacher/checkpoint.pt"
-    write_bytes(target, payload)
+    folder = f"{runtime.storage_path}/teacher"
+    for name, payload in files.items():
+        write_bytes(f"{folder}/{name}", payload)
+    target = folder if with_epochs else f"{folder}/checkpoint.pt"
     log(
         f"teacher: {redact_uri(target)}"
         + (f" (clean {scores['clean_acc']:.3f}, pgd20 {scores['pgd20_acc']:.3f})" if scores else "")
     )
     return {"teacher.checkpoint": target}, scores
+
+
+def _entry_files(entry: Path, with_epochs: bool) -> dict[str, bytes]:
+    """A teacher cache entry's files by relative name: its last checkpoint, and every epoch's if asked."""
+    names = ["checkpoint.pt"]
+    if with_epochs:
+        names += [f"{EPOCHS_DIR}/{p.name}" for p in sorted((entry / EPOCHS_DIR).iterdir())]
+    return {name: (entry / name).read_bytes() for name in names}
 
 
 def _get_teacher(ref: Any, cache_folder: Path) -> Any:

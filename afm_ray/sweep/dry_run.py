@@ -23,6 +23,7 @@ from afm_ray.cost import (
     CPU_TRIAL_OVERHEAD_S,
     DEVICES,
     EVAL_RATE_FRACTION,
+    teacher_count,
     trial_flops,
 )
 from afm_ray.search.mo_asha import rung_milestones
@@ -100,6 +101,7 @@ def estimate(space: SearchSpace, cfg: ExperimentConfig, schedule: dict[str, Any]
         "available": True,
         "flops_per_trial": per_trial,
         "flops_breakdown_mean_trial": {
+            "teacher_forward": mean["teacher_forward_flops"],
             "train_per_epoch": mean["train_flops_per_epoch"],
             "validation_per_epoch": mean["val_flops_per_epoch"],
             "final_evaluation": mean["eval_flops"],
@@ -175,6 +177,12 @@ def describe_plan(space: SearchSpace, capacity: Capacity | None = None) -> dict[
         "resources": dataclasses.asdict(space.resources),
         "max_concurrent_trials": concurrency.trials,
         "max_concurrent_trials_source": concurrency.source,
+        "teacher": {
+            "checkpoint": cfg.teacher.checkpoint or "(trained here)",
+            "members": teacher_count(cfg),
+            "select": cfg.teacher.select,
+        },
+        "student": {"select": cfg.student.select, "average": cfg.student.average},
         "evaluation": {
             "attacks": list(cfg.eval_attacks),
             "samples": cfg.eval.samples,
@@ -226,6 +234,8 @@ def format_plan(plan: dict[str, Any], fmt: str = "text") -> str:
         )
         + f"; expected {sched['expected_epochs_per_trial']:.2f} epochs per trial",
         "resources    " + ", ".join(f"{k} {v:g}" for k, v in plan["resources"].items()) + " per trial",
+        _teacher_line(plan),
+        f"student      select {plan['student']['select']}, average {plan['student']['average']}",
         f"evaluation   {', '.join(plan['evaluation']['attacks'])} on {plan['evaluation']['samples'] or 'all'} "
         "test images at "
         f"eps {plan['evaluation']['eps']:.4g}; AutoAttack policy {plan['evaluation']['aa_policy']}",
@@ -247,6 +257,18 @@ def format_plan(plan: dict[str, Any], fmt: str = "text") -> str:
             )
         lines.append("assumptions  " + "\n             ".join(est["assumptions"]))
     return "\n".join(lines)
+
+
+def _teacher_line(plan: dict[str, Any]) -> str:
+    t, est = plan["teacher"], plan["estimate"]
+    members = t["members"]
+    line = f"teacher      {t['checkpoint']}, teacher.select {t['select']}"
+    if members > 1:
+        line += f"; an ensemble of {members} (the mean of their probabilities)"
+        if est.get("available"):
+            each = est["flops_breakdown_mean_trial"]["teacher_forward"] / members
+            line += f": {members} x {each / 1e6:.3g} MFLOP per teacher forward, in every attack step and loss"
+    return line
 
 
 def _short(dist: dict[str, Any]) -> str:

@@ -7,19 +7,26 @@ import sys
 from collections.abc import Sequence
 
 from afm_ray.cli import add_config_file, command_parser, load_config, run_command
-from afm_ray.evaluate.protocol import evaluate_checkpoint, format_results
-from afm_ray.names import TRAIN_TEACHER
+from afm_ray.config import from_flat, to_flat
+from afm_ray.data import load_run_data
+from afm_ray.devices import resolve_device
+from afm_ray.evaluate.protocol import evaluate_model, format_results
 from afm_ray.preflight import check_run
+from afm_ray.teacher.members import load_teachers, resolve_members
 from afm_ray.teacher.training import ensure_teacher
 
 
 def teacher(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    check_run(cfg, reads=("teacher.checkpoint",), trains_teacher=cfg.teacher.checkpoint in ("", TRAIN_TEACHER))
-    path = ensure_teacher(cfg, force=args.force)
-    print(f"teacher checkpoint: {path}")
+    check_run(cfg, reads=("teacher.checkpoint",), trains_teacher=cfg.teacher.trained_here)
+    if cfg.teacher.trained_here:  # the cache entry: the folder of epoch checkpoints teacher.select picks from
+        cfg = from_flat({**to_flat(cfg), "teacher.checkpoint": str(ensure_teacher(cfg, force=args.force).parent)})
+    print(f"teacher checkpoint: {', '.join(resolve_members(cfg))} (teacher.select {cfg.teacher.select})")
     if not args.no_eval:
-        print(format_results(evaluate_checkpoint(path, cfg)))
+        data = load_run_data(cfg)  # an ensemble is scored at temperature 1 (its members' mean probabilities)
+        print(
+            format_results(evaluate_model(load_teachers(cfg, data, device=resolve_device(cfg.run.device)), cfg, data))
+        )
     return 0
 
 

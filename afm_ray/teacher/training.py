@@ -2,7 +2,14 @@
 
 `python -m afm_ray.teacher [--config FILE] [--set key=value ...]` (afm_ray.cli) trains the
 teacher that a config needs (once: later calls reuse the cache) and prints its path and
-robustness; afm_ray.checkpoints.load_teacher loads it, frozen.
+robustness; afm_ray.teacher.members loads it, frozen.
+
+A cache entry is afm_ray.teacher.members' folder of epoch checkpoints: `checkpoint.pt` (the last
+epoch's training state) and `epochs/epoch_NNNN.pt` (every epoch's weights, with their per-epoch
+validation in `epochs/index.json`), so teacher.select can pick an early-stopped teacher without
+training again: the selection is made when the teacher is loaded, not when it is trained, and is
+not part of the cache key. The disk cost is one set of weights per epoch (0.1 MB per epoch for the
+embedded teacher, 185 MB per epoch for a WRN-34-10).
 
 The teacher's training config depends only on the data, the `teacher.*` section and the
 evaluation budget, never on what a sweep varies for the student, so every trial of a sweep
@@ -20,11 +27,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from afm_ray.checkpoints import checkpoint_file
 from afm_ray.config import ExperimentConfig, from_flat, to_flat
-from afm_ray.errors import StorageError, one_line
-from afm_ray.names import TRAIN_TEACHER
+from afm_ray.errors import ConfigError, StorageError, one_line
 from afm_ray.storage import probe_writable
+from afm_ray.teacher.members import EPOCHS_DIR, INDEX, epoch_file_name
 from afm_ray.train.loop import LocalReporter, train_fn_per_worker
 
 #: Names of the folders a teacher trains in, beside its cache entry: .staging-<host>-<pid>-<random>.
@@ -58,8 +67,12 @@ def teacher_training_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def teacher_cache_key(cfg: ExperimentConfig) -> str:
     flat = to_flat(teacher_training_config(cfg))
-    # Where it runs and how it is accelerated do not change which teacher it is.
+    # Where it runs and how it is accelerated do not change which teacher it is; nor do the keys that
+    # choose among a run's weights (the teacher's run never sets them, and teacher.select picks an epoch
+    # of the trained entry), so adding them kept the key of every teacher cached before.
     for key in ("run.device", "run.output_dir", "run.resume_from", "run.compile", "run.channels_last"):
+        flat.pop(key, None)
+    for key in ("student.select", "student.average", "student.ema_decay", "student.swa_start", "teacher.select"):
         flat.pop(key, None)
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -74,13 +87,18 @@ def teacher_cache_dir(cfg: ExperimentConfig) -> Path:
 
 def ensure_teacher(cfg: ExperimentConfig, *, log: Callable[[str], None] = print, force: bool = False) -> Path:
     """The checkpoint file of `cfg`'s teacher: the given one, a cached one, or a newly trained one
-    (teacher.checkpoint "" or "train")."""
-    if cfg.teacher.checkpoint not in ("", TRAIN_TEACHER):
+    (teacher.checkpoint "" or "train"). A trained one is its cache entry's last epoch; its folder is
+    the folder of epoch checkpoints that teacher.select picks from (afm_ray.teacher.members)."""
+    if not cfg.teacher.trained_here:
+        if len(cfg.teacher.members) > 1:
+            raise ConfigError(f"teacher.checkpoint lists {len(cfg.teacher.members)} teachers; ensure_teacher takes one")
         return checkpoint_file(cfg.teacher.checkpoint)
     target = teacher_cache_dir(cfg)
     if (target / "checkpoint.pt").is_file() and not force:
-        log(f"teacher: reusing {target}")
-        return target / "checkpoint.pt"
+        if cfg.teacher.select == "last" or (target / EPOCHS_DIR / INDEX).is_file():
+            log(f"teacher: reusing {target}")
+            return target / "checkpoint.pt"
+        log(f"teacher: {target} holds no per-epoch checkpoints (cached before they were kept): training it again")
     check_cache_writable(cfg)
     tcfg = teacher_training_config(cfg)
     log(
@@ -94,10 +112,11 @@ def ensure_teacher(cfg: ExperimentConfig, *, log: Callable[[str], None] = print,
     # ensure_teacher on this host (remove_stale_staging).
     staging = target.parent / f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        reporter = LocalReporter(staging / "run", log=lambda line: log(f"teacher: {line}"))
+        reporter = LocalReporter(staging / "run", log=lambda line: log(f"teacher: {line}"), keep_all=True)
         train_fn_per_worker(to_flat(tcfg), reporter)
         assert reporter.latest_checkpoint is not None
         shutil.copy2(reporter.latest_checkpoint / "checkpoint.pt", staging / "checkpoint.pt")
+        keep_epochs(reporter.checkpoints, staging / EPOCHS_DIR)
         shutil.rmtree(staging / "run")
         if target.exists():
             shutil.rmtree(target)
@@ -106,6 +125,23 @@ def ensure_teacher(cfg: ExperimentConfig, *, log: Callable[[str], None] = print,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target / "checkpoint.pt"
+
+
+def keep_epochs(checkpoints: dict[int, Path], folder: Path) -> None:
+    """Every epoch's weights (no optimiser state: half the size) as `epoch_NNNN.pt`, and `index.json` with
+    each epoch's validation, so teacher.select reads one small file to choose."""
+    folder.mkdir(parents=True)
+    index = []
+    for epoch, directory in sorted(checkpoints.items()):
+        state = torch.load(directory / "checkpoint.pt", map_location="cpu", weights_only=True)
+        kept = {k: state[k] for k in ("model", "config", "epoch", "metrics", "data") if k in state}
+        torch.save(kept, folder / epoch_file_name(epoch))
+        metrics = state.get("metrics", {})
+        index.append(
+            {"epoch": epoch, "file": epoch_file_name(epoch)}
+            | {k: float(metrics[k]) for k in ("val/clean_acc", "val/pgd10_acc") if k in metrics}
+        )
+    (folder / INDEX).write_text(json.dumps(index, indent=1))
 
 
 def check_cache_writable(cfg: ExperimentConfig) -> None:

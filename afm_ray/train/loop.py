@@ -38,7 +38,9 @@ from afm_ray.eval_batch import resolve_eval_batch_size
 from afm_ray.evaluate.protocol import final_evaluation
 from afm_ray.methods import AttackSpec, build_method
 from afm_ray.models import build_model, model_kwargs, unwrap
-from afm_ray.names import HPARAM_NAMES, TRAIN_TEACHER
+from afm_ray.names import HPARAM_NAMES
+from afm_ray.student_weights import StudentWeights
+from afm_ray.teacher.members import load_teachers
 
 
 class Reporter(Protocol):
@@ -54,27 +56,45 @@ class Reporter(Protocol):
 
 
 class LocalReporter:
-    """Plain-process reporting: one line per epoch, checkpoints kept under `output_dir`."""
+    """Plain-process reporting: one line per epoch, checkpoints kept under `output_dir` (the newest only,
+    or with `keep_all` every epoch's: a teacher keeps them for teacher.select)."""
 
-    def __init__(self, output_dir: str | Path, resume_from: str = "", log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        resume_from: str = "",
+        log: Callable[[str], None] = print,
+        *,
+        keep_all: bool = False,
+    ):
         self.output_dir = Path(output_dir)
         self.resume_from = resume_from
         self.log = log
+        self.keep_all = keep_all
         self.latest_checkpoint: Path | None = None
+        self.checkpoints: dict[int, Path] = {}  # epoch -> its checkpoint folder (all of them with keep_all)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         self.log(format_metrics(metrics))
         if checkpoint_dir is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        target = self.output_dir / f"checkpoint_epoch{int(metrics.get('epoch', 0)):04d}"
+        epoch = int(metrics.get("epoch", 0))
+        target = self.output_dir / f"checkpoint_epoch{epoch:04d}"
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(checkpoint_dir, target)
-        # Keep the newest checkpoint only: each holds the full training state.
-        if self.latest_checkpoint is not None and self.latest_checkpoint != target and self.latest_checkpoint.exists():
+        # Keep the newest checkpoint only, unless asked for all: each holds the full training state.
+        if (
+            not self.keep_all
+            and self.latest_checkpoint is not None
+            and self.latest_checkpoint != target
+            and self.latest_checkpoint.exists()
+        ):
             shutil.rmtree(self.latest_checkpoint)
+            self.checkpoints = {}
         self.latest_checkpoint = target
+        self.checkpoints[epoch] = target
 
     def resume_checkpoint_dir(self) -> str | None:
         return self.resume_from or None
@@ -125,6 +145,7 @@ class TrainStep:
     scheduler: Any = None  # stepped per iteration when given
     channels_last: bool = False
     amp_dtype: torch.dtype | None = None
+    after_step: Callable[[], None] | None = None  # e.g. the EMA update of afm_ray.student_weights
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.channels_last:
@@ -143,6 +164,8 @@ class TrainStep:
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.after_step is not None:
+            self.after_step()
         return {key: value.detach() for key, value in parts.items()}
 
 
@@ -183,12 +206,13 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
     method = build_method(cfg.method.name, **method_hparams(cfg))
     teacher = None
     if method.needs_teacher:
-        if cfg.teacher.checkpoint in ("", TRAIN_TEACHER):
+        if cfg.teacher.trained_here:
             raise ConfigError(
                 f"method {cfg.method.name!r} needs a teacher but teacher.checkpoint is {cfg.teacher.checkpoint!r}; "
                 "train one with `python -m afm_ray.teacher` or run through afm_ray.train/afm_ray.sweep"
             )
-        teacher = checkpoints.load_teacher(cfg.teacher.checkpoint, data, device=ctx.device, cfg=cfg)
+        # One teacher, or an ensemble read at the method's temperature (afm_ray.ensemble).
+        teacher = load_teachers(cfg, data, device=ctx.device, tau=getattr(method, "tau", 1.0))
         if cfg.run.channels_last:  # the frozen teacher is most of a step's compute
             teacher = teacher.to(memory_format=torch.channels_last)
 
@@ -204,10 +228,22 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loader)))
 
+    weights = StudentWeights(
+        student,
+        select=cfg.student.select,
+        average=cfg.student.average,
+        epochs=cfg.optim.epochs,
+        ema_decay=cfg.student.ema_decay,
+        swa_start=cfg.student.swa_start,
+        bn_images=loader.x,  # SWA's batch-norm statistics: the whole training split, the same on every rank
+        bn_batch_size=cfg.optim.batch_size,
+        channels_last=cfg.run.channels_last,
+        world_size=ctx.world_size,
+    )
     start_epoch = 0
     resume_dir = reporter.resume_checkpoint_dir()
     if resume_dir:
-        start_epoch = checkpoints.load_resume_state(resume_dir, unwrap(student), optimizer, scheduler)
+        start_epoch = checkpoints.load_resume_state(resume_dir, unwrap(student), optimizer, scheduler, weights)
         log(f"resumed from {resume_dir} at epoch {start_epoch}")
 
     model = student
@@ -244,6 +280,7 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
         num_classes=data.num_classes,
         channels_last=cfg.run.channels_last,
         amp_dtype=amp_dtype_for(cfg.run.amp, ctx.device),
+        after_step=weights.after_step,
     )
     x_val_dev, y_val_dev = to_unit(x_val, ctx.device), y_val.to(ctx.device)
     metrics: dict[str, float] = {}
@@ -267,8 +304,9 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
             ).item()
         metrics["train/images_per_s"] = n_batches * cfg.optim.batch_size * ctx.world_size / epoch_time
         metrics["train/lr"] = scheduler.get_last_lr()[0]
-        # Every worker validates the same small subset: cheaper than gathering.
-        val_model = unwrap(student)
+        # Every worker validates the same small subset (cheaper than gathering), scoring the weights
+        # that may become the student: averaged if student.average says so (afm_ray.student_weights).
+        val_model = weights.end_epoch(epoch + 1)
         for name, key in (("clean", "val/clean_acc"), ("pgd10", "val/pgd10_acc")):
             correct = attacks.robust_predictions(
                 val_model,
@@ -280,16 +318,18 @@ def train_fn_per_worker(config: Mapping[str, Any], reporter: Reporter | None = N
                 batch_size=eval_batch_size,
             )
             metrics[key] = correct.float().mean().item()
+        weights.observe(epoch + 1, metrics["val/pgd10_acc"])
         # Training and validation seconds of this epoch: what a scheduler that stops here spent.
         metrics["time/epoch_s"] = time.perf_counter() - started
         last = epoch + 1 == cfg.optim.epochs
         save = last or (cfg.run.checkpoint_every and (epoch + 1) % cfg.run.checkpoint_every == 0)
-        _report_with_checkpoint(reporter, metrics, cfg, student, optimizer, scheduler, epoch + 1, ctx, save, data)
+        _report_with_checkpoint(reporter, metrics, cfg, weights, optimizer, scheduler, epoch + 1, ctx, save, data)
 
     eval_started = time.perf_counter()
     final = final_evaluation(
-        cfg, unwrap(student), data, ctx, log, batch_size=eval_batch_size, aa_gate=getattr(reporter, "aa_gate", None)
+        cfg, weights.student(), data, ctx, log, batch_size=eval_batch_size, aa_gate=getattr(reporter, "aa_gate", None)
     )
+    final.update(weights.metrics())
     final["time/eval_s"] = time.perf_counter() - eval_started
     final["time/worker_s"] = time.perf_counter() - worker_started
     # The last epoch's metrics ride along, so a scheduler's metric is present in every result.
@@ -307,7 +347,7 @@ def _report_with_checkpoint(
     reporter: Reporter,
     metrics: dict[str, float],
     cfg: ExperimentConfig,
-    student: nn.Module,
+    weights: StudentWeights,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     epoch: int,
@@ -318,10 +358,16 @@ def _report_with_checkpoint(
     if not save or ctx.rank != 0:  # every rank reports; rank 0 alone writes the checkpoint
         reporter.report(metrics, None)
         return
+    # `model` is the student (what is logged and exported); a resumed run also needs the training
+    # weights and the average when they differ from it.
+    extra: dict[str, Any] = {"student_weights": weights.state_dict()}
+    if weights.tracks_selection:
+        extra["train_model"] = weights.model.state_dict()
     with tempfile.TemporaryDirectory(prefix="afm_ray_ckpt_") as tmp:
         checkpoints.save_training_state(
             tmp,
-            model=unwrap(student),
+            model=weights.student(),
+            extra=extra,
             optimizer=optimizer,
             scheduler=scheduler,
             epoch=epoch,
