@@ -34,7 +34,7 @@ from mlflow.entities import Metric
 from safetensors.torch import load as load_safetensors
 
 from afm_ray import names
-from afm_ray.config import from_flat, to_flat
+from afm_ray.config import from_flat
 from afm_ray.data import load_run_data
 from afm_ray.devices import resolve_device
 from afm_ray.errors import ConfigError, TrackingError, UserError
@@ -48,6 +48,7 @@ from afm_ray.sweep.retrain import state_bytes as _state_bytes
 from afm_ray.sweep.retrain import sweep_runtime
 from afm_ray.sweep.trial import TrialRuntime
 from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, client_for, column, tag_column, tags_match
+from afm_ray.tracking.run_config import trial_config
 from afm_ray.tracking.student_model import SPEC_FILE, WEIGHTS_FILE, fetch_student, load_student, log_student
 
 SEED_STRIDE = 1000  # retrain i of a trial with seed s uses s + 1000 * i: far from the seeds a sweep varies
@@ -80,12 +81,6 @@ class Job:
 def retrain_seeds(seed: int, k: int) -> list[int]:
     """The K new seeds of a trial trained with ``seed``."""
     return [seed + SEED_STRIDE * (i + 1) for i in range(k)]
-
-
-def trial_config(row: pd.Series) -> dict[str, Any]:
-    """The trial's whole resolved config from its params (the sweep logs every key)."""
-    params = {k.removeprefix("params."): v for k, v in row.items() if k.startswith("params.") and pd.notna(v)}
-    return to_flat(from_flat(params, ignore_unknown=True))
 
 
 def _find_run(client: MlflowClient, experiment_id: str, job: Job, samples: int) -> Any:

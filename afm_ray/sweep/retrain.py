@@ -22,10 +22,9 @@ from afm_ray import names
 from afm_ray.checkpoints import load_model, load_training_state
 from afm_ray.config import from_flat
 from afm_ray.data import load_run_data
-from afm_ray.search.space import parse_search_space
 from afm_ray.sweep.trial import TrialRuntime, build_trainer
+from afm_ray.tracking.run_config import sweep_space
 from afm_ray.tracking.student_model import SPEC_FILE, WEIGHTS_FILE, save_student
-from afm_ray.yaml_loading import parse_yaml
 
 
 @ray.remote(num_cpus=0)
@@ -81,14 +80,8 @@ def retrain_task() -> Any:
 def sweep_runtime(client: MlflowClient, sweep_run: str, folder: str) -> TrialRuntime:
     """Workers, resources and storage of the sweep that ran a trial (its logged space and storage),
     with Train runs under ``<sweep storage>/<folder>``."""
-    run = client.get_run(sweep_run)
-    storage = run.data.params.get("sweep.storage") or str(Path("ray_results").resolve())
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(client.download_artifacts(sweep_run, "search_space.yaml", tmp)).read_text()
-    space = parse_search_space(parse_yaml(text, f"run {sweep_run}: search_space.yaml"))
-    return TrialRuntime(
-        space.resources, storage_path=f"{storage.rstrip('/')}/{folder}", max_failures=space.max_failures
-    )
+    space, storage = sweep_space(client, sweep_run)
+    return TrialRuntime(space.resources, storage_path=f"{storage}/{folder}", max_failures=space.max_failures)
 
 
 def state_bytes(model: Any) -> bytes:
