@@ -115,6 +115,8 @@ def experiment_id(client: MlflowClient, experiment: str) -> str:
 
 def select_trials(trials: pd.DataFrame, refs: Sequence[str], experiment: str) -> pd.DataFrame:
     """The trial runs named by ``refs``: a run id, a unique run id prefix, a run name or a Tune trial id."""
+    if trials.empty:
+        raise TrackingError(f"--trial {refs[0]!r}: experiment {experiment!r} has no trial runs; run a sweep first")
     picked = []
     tune_ids = column(trials, tag_column(names.TRIAL_ID_TAG)).astype("string")
     run_names = column(trials, "tags.mlflow.runName").astype("string")
