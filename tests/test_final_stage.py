@@ -25,6 +25,7 @@ from afm_ray.final.recipes import PENDING_KEYS, load_recipe, parse_recipe, publi
 from afm_ray.final.table import format_table, summarise, write_table
 from afm_ray.stats import mean_interval
 
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 REPO = Path(__file__).resolve().parents[1]
 EPS = 0.08  # on this small digits CNN 5 of 16 images survive APGD-CE and APGD-T breaks one more
 BATCH = 4
