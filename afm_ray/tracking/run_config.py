@@ -4,6 +4,7 @@ search space and storage its sweep logged (resources, max_failures, where its Tr
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,14 @@ def sweep_space(client: MlflowClient, sweep_run: str) -> tuple[SearchSpace, str]
     """(the search space a sweep logged, its storage folder) from the sweep's parent run."""
     run = client.get_run(sweep_run)
     storage = run.data.params.get("sweep.storage") or str(Path("ray_results").resolve())
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(client.download_artifacts(sweep_run, "search_space.yaml", tmp)).read_text()
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a bar for one small file is noise
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            text = Path(client.download_artifacts(sweep_run, "search_space.yaml", tmp)).read_text()
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
     return parse_search_space(parse_yaml(text, f"run {sweep_run}: search_space.yaml")), storage.rstrip("/")
