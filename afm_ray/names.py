@@ -39,6 +39,12 @@ CONFIRM_KIND_TAG = "afm_ray.confirm_kind"  # reevaluate | retrain
 CONFIRM_SEED_TAG = "afm_ray.confirm_seed"  # run.seed of a retrain ("" for a re-evaluation)
 CONFIRM_SAMPLES_TAG = "afm_ray.confirm_samples"  # test images asked for (0 = the whole test split)
 CONFIRM_KINDS = ("reevaluate", "retrain")
+# A final-stage run (role "final", afm_ray.final): one configuration trained for the full schedule with one
+# seed and scored by AutoAttack on the whole test split; under its trial's run when it came from one.
+FINAL_OF_TAG = "afm_ray.final_of"  # the trial run id it retrains, or "recipe:<name>"
+FINAL_SEED_TAG = "afm_ray.final_seed"  # its run.seed
+FINAL_SAMPLES_TAG = "afm_ray.final_samples"  # test images asked for (0 = the whole test split)
+FINAL_CONFIG_TAG = "afm_ray.final_config"  # sha256 prefix of its resolved config (seed aside): --set changes it
 
 # --- Metrics. Accuracies are fractions in [0, 1]; `eval/*` describe how they were measured.
 ACCURACY_METRICS = ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc")

@@ -153,7 +153,7 @@ def test_imports_follow_the_layer_table():
 def test_commands_sit_on_top_and_nothing_below_imports_them():
     graph = import_graph()
     commands = {name for name in graph if name.endswith(".__main__")}
-    assert {c.split(".")[1] for c in commands} == {"train", "teacher", "evaluate", "sweep", "pareto", "export"}
+    assert {c.split(".")[1] for c in commands} == {"train", "teacher", "evaluate", "sweep", "pareto", "export", "final"}
     for name, deps in graph.items():
         assert not deps & commands, f"{name} imports a command: {deps & commands}"
         if "afm_ray.cli" in deps:

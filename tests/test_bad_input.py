@@ -38,7 +38,7 @@ import torch
 import yaml
 from ray_head import free_port, session_processes
 
-COMMANDS = ("train", "teacher", "evaluate", "sweep", "pareto", "export")
+COMMANDS = ("train", "teacher", "evaluate", "sweep", "pareto", "export", "final")
 # The function behind `python -m afm_ray.<command>`: the main of its package's __main__ module.
 MAINS: dict[str, Callable[[list[str]], int]] = {
     command: importlib.import_module(f"afm_ray.{command}.__main__").main for command in COMMANDS
@@ -915,6 +915,42 @@ ROWS: dict[str, Row] = {
         ("--model", "runs:/abc", "--format", "onnx", "--out", "{tmp}/out", "--tracking-uri", "sqlite:///{tmp}/typo.db"),
         "no MLflow database at {tmp}/typo.db",
     ),  # fmt: skip
+    # --- final (python -m afm_ray.final)
+    "final-unknown-recipe": Row(
+        "final",
+        ("--recipe", "rslad_cifar10"),
+        "--recipe: unknown recipe 'rslad_cifar10'; did you mean",
+        subprocess=True,
+    ),  # fmt: skip
+    "final-seeds-zero": Row(
+        "final", ("--recipe", "rslad_cifar10_resnet18", "--seeds", "0"), "--seeds 0: expected >= 1"
+    ),  # fmt: skip
+    "final-samples-negative": Row(
+        "final", ("--recipe", "rslad_cifar10_resnet18", "--samples", "-5"), "--samples -5: expected >= 0"
+    ),  # fmt: skip
+    "final-unknown-trial": Row(
+        "final",
+        ("--experiment", "kept", "--trial", "nope", "--tracking-uri", "{mlflow_uri}"),
+        "--trial 'nope': experiment 'kept' has no trial runs",
+    ),  # fmt: skip
+    "final-unknown-experiment": Row(
+        "final", ("--experiment", "nope", "--tracking-uri", "{mlflow_uri}"), "experiment 'nope' not found"
+    ),  # fmt: skip
+    "final-override-rejected": Row(
+        "final",
+        ("--recipe", "rslad_cifar10_resnet18", *sets("optim.epochs=0")),
+        "--set: optim.epochs: got 0, expected >= 1",
+    ),  # fmt: skip
+    "final-override-unknown-key": Row(
+        "final",
+        ("--recipe", "adaad_cifar10_resnet18", *sets("optim.epoch=300")),
+        "unknown config key 'optim.epoch'; did you mean 'optim.epochs'?",
+    ),  # fmt: skip
+    "final-no-source": Row("final", (), "give either --recipe NAME"),
+    "final-recipe-and-trial": Row(
+        "final", ("--recipe", "rslad_cifar10_resnet18", "--trial", "abc"), "give either --recipe NAME"
+    ),  # fmt: skip
+    "final-out-suffix": Row("final", ("--recipe", "rslad_cifar10_resnet18", "--out", "t.xlsx"), ".csv or .md"),
     # --- pareto
     "pareto-unreachable": Row(
         "pareto",

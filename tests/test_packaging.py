@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted(p.name for p in (ROOT / "afm_ray" / "search_spaces").glob("*.yaml"))
+RECIPES = sorted(p.name for p in (ROOT / "afm_ray" / "recipes").glob("*.yaml"))
 
 
 def _source_tree(target: Path) -> Path:
@@ -76,6 +77,7 @@ def test_wheel_carries_the_search_spaces(installed):
     _, wheel = installed
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"afm_ray/search_spaces/{name}" for name in SPACES} <= names, sorted(names)
+    assert RECIPES and {f"afm_ray/recipes/{name}" for name in RECIPES} <= names, sorted(names)
     assert not any(name.startswith(("tests/", "benchmarks/", "clusters/")) for name in names)
 
 
@@ -108,3 +110,7 @@ for _, check in sweep_checks(space, str(Path.cwd() / "ray_results"), "sqlite:///
         [str(python), "-m", "afm_ray.sweep", "--space", "nope"], cwd=empty, env=env, capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: search space 'nope' is neither a file nor a shipped")
+    # The final stage's recipes are package data too: listed, and each loads from the installed package.
+    listed = _run([str(python), "-m", "afm_ray.final", "--list-recipes"], cwd=empty, env=env).stdout
+    for name in RECIPES:
+        assert f"recipe {name[: -len('.yaml')]} (" in listed, listed

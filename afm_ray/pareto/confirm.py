@@ -29,34 +29,26 @@ from typing import Any
 
 import pandas as pd
 import ray
-import ray.train
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from safetensors.torch import load as load_safetensors
 
 from afm_ray import names
-from afm_ray.checkpoints import load_model, load_training_state
-from afm_ray.config import from_flat, to_flat
+from afm_ray.config import from_flat
 from afm_ray.data import load_run_data
 from afm_ray.devices import resolve_device
 from afm_ray.errors import ConfigError, TrackingError, UserError
 from afm_ray.evaluate.protocol import evaluate_model
 from afm_ray.models import build_model
 from afm_ray.names import CI_HIGH, CI_LOW, Objective
-from afm_ray.search.space import parse_search_space
 from afm_ray.stats import mean_interval
 from afm_ray.sweep.local_ray import connect_or_start
-from afm_ray.sweep.trial import TRIAL_DRIVER_MEMORY, TrialRuntime, build_trainer
+from afm_ray.sweep.retrain import retrain_task, sweep_runtime
+from afm_ray.sweep.retrain import state_bytes as _state_bytes
+from afm_ray.sweep.trial import TrialRuntime
 from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, client_for, column, tag_column, tags_match
-from afm_ray.tracking.student_model import (
-    SPEC_FILE,
-    WEIGHTS_FILE,
-    fetch_student,
-    load_student,
-    log_student,
-    save_student,
-)
-from afm_ray.yaml_loading import parse_yaml
+from afm_ray.tracking.run_config import trial_config
+from afm_ray.tracking.student_model import SPEC_FILE, WEIGHTS_FILE, fetch_student, load_student, log_student
 
 SEED_STRIDE = 1000  # retrain i of a trial with seed s uses s + 1000 * i: far from the seeds a sweep varies
 _DERIVED = ("excluded", "front", "rank", "pareto", "within_noise", "ties")  # rank_trials' own columns
@@ -90,12 +82,6 @@ def retrain_seeds(seed: int, k: int) -> list[int]:
     return [seed + SEED_STRIDE * (i + 1) for i in range(k)]
 
 
-def trial_config(row: pd.Series) -> dict[str, Any]:
-    """The trial's whole resolved config from its params (the sweep logs every key)."""
-    params = {k.removeprefix("params."): v for k, v in row.items() if k.startswith("params.") and pd.notna(v)}
-    return to_flat(from_flat(params, ignore_unknown=True))
-
-
 def _find_run(client: MlflowClient, experiment_id: str, job: Job, samples: int) -> Any:
     tags = {k: v for k, v in job.tags(samples).items() if k != names.PARENT_TAG}
     found = client.search_runs([experiment_id], tags_match(tags), max_results=10)
@@ -104,13 +90,7 @@ def _find_run(client: MlflowClient, experiment_id: str, job: Job, samples: int) 
 
 
 def _sweep_runtime(client: MlflowClient, sweep_run: str) -> TrialRuntime:
-    """Workers, resources and storage of the sweep that ran a trial: its logged space, its storage."""
-    run = client.get_run(sweep_run)
-    storage = run.data.params.get("sweep.storage") or str(Path("ray_results").resolve())
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(client.download_artifacts(sweep_run, "search_space.yaml", tmp)).read_text()
-    space = parse_search_space(parse_yaml(text, f"run {sweep_run}: search_space.yaml"))
-    return TrialRuntime(space.resources, storage_path=f"{storage.rstrip('/')}/confirm", max_failures=space.max_failures)
+    return sweep_runtime(client, sweep_run, "confirm")
 
 
 def _reevaluate(model_spec: dict[str, Any], weights: bytes, flat: dict[str, Any], samples: int) -> dict[str, float]:
@@ -119,48 +99,6 @@ def _reevaluate(model_spec: dict[str, Any], weights: bytes, flat: dict[str, Any]
     model.load_state_dict(load_safetensors(weights))
     model = model.to(resolve_device(cfg.run.device))
     return evaluate_model(model, cfg, load_run_data(cfg), samples=samples, log=lambda line: None)
-
-
-@ray.remote(num_cpus=0)
-class _LastReport:
-    """Holds the last metrics a Train run reported (its final evaluation)."""
-
-    def __init__(self) -> None:
-        self.metrics: dict[str, Any] = {}
-
-    def put(self, metrics: dict[str, Any]) -> None:
-        self.metrics = metrics
-
-    def get(self) -> dict[str, Any]:
-        return self.metrics
-
-
-class _KeepLastReport(ray.train.UserCallback):
-    """Train V2's `Result.metrics` are those of the last report *with a checkpoint* (the last epoch);
-    the final evaluation is reported without one, so it is caught here, on Train's controller."""
-
-    def __init__(self, sink: Any) -> None:
-        self.sink = sink
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics:
-            ray.get(self.sink.put.remote(dict(metrics[0])))  # rank 0's
-
-
-def _retrain(flat: dict[str, Any], runtime: TrialRuntime, name: str) -> tuple[dict[str, float], bytes, bytes]:
-    sink = _LastReport.remote()
-    result = build_trainer(flat, runtime, name=name, callbacks=[_KeepLastReport(sink)]).fit()
-    final = ray.get(sink.get.remote())
-    if not final.get(names.FINAL_RESULT_FLAG):
-        raise RuntimeError(f"Train run {name} ended without its final evaluation (last report: {sorted(final)})")
-    with tempfile.TemporaryDirectory(prefix="afm_ray_confirm_") as tmp:
-        local = result.checkpoint.to_directory(f"{tmp}/checkpoint")
-        cfg = from_flat(load_training_state(local)["config"])
-        data = load_run_data(cfg)
-        model, _ = load_model(local, data)
-        save_student(model, f"{tmp}/student", input_shape=data.image_shape)
-        files = (Path(tmp) / "student" / SPEC_FILE).read_bytes(), (Path(tmp) / "student" / WEIGHTS_FILE).read_bytes()
-    return {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}, *files
 
 
 def confirm_candidates(
@@ -238,7 +176,7 @@ def _run_jobs(
                 task = ray.remote(_reevaluate).options(num_cpus=resources.cpus, num_gpus=resources.gpus_per_worker)
                 ref = task.remote(spec["model"], weights, flat, samples)
             else:  # waits on its Train run, whose workers hold the resources (as a sweep's trial does)
-                task = ray.remote(_retrain).options(num_cpus=0, memory=TRIAL_DRIVER_MEMORY)
+                task = retrain_task()
                 ref = task.remote({**flat, "run.seed": job.seed}, runtime, f"confirm-{job.trial_run}-seed{job.seed}")
             pending[ref] = (job, run_id)
         while pending:
@@ -260,12 +198,6 @@ def _run_jobs(
             ray.shutdown()
     if failed:
         raise ConfirmError(f"{len(failed)} confirmation(s) failed ({'; '.join(failed)}); run --confirm again to retry")
-
-
-def _state_bytes(model: Any) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
 
 
 def _log_confirmation(client: MlflowClient, run_id: str, job: Job, out: Any) -> dict[str, float]:
