@@ -326,9 +326,10 @@ def test_trial_resolves_by_the_id_the_sweep_printed(sweep_db, capsys):
     assert "trial t6 (run " in (out := capsys.readouterr().out) and "excluded from the front: failed" in out
     assert main([*args, "--trial", "917f2149"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --trial '917f2149' names no trial here; the trials: t2, t1") and len(
-        err.splitlines()
-    ) == 1
+    assert (
+        err.startswith("error: --trial '917f2149' names no trial here; the trials: t2, t1")
+        and len(err.splitlines()) == 1
+    )
 
 
 def test_cli_error_exit_status(tmp_path):

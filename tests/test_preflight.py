@@ -37,7 +37,9 @@ def test_empty_teacher_is_refused_with_the_cost_of_training_one():
     assert "\n" not in message
     assert message.startswith("teacher.checkpoint is empty but adaad, advfunmatch, ard, rslad distil a teacher")
     images = 50000 - 256  # CIFAR-10's training split less the validation images the training loop holds out
-    assert "--set teacher.checkpoint=train" in message and f"wrn34_10 by trades, 100 epochs on {images} images" in message
+    assert (
+        "--set teacher.checkpoint=train" in message and f"wrn34_10 by trades, 100 epochs on {images} images" in message
+    )
     assert "EFLOP" in message and "GPU-h on one A10G" in message and "$" in message
 
 

@@ -8,6 +8,7 @@ seconds on 2 CPU cores.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,12 +27,35 @@ from afm_ray.tracking.student_model import fetch_student
 pytestmark = pytest.mark.slow
 
 
+# What the libraries print, seen in a default sweep before it was quiet (issue 23): Ray's token-auth warning,
+# the raylet's worker-process warning, Tune's config box and TensorBoard hint, Optuna's ExperimentalWarning
+# and INFO lines, Tune's "performance bottleneck" warnings, MLflow's INFO lines, the raw Ray resources dict.
+LIBRARY_LINES = re.compile(
+    r"Token authentication|\(raylet\)|PYTHON worker processes|Configuration for experiment|TensorBoard|"
+    r"View detailed results|ExperimentalWarning|\[[IW] \d{4}-|performance bottleneck|\bINFO\b|WARNING|"
+    r"'node:|object_store_memory|[╭│╰]"
+)
+# The sweep's own lines: preflight, the sweep and teacher, one per trial event, the summary, the next commands.
+OWN_LINE = re.compile(
+    r"(preflight|sweep|teacher): .*|sweep \S+: .*|\[\d\d:\d\d:\d\d\] trial [0-9a-f]{8}: .*|"
+    r"Pareto-optimal trials:|  trial [0-9a-f]{8}: .*|(MLflow|Pareto|Optuna|log): +.*|"
+)
+
+
 def test_two_trial_sweep_end_to_end(tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_sweep(tmp_path, write_space(tmp_path), "--name", "s1")
     out = proc.stdout
     assert "2/2 trials completed" in out and "Pareto-optimal trials" in out and "mlflow ui" in out
     assert out.count("started") >= 2 and "Ray overhead" in out  # one line per trial event
+    # Quiet by default: nothing on the terminal but the sweep's own lines; the libraries' output is in the
+    # log the last line names (Optuna announces every study it creates, so the log cannot be empty).
+    for line in (proc.stdout + proc.stderr).splitlines():
+        assert OWN_LINE.fullmatch(line) and not LIBRARY_LINES.search(line), f"not the sweep's own line: {line!r}"
+    log = tmp_path / "ray_results" / "s1" / "sweep.log"
+    assert out.splitlines()[-1].startswith(f"log:     {log} ") and "A new study created" in log.read_text()
+    started = re.findall(r"trial ([0-9a-f]{8}): started .*", out)
+    assert len(started) == 2 and "optim.weight_decay=" in out and "optim.lr=" in out
 
     runs = trial_runs(tracking)
     assert len(runs) == 2
@@ -60,6 +84,9 @@ def test_two_trial_sweep_end_to_end(tmp_path):
             low, high = wilson_interval(run.data.metrics[metric], n)
             assert run.data.metrics[f"{metric}_ci_low"] == pytest.approx(low, abs=1e-12)
             assert run.data.metrics[f"{metric}_ci_high"] == pytest.approx(high, abs=1e-12)
+        # One name per trial: the MLflow run is named by the trial id the sweep printed.
+        assert run.info.run_name == run.data.tags["afm_ray.trial_id"] and run.info.run_name in started
+        assert run.data.metrics["time/trial_s"] > run.data.metrics["time/worker_s"] > 0  # for confirm's estimate
         # Params are what Optuna suggested, under the same dotted names, plus the full config.
         for key, value in suggested[run.data.tags["afm_ray.trial_id"]].items():
             assert float(run.data.params[key]) == pytest.approx(value)
@@ -106,7 +133,10 @@ def test_sweep_through_a_real_mlflow_server(tmp_path):
     try:
         uri = f"http://127.0.0.1:{port}"
         wait_http(uri + "/health")
-        run_sweep(tmp_path, write_space(tmp_path, num_samples=1), "--name", "srv", tracking=uri)
+        proc = run_sweep(tmp_path, write_space(tmp_path, num_samples=1), "--name", "srv", "--verbose", tracking=uri)
+        # --verbose: the libraries print here again (Optuna announces its study), and no log file is kept
+        assert "A new study created" in proc.stdout + proc.stderr
+        assert not (tmp_path / "ray_results" / "srv" / "sweep.log").exists()
         runs = trial_runs(uri)
         assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
         assert "aa_acc" in runs[0].data.metrics
