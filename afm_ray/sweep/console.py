@@ -1,7 +1,8 @@
 """A sweep's terminal: its own lines only; what Ray, Tune, Optuna and MLflow print goes to a log file.
 
 By default (`quiet`) the process's stdout and stderr file descriptors point at the log file while
-the sweep runs, so everything a library writes lands there: Python loggers, warnings, `print`s,
+the sweep runs (and so do `sys.stdout` and `sys.stderr`), so everything a library writes lands there:
+Python loggers, warnings, `print`s,
 Ray's C++ core and the raylet's messages relayed to the driver, and the processes a local Ray
 starts (they inherit the descriptors). The sweep's own lines (`say`) go to a copy of the terminal
 taken before the switch, and into the log too, so the log reads in order. A library's ERROR record
@@ -21,7 +22,9 @@ from typing import IO, Any
 _terminal: IO[str] | None = None  # the real stdout while a quiet sweep runs; None: print as usual
 _log: IO[str] | None = None
 
-LIBRARY_LOGGERS = ("ray", "optuna", "mlflow", "alembic", "urllib3", "filelock", "py.warnings")
+# Loggers with handlers of their own (so adding ours leaves Python's last-resort handler, which writes
+# handler-less WARNINGs to stderr and so to the log, in place for everything else).
+LIBRARY_LOGGERS = ("ray", "optuna", "mlflow")
 
 
 def say(line: str = "") -> None:
@@ -65,6 +68,7 @@ class QuietConsole:
         self.log_path = Path(log_path)
         self.verbose = verbose
         self._saved: tuple[int, int] | None = None
+        self._streams: tuple[Any, Any] | None = None
         self._handler: _ErrorsToTerminal | None = None
 
     def __enter__(self) -> QuietConsole:
@@ -79,9 +83,11 @@ class QuietConsole:
         _terminal = os.fdopen(os.dup(self._saved[0]), "w", buffering=1)
         os.dup2(_log.fileno(), 1)
         os.dup2(_log.fileno(), 2)
-        logging.captureWarnings(True)  # warnings as records of py.warnings, into the log
-        self._handler = _ErrorsToTerminal(self.log_path)
-        for name in (*LIBRARY_LOGGERS, ""):
+        # Python's own streams too, where they are not fds 1 and 2 (a notebook, a test's capture)
+        self._streams = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = _log
+        self._handler = _ErrorsToTerminal(self.log_path)  # Python warnings go to stderr: the log
+        for name in LIBRARY_LOGGERS:
             logging.getLogger(name).addHandler(self._handler)
         return self
 
@@ -91,9 +97,11 @@ class QuietConsole:
             return
         sys.stdout.flush()
         sys.stderr.flush()
-        for name in (*LIBRARY_LOGGERS, ""):
+        if self._streams is not None:
+            sys.stdout, sys.stderr = self._streams
+            self._streams = None
+        for name in LIBRARY_LOGGERS:
             logging.getLogger(name).removeHandler(self._handler)
-        logging.captureWarnings(False)
         os.dup2(self._saved[0], 1)
         os.dup2(self._saved[1], 2)
         for fd in self._saved:
