@@ -133,9 +133,9 @@ def pareto(args: argparse.Namespace) -> int:
             tags = {"afm_ray.confirmed": f"samples={confirmed.attrs['samples']} seeds={args.seeds}"}
         if args.register:
             versions = register_front(ranked, objectives, args.register, tracking_uri=uri, extra_tags=tags)
-            for rank, mv in enumerate(versions, start=1):
+            trials_ = trial_names(ranked[ranked["pareto"]].sort_values("rank"))
+            for rank, (mv, trial) in enumerate(zip(versions, trials_, strict=True), start=1):
                 alias = f"{args.register}@{names.PARETO_ALIAS_PREFIX}{rank}"
-                trial = mv.tags.get(names.TRIAL_ID_TAG) or mv.run_id
                 print(f"registered models:/{alias} -> version {mv.version} (trial {trial}, run {mv.run_id})")
     except MlflowException as err:  # the store refused or failed a request
         raise TrackingError(f"MLflow at {uri}: {one_line(err)}") from None
