@@ -239,7 +239,7 @@ def confirm_candidates(
     if todo:
         parents = dict(zip(candidates["run_id"], column(candidates, tag_column(names.PARENT_TAG)), strict=True))
         runtimes = {p: _sweep_runtime(client, p) for p in set(parents.values())}
-        started = not ray.is_initialized()
+        started, clock = not ray.is_initialized(), time.monotonic()  # the wall time counts Ray's start-up
         if started and address:  # the cluster's size sets how many jobs run at once: join it first
             connect_or_start(address)
         try:
@@ -254,7 +254,7 @@ def confirm_candidates(
             log(f"confirm: estimate {describe(costs, slots, scored)}")
             if started and not address:
                 connect_or_start(None)
-            progress = _Progress(len(jobs), len(done), estimate, labels, log)
+            progress = _Progress(len(jobs), len(done), estimate, labels, log, clock)
             _run_jobs(client, experiment_id, todo, configs, samples, done, runtimes, parents, progress, log)
             log(
                 f"confirm: {len(todo)} job(s) in {duration_text(progress.elapsed())} "
@@ -285,9 +285,11 @@ def describe_job(job: Job, labels: dict[str, str]) -> str:
 class _Progress:
     """A line per finished job: which, its accuracies, how far along, against the estimate."""
 
-    def __init__(self, total: int, done: int, estimate: float, labels: dict[str, str], log: Callable[[str], None]):
+    def __init__(
+        self, total: int, done: int, estimate: float, labels: dict[str, str], log: Callable[[str], None], started: float
+    ):
         self.total, self.done, self.estimate, self.labels, self.log = total, done, estimate, labels, log
-        self.started = time.monotonic()
+        self.started = started
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
