@@ -424,3 +424,20 @@ def test_ray_job_submit_to_a_token_authenticated_head(tmp_path):
         assert "1/1 trials completed" in proc.stdout
         runs = trial_runs(tracking)
         assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
+
+        # --dry-run --address: joins the cluster as a driver, reports what it has now, starts nothing
+        gpu_space = write_space(tmp_path, resources={"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1})
+        for space_file, expected in (
+            (space, "resources: 1 node(s) with 2 CPUs, 0 GPUs now; a trial takes 1 CPU(s): 2 trial(s) at a time"),
+            (gpu_space, "none fits now; trials wait until the autoscaler adds workers"),
+        ):
+            dry = subprocess.run(
+                sweep_args(tmp_path, space_file, "--address", head["gcs"], "--dry-run", "--name", "dry"),
+                cwd=workdir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            assert dry.returncode == 0 and expected in dry.stdout, dry.stdout[-2000:] + dry.stderr[-2000:]
+        assert not (tmp_path / "ray_results" / "dry").exists()
