@@ -76,9 +76,11 @@ def config_text(config: Mapping[str, Any], keys: Iterable[str], sep: str = "  ")
 
 
 def duration_text(seconds: float) -> str:
-    """'40 s', '12 min', '3.4 h', '2.1 days'."""
+    """'40 s', '2.4 min', '12 min', '3.4 h', '2.1 days'."""
     if seconds < 90:
         return f"{seconds:.0f} s"
+    if seconds < 10 * 60:
+        return f"{seconds / 60:.1f} min"
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} min"
     if seconds < 48 * 3600:

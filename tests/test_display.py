@@ -39,8 +39,9 @@ def test_budgets_read_in_their_unit():
 
 
 def test_durations_and_gpu_hours():
-    assert [duration_text(s) for s in (40, 600, 3 * 3600, 20 * 3600, 3 * 86400)] == [
+    assert [duration_text(s) for s in (40, 145, 600, 3 * 3600, 20 * 3600, 3 * 86400)] == [
         "40 s",
+        "2.4 min",
         "10 min",
         "3 h",
         "20 h",
