@@ -301,4 +301,4 @@ def test_the_estimate_is_the_sweeps_own_recorded_times():
     assert wall_seconds([10, 10, 10], 2) == 20 and wall_seconds([30, 10, 10, 10], 2) == 30
     assert slots_for({"CPU": 2.0}, 1.0, 0.0) == 2 and slots_for({"CPU": 64.0, "GPU": 2.0}, 4.0, 1.0) == 2
     text = describe([retrain, reevaluate], 2, 400)
-    assert text.startswith("~2 min on this cluster, 2 job(s) at a time") and "training 80 s" in text
+    assert text.startswith("~2.2 min on this cluster, 2 job(s) at a time") and "training 80 s" in text
