@@ -1,7 +1,7 @@
 """afm-ray: hyperparameter sweeps of adversarial robustness distillation on Ray.
 
 The commands are `python -m afm_ray.train | teacher | evaluate | sweep | pareto | export`. From
-Python, the handful of calls README.md uses are importable from here:
+Python, the handful of calls README.md and docs/guide.md use are importable from here:
 
     import afm_ray
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from afm_ray.config import ExperimentConfig
+from afm_ray.display import duration_text, gpu_hours_text
 from afm_ray.names import TEACHER_METHODS
 
 # Images per dataset as afm_ray.data loads them: (channels, side, train images, test images,
@@ -217,11 +218,11 @@ class TeacherCost:
     def __str__(self) -> str:
         spot, on_demand = REFERENCE_GPU.usd_per_hour
         where = (
-            f"~{_hours(self.hours)} on one {REFERENCE_GPU.name} ({REFERENCE_GPU.instance}) at "
+            f"~{gpu_hours_text(self.hours)} on one {REFERENCE_GPU.name} ({REFERENCE_GPU.instance}) at "
             f"{REFERENCE_GPU.train_tflops:g} TFLOP/s effective, ~${self.hours * spot:.2f} spot / "
             f"${self.hours * on_demand:.2f} on-demand"
             if self.on_gpu
-            else f"~{_hours(self.hours)} on a CPU core at {CPU_GFLOPS_TRAIN:g} GFLOP/s"
+            else f"~{duration_text(self.hours * 3600)} on a CPU core at {CPU_GFLOPS_TRAIN:g} GFLOP/s"
         )
         guess = " (image count and shape assumed)" if self.assumed_images else ""
         return (
@@ -258,11 +259,3 @@ def _flops(value: float) -> str:
         if value >= scale:
             return f"{value / scale:.3g} {unit}"
     return f"{value:.3g} FLOP"
-
-
-def _hours(hours: float) -> str:
-    if hours >= 1:
-        return f"{hours:.3g} h"
-    if hours * 60 >= 1:
-        return f"{hours * 60:.3g} min"
-    return f"{hours * 3600:.2g} s"

@@ -45,14 +45,24 @@ from afm_ray.storage import file_size, probe_writable
 from afm_ray.teacher.members import check_teachers, resolve_members
 from afm_ray.teacher.training import check_cache_writable, teacher_cache_dir, teacher_training_config
 
+# What to pass when a dataset is not where data.root says: the key and a value of the right shape.
+DATA_ROOT_FIX = {
+    "cifar10": "--set data.root=DIR, the folder that holds cifar-10-batches-py/",
+    "cifar100": "--set data.root=DIR, the folder that holds cifar-100-python/",
+    "parquet": "--set data.root=DIR_OR_URI of the train*.parquet and test*.parquet files",
+    "mnist5k": "--set data.root=PATH of mnist_5k.csv.gz, or --set data.name=digits (ships with scikit-learn)",
+}
+
 
 def check_dataset(cfg: ExperimentConfig) -> str:
     """The dataset is where the workers will read it (data.name / data.root), checked by listing
-    its files, not by reading its images; returns the line that says so."""
+    its files, not by reading its images; returns the line that says so. The error names the key
+    and the fix (`--set data.root=...`)."""
     try:
         check_available(cfg.data.name, cfg.data.root or None)
     except DataError as exc:
-        raise type(exc)(f"data.root: {redact_text(one_line(exc))}") from None
+        fix = DATA_ROOT_FIX.get(cfg.data.name)
+        raise type(exc)(f"data.root: {redact_text(one_line(exc))}" + (f"; fix: {fix}" if fix else "")) from None
     return f"data: {cfg.data.name}" + (f" at {redact_uri(cfg.data.root)}" if cfg.data.root else "")
 
 
@@ -219,8 +229,8 @@ def check_teacher(space: SearchSpace) -> str:
         if given == "":
             raise ConfigError(
                 f"teacher.checkpoint is empty but {', '.join(methods)} {'distils' if len(methods) == 1 else 'distil'} "
-                "a teacher: give a checkpoint (path or "
-                f"s3://, gs:// URI), or {TRAIN_TEACHER!r} to have the sweep train one first: {cost}"
+                "a teacher: give a checkpoint with --set teacher.checkpoint=PATH (or an s3://, gs:// URI), or "
+                f"--set teacher.checkpoint={TRAIN_TEACHER} to have the sweep train one first: {cost}"
             )
         return f"teacher: to be trained before the first trial: {cost}"
     sizes = []
@@ -248,11 +258,63 @@ def resolve_members_or_uris(cfg: ExperimentConfig) -> list[str]:
         return list(cfg.teacher.members)
 
 
+def check_local_resources(space: SearchSpace) -> str:
+    """Without --address the sweep starts a Ray on this machine: it must hold one trial's GPUs and
+    CPUs, or no trial would ever start (a local Ray does not grow)."""
+    r = space.resources
+    if r.gpus_per_worker > 0:
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < r.gpus:
+            raise ConfigError(
+                f"resources: a trial needs {r.gpus:g} GPU(s) ({r.num_workers} worker(s) x {r.gpus_per_worker:g}) and "
+                f"this machine has {have or 'none'}: a local Ray would never start it; pass --address of a cluster "
+                "with GPUs (clusters/README.md)"
+            )
+    cpus = os.cpu_count() or 1
+    if r.cpus > cpus:
+        raise ConfigError(
+            f"resources: a trial needs {r.cpus:g} CPUs ({r.num_workers} worker(s) x {r.cpus_per_worker:g}) and this "
+            f"machine has {cpus}: lower resources.cpus_per_worker in the space, or pass --address of a bigger cluster"
+        )
+    gpus = f", {r.gpus:g} GPU(s)" if r.gpus_per_worker > 0 else ""
+    return f"resources: a trial takes {r.cpus:g} CPU(s){gpus}; this machine fits {int(cpus // max(r.cpus, 1e-9))}"
+
+
+def check_cluster_resources(address: str, space: SearchSpace) -> str:
+    """The dry run's look at a running cluster (--address): its nodes, CPUs and GPUs now, and how many
+    trials fit at once. It joins as a driver and leaves, starting nothing. No GPU yet where trials need
+    one is not a failure: an autoscaling cluster adds GPU workers once trials ask for them."""
+    import math
+
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        total = ray.cluster_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"resources: could not join Ray at {redact_uri(address)} ({one_line(exc)})") from None
+    finally:
+        ray.shutdown()
+    r = space.resources
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    fits = [cpus / max(r.cpus, 1e-9)] + ([gpus / r.gpus] if r.gpus_per_worker > 0 else [])
+    now = math.floor(min(fits) + 1e-9)
+    line = f"resources: {nodes} node(s) with {cpus:g} CPUs, {gpus:g} GPUs now; a trial takes {r.cpus:g} CPU(s)"
+    line += f", {r.gpus:g} GPU(s)" if r.gpus_per_worker > 0 else ""
+    if now >= 1:
+        return f"{line}: {now} trial(s) at a time"
+    return f"{line}: none fits now; trials wait until the autoscaler adds workers (clusters/README.md)"
+
+
 def sweep_checks(
     space: SearchSpace, storage_root: str, tracking_uri: str, experiment: str | None = None
 ) -> list[tuple[str, Callable[[], str]]]:
     """(name, check) of everything a sweep verifies before Ray starts, cheapest first: each check
-    returns one line saying what it found, or raises a UserError of one line."""
+    returns one line saying what it found, or raises a UserError of one line. (A sweep on a local
+    Ray adds `check_local_resources`; a cluster's resources are the dry run's to ask.)"""
 
     def tracking() -> str:  # last: it may ask a server over the network
         check_tracking_uri(tracking_uri, experiment=experiment)

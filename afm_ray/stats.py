@@ -77,3 +77,31 @@ def mean_interval(accuracies: Sequence[float], n: float, confidence: float = CON
             return mean, math.nan, math.nan
         low = high = mean
     return mean, max(0.0, mean - math.hypot(mean - low, seeds)), min(1.0, mean + math.hypot(high - mean, seeds))
+
+
+#: Fewer test images than this cannot confirm a front: a 95% interval near 50% is +-10 points on 100 images.
+MIN_CONFIRM_IMAGES = 100
+#: New training seeds a confirmation needs before its interval counts the seeds' spread (a t interval).
+MIN_NEW_SEEDS_FOR_T = 2
+
+
+def confirmed_interval(
+    accuracies: Sequence[float], n: float, new_seeds: int, confidence: float = CONFIDENCE
+) -> tuple[float, float, float]:
+    """(mean, low, high) of a confirmed trial: its students' accuracies (the sweep's student re-evaluated,
+    then ``new_seeds`` retrains), all scored on the same ``n`` test images.
+
+    The rule: the seeds' spread enters (`mean_interval`, a t interval over the students combined with
+    the images' Wilson interval) only with at least `MIN_NEW_SEEDS_FOR_T` new seeds. With fewer, the
+    spread of two values says almost nothing (t(0.975, 1) = 12.7: one new seed would widen the
+    interval it was run to narrow), so the interval is the test images' evidence alone: the Wilson
+    interval at the mean on the ``n`` images every student was scored on (not n times the students:
+    they share those images). It then covers the images' noise, not the seeds'.
+    """
+    if new_seeds >= MIN_NEW_SEEDS_FOR_T:
+        return mean_interval(accuracies, n, confidence)
+    values = [float(a) for a in accuracies if not math.isnan(float(a))]
+    if not values:
+        return math.nan, math.nan, math.nan
+    mean = fmean(values)
+    return (mean, *wilson_interval(min(max(mean, 0.0), 1.0), n, confidence))

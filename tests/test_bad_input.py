@@ -883,7 +883,15 @@ ROWS: dict[str, Row] = {
     ),  # fmt: skip
     # --- export
     "export-unknown-flag": Row(
-        "export", ("--bogus",), "the following arguments are required: --model, --format, --out", subprocess=True
+        "export", ("--bogus",), "the following arguments are required: --format, --out", subprocess=True
+    ),  # fmt: skip
+    "export-no-model": Row(
+        "export", ("--format", "onnx", "--out", "{tmp}/out"), "one of the arguments --model --trial is required"
+    ),  # fmt: skip
+    "export-unknown-trial": Row(
+        "export",
+        ("--trial", "917f2149", "--format", "onnx", "--out", "{tmp}/out", "--tracking-uri", "{mlflow_uri}"),
+        "--trial '917f2149': no trial run has that trial id, run name or run id",
     ),  # fmt: skip
     "export-unknown-format": Row(
         "export", ("--model", "runs:/abc", "--format", "pdf", "--out", "{tmp}/out"), "argument --format: invalid choice"

@@ -7,11 +7,13 @@ the whole module takes a few minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -21,9 +23,19 @@ from afm_ray import names
 from afm_ray.config import from_flat
 from afm_ray.data import load_run_data
 from afm_ray.devices import WorkerContext
+from afm_ray.errors import ConfigError
 from afm_ray.evaluate.protocol import evaluate_sharded
 from afm_ray.names import Objective
-from afm_ray.pareto.confirm import Job, _confirmed_frame, format_comparison, retrain_seeds
+from afm_ray.pareto.confirm import Job, _confirmed_frame, confirm_images, format_comparison, retrain_seeds
+from afm_ray.pareto.estimate import (
+    ASSUMED_RAY_S,
+    describe,
+    eval_seconds,
+    job_cost,
+    ray_seconds,
+    slots_for,
+    wall_seconds,
+)
 from afm_ray.pareto.ranking import rank_trials
 from afm_ray.stats import mean_interval, wilson_interval
 from afm_ray.tracking.student_model import fetch_student
@@ -68,6 +80,8 @@ def _pareto(swept, *extra):
         "--confirm",
         "--seeds",
         str(SEEDS),
+        "--samples",
+        "0",  # the sweep scored 24 images, too few to confirm a front: the whole test split
         *extra,
     ]
 
@@ -105,6 +119,12 @@ def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
         seen.append(line)
         if line.startswith("confirmed ") or time.monotonic() > deadline:
             break
+    # the plan and its estimate come before any job finishes, from the sweep's own recorded times
+    plan = "".join(seen)
+    assert f"each scored on {DIGITS_TEST_IMAGES} test images (the sweep scored 24" in plan, plan
+    assert re.search(r"confirm: estimate ~\d+ (s|min) on this cluster, \d job\(s\) at a time", plan), plan
+    assert "a retrain ~" in plan and "a re-evaluation ~" in plan
+    assert re.match(r"confirmed 1/\d+ \[\d\d:\d\d:\d\d\] ", seen[-1]) and "estimated)" in seen[-1], seen[-1]
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, "".join(seen) + rest  # interrupted, not finished
@@ -121,7 +141,11 @@ def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "confirmations already done" in done.stdout and "confirmed front:" in done.stdout
+    assert "done before" in done.stdout and "confirmed front:" in done.stdout
+    finished = re.search(r"confirm: (\d+) job\(s\) in (.+) \(estimated (.+)\)", done.stdout)
+    assert finished, done.stdout  # the wall time against the estimate, said at the end
+    progress = [ln for ln in done.stdout.splitlines() if ln.startswith("confirmed ") and "/" in ln.split()[1]]
+    assert len(progress) == int(finished.group(1))  # a line per finished job
 
     after = _confirmations(client, exp_id)
     keys = [
@@ -177,8 +201,6 @@ def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
 def test_confirmed_means_replace_the_sweeps_values():
     """The aggregation alone, on hand-made numbers: a candidate's confirmed accuracy is the mean over its
     re-evaluated student and its retrains, with mean_interval; the comparison shows the sweep's value."""
-    import pandas as pd
-
     trials = pd.DataFrame(
         {
             "run_id": ["r1", "r2"],
@@ -204,7 +226,9 @@ def test_confirmed_means_replace_the_sweeps_values():
     }
     confirmed = _confirmed_frame(ranked, jobs, done).set_index("run_id")
     assert confirmed.loc["r1", "metrics.aa_acc"] == pytest.approx(0.46)
-    assert confirmed.loc["r1", "metrics.aa_acc_ci_low"] == pytest.approx(mean_interval([0.45, 0.47], 1000)[1])
+    # one new seed: no t interval over two values (it would widen it), the images' Wilson interval at the mean
+    assert confirmed.loc["r1", "metrics.aa_acc_ci_low"] == pytest.approx(wilson_interval(0.46, 1000)[0])
+    assert confirmed.loc["r1", "metrics.aa_acc_ci_low"] > mean_interval([0.45, 0.47], 1000)[1]
     assert (confirmed.loc["r2", "metrics.aa_acc_ci_low"], confirmed.loc["r2", "metrics.aa_acc_ci_high"]) == (
         wilson_interval(0.46, 1000)
     )
@@ -214,4 +238,67 @@ def test_confirmed_means_replace_the_sweeps_values():
     )
     again = rank_trials(confirmed.reset_index(), objectives)  # same aa (0.46), r2 more accurate: r2 alone
     assert list(again.loc[again["pareto"], "run_id"]) == ["r2"]
-    assert "aa_acc 52.00 (200 img) -> 46.00" in format_comparison(ranked, confirmed.reset_index(), objectives)
+    text = format_comparison(ranked, confirmed.reset_index(), objectives)
+    assert "trial r1 advfunmatch: aa_acc 52.00 (200 img) -> 46.00" in text and "interval: images only" in text
+
+
+def _frame(n_samples: float, **extra) -> pd.DataFrame:
+    """Two completed trials of a digits sweep in load_trials' layout, scored on ``n_samples`` images."""
+    return pd.DataFrame(
+        {
+            "run_id": ["r1", "r2"],
+            "status": ["FINISHED"] * 2,
+            "start_time": [1, 2],
+            f"tags.{names.TRIAL_STATUS_TAG}": ["completed"] * 2,
+            f"tags.{names.TRIAL_ID_TAG}": ["917f2149", "03cb4c0e"],
+            "metrics.aa_acc": [0.52, 0.49],
+            "metrics.clean_acc": [0.80, 0.81],
+            "metrics.eval/n_samples": [n_samples] * 2,
+            "params.data.name": ["digits"] * 2,
+            "params.eval.attacks": ["clean,pgd20,aa"] * 2,
+            **extra,
+        }
+    )
+
+
+def test_confirmation_images_default_to_the_sweeps_and_too_few_is_an_error():
+    ranked = rank_trials(_frame(200.0), [Objective("aa_acc", "max"), Objective("clean_acc", "max")])
+    assert confirm_images(ranked, None) == (200, 200)  # the sweep's own count, not the whole split
+    assert confirm_images(ranked, 0) == (0, DIGITS_TEST_IMAGES)  # 0: the whole test split
+    assert confirm_images(ranked, 5000) == (5000, DIGITS_TEST_IMAGES)  # no more than the split holds
+    with pytest.raises(ConfigError, match=r"^--samples 10: 10 test images are too few .* use --samples 100 or more"):
+        confirm_images(ranked, 10)
+    few = rank_trials(_frame(24.0), [Objective("aa_acc", "max"), Objective("clean_acc", "max")])
+    with pytest.raises(
+        ConfigError, match=rf"^--samples 24: .*or --samples 0 \(the whole test split: {DIGITS_TEST_IMAGES}\)"
+    ):
+        confirm_images(few, None)
+
+
+def test_the_estimate_is_the_sweeps_own_recorded_times():
+    """Training from time/worker_s - time/eval_s, evaluation from each attack's images/s at the new image
+    count, Ray's share from time/trial_s - time/worker_s; jobs handed to the first free slot."""
+    frame = _frame(
+        200.0,
+        **{
+            "metrics.time/worker_s": [100.0, 80.0],
+            "metrics.time/eval_s": [20.0, 20.0],
+            "metrics.time/trial_s": [130.0, 104.0],  # Ray: 30 s and 24 s, median 27 s
+            "metrics.eval/clean_images_per_s": [1000.0, 1000.0],
+            "metrics.eval/pgd20_images_per_s": [100.0, 100.0],
+            "metrics.eval/aa_images_per_s": [20.0, 20.0],
+        },
+    )
+    assert eval_seconds(frame.iloc[0], 400) == pytest.approx(0.4 + 4 + 20)
+    assert ray_seconds(frame) == pytest.approx(27.0)
+    retrain = job_cost(frame.iloc[0], "retrain", 400, 27.0)
+    assert (retrain.train_s, retrain.ray_s) == (80.0, 27.0) and retrain.seconds == pytest.approx(80 + 24.4 + 27)
+    reevaluate = job_cost(frame.iloc[1], "reevaluate", 400, 27.0)
+    assert reevaluate.train_s == 0 and reevaluate.eval_s == pytest.approx(24.4)
+    no_rates = frame.drop(columns=[c for c in frame.columns if c.endswith("_images_per_s")])
+    assert eval_seconds(no_rates.iloc[0], 400) == pytest.approx(40.0)  # time/eval_s scaled 200 -> 400 images
+    assert ray_seconds(frame.drop(columns=["metrics.time/trial_s"])) == ASSUMED_RAY_S
+    assert wall_seconds([10, 10, 10], 2) == 20 and wall_seconds([30, 10, 10, 10], 2) == 30
+    assert slots_for({"CPU": 2.0}, 1.0, 0.0) == 2 and slots_for({"CPU": 64.0, "GPU": 2.0}, 4.0, 1.0) == 2
+    text = describe([retrain, reevaluate], 2, 400)
+    assert text.startswith("~2.2 min on this cluster, 2 job(s) at a time") and "training 80 s" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,36 @@ def test_every_shipped_space_plans_a_model_based_search(path):
     startup = "every combination" if sampler["name"] == "grid" else "random start-up trials"
     assert f"trials       {plan['num_samples']}, at most {plan['max_concurrent_trials']} at once: " in text
     assert startup in text
-    assert f"scheduler    {plan['scheduler']['name']}" in text and "h per full trial" in text
+    assert f"scheduler    {plan['scheduler']['name']}" in text and "per full trial" in text
+    # numbers for people: costs in GPU-hours (or minutes of a CPU), integer ranges as integers, no FLOP counts
+    assert ("GPU-h per full trial" in text) == (plan["resources"]["gpus_per_worker"] > 0)
+    assert "FLOP" not in text.split("assumptions")[0] and not re.search(r"int \[\d+\.0", text)
+
+
+def test_dry_run_answers_will_this_start(tmp_path):
+    """`--space cifar10_resnet18 --dry-run` on a machine without CIFAR-10 or a teacher: every preflight check
+    runs and is reported, the missing data names its key and fix, the exit status says it would not start;
+    no Ray, nothing written."""
+    proc = dry_run(tmp_path, "--space", "cifar10_resnet18")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    checks = {}
+    block = proc.stdout[proc.stdout.index("\npreflight") + 1 :]
+    for line in block.splitlines():
+        status, text = re.fullmatch(r"(?:preflight)? +(ok|FAILED|not run) +(.*)", line).groups()
+        checks[text.split(":", 1)[0]] = (status, text)
+    assert checks["data.root"][0] == "FAILED" and "fix: --set data.root=" in checks["data.root"][1]
+    assert checks["teacher.checkpoint is empty but adaad, advfunmatch, ard, rslad distil a teacher"][0] == "FAILED"
+    assert "--set teacher.checkpoint=" in proc.stdout
+    for name in ("ray", "name", "optuna", "storage", "tracking", "resources"):
+        assert name in checks, proc.stdout
+    assert checks["storage"][0] == checks["tracking"][0] == "ok"
+    assert checks["resources"][0] == ("ok" if torch.cuda.is_available() else "FAILED")
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --dry-run: ") and "(data, teacher" in err
+    assert "would not start" in err and list(tmp_path.iterdir()) == []
+    # the plan for people: an l_inf budget on CIFAR in 255ths, integer ranges as integers, GPU-hours
+    assert "attack.eps uniform [5.99/255, 10/255]" in proc.stdout and "at eps 8/255" in proc.stdout
+    assert "attack.steps int [5, 10]" in proc.stdout and "GPU-h per full trial" in proc.stdout
 
 
 def test_dry_run_reports_a_bad_space_like_a_real_run(tmp_path, capsys):

@@ -203,8 +203,8 @@ def test_table_and_csv(sweep_db, tmp_path):
     assert {"attack.eps", "method.name", "params", "latency_ms"} <= set(table)
     text = format_table(ranked, objectives)
     lines = text.splitlines()
-    assert lines[0].split()[:4] == ["rank", "front", "run", "method"]
-    assert lines[2].split()[:3] == ["1", "1", sweep_db["ids"]["t2"][:8]]
+    assert lines[0].split()[:4] == ["rank", "front", "trial", "method"]
+    assert lines[2].split()[:3] == ["1", "1", "t2"]  # the trial id the sweep printed, not the run id
     assert "early-stopped" in text and "missing aa_acc" in text
     with pytest.raises(ValueError, match=r"\.parquet or \.csv"):
         write_table(ranked, objectives, tmp_path / "front.xlsx")
@@ -279,7 +279,7 @@ def test_cli_table_plot_and_parquet(sweep_db, tmp_path):
     assert lines[0].split() == [
         "rank",
         "front",
-        "run",
+        "trial",
         "method",
         "attack.eps",
         "attack.steps",
@@ -300,7 +300,9 @@ def test_cli_table_plot_and_parquet(sweep_db, tmp_path):
     ids = sweep_db["ids"]
     # t1 and t4 are identical: front members that no interval could tell apart
     assert "~3" in lines[3] and "~2" in lines[4]
-    assert [ln.split()[2] for ln in lines[2:7]] == [ids[n][:8] for n in ("t2", "t1", "t4", "t3", "t11")]
+    assert [ln.split()[2] for ln in lines[2:7]] == ["t2", "t1", "t4", "t3", "t11"]
+    # the legend's example is the table's own tie: rank 2 (t1) and rank 3 (t4)
+    assert "'~3' at rank 2: it cannot be told apart from rank 3" in proc.stdout
     assert "5 Pareto-optimal of 6 eligible trials" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     table = pq.read_table(out)
@@ -309,6 +311,23 @@ def test_cli_table_plot_and_parquet(sweep_db, tmp_path):
     assert {r["run_id"] for r in rows if r["pareto"]} == {ids[n] for n in ("t1", "t2", "t3", "t4", "t11")}
     assert {r["run_id"]: r["rank"] for r in rows if r["pareto"]}[ids["t11"]] == 5
     assert not (tmp_path / "mlflow.db").exists()  # reading never creates a default database
+
+
+def test_trial_resolves_by_the_id_the_sweep_printed(sweep_db, capsys):
+    """`--trial` takes the trial id the sweep printed (its MLflow run name too), or the run id / a prefix."""
+    ids, args = sweep_db["ids"], ["--experiment", "sweep-a", "--tracking-uri", sweep_db["uri"], "--sweep", "sweep-one"]
+    for ref in ("t3", ids["t3"], ids["t3"][:8]):
+        assert main([*args, "--trial", ref]) == 0
+        out = capsys.readouterr().out
+        assert f"trial t3 (run {ids['t3']}): on the Pareto front, rank 4" in out
+    assert main([*args, "--trial", "t6"]) == 0
+    assert "trial t6 (run " in (out := capsys.readouterr().out) and "excluded from the front: failed" in out
+    assert main([*args, "--trial", "917f2149"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: --trial '917f2149' names no trial here; the trials: t2, t1")
+        and len(err.splitlines()) == 1
+    )
 
 
 def test_cli_error_exit_status(tmp_path):
@@ -407,8 +426,8 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
 
     assert main(["--experiment", "digits-sweep", "--register", "afm-students"]) == 0  # URI from env
     out = capsys.readouterr().out
-    assert "registered models:/afm-students@pareto-1 -> version 1 (run " + logged["robust"][0] in out
-    assert "registered models:/afm-students@pareto-2 -> version 2 (run " + logged["good"][0] in out
+    assert "registered models:/afm-students@pareto-1 -> version 1 (trial robust, run " + logged["robust"][0] in out
+    assert "registered models:/afm-students@pareto-2 -> version 2 (trial good, run " + logged["good"][0] in out
     versions = [client.get_model_version("afm-students", v) for v in ("1", "2")]
 
     for alias, name in (("pareto-1", "robust"), ("pareto-2", "good")):
@@ -416,6 +435,7 @@ def test_register_front_and_load_by_alias(global_uri, tmp_path, capsys):
         assert mv.run_id == logged[name][0]
         assert float(mv.tags["clean_acc"]) == logged[name][1]
         assert mv.tags["afm_ray.pareto_rank"] == alias[-1]
+        assert mv.tags["afm_ray.trial_id"] == name  # one name per trial: the registry carries the sweep's
         model, spec = fetch_student(client, f"models:/afm-students@{alias}")  # safetensors, sha256 checked
         assert mv.tags["afm_ray.student_sha256"] == client.get_run(spec["run_id"]).data.tags["afm_ray.student_sha256"]
         with torch.no_grad():

@@ -1,5 +1,5 @@
 """What a sweep checks before Ray starts (afm_ray.sweep.plan), the teacher cost it prints, and the
-credentials it never prints (afm_ray.storage.redact_uri). No Ray here: each test takes seconds."""
+credentials it never prints (afm_ray.credentials.redact_uri). No Ray here: each test takes seconds."""
 
 from __future__ import annotations
 
@@ -37,8 +37,10 @@ def test_empty_teacher_is_refused_with_the_cost_of_training_one():
     assert "\n" not in message
     assert message.startswith("teacher.checkpoint is empty but adaad, advfunmatch, ard, rslad distil a teacher")
     images = 50000 - 256  # CIFAR-10's training split less the validation images the training loop holds out
-    assert "'train'" in message and f"wrn34_10 by trades, 100 epochs on {images} images" in message
-    assert "EFLOP" in message and "A10G" in message and "$" in message
+    assert (
+        "--set teacher.checkpoint=train" in message and f"wrn34_10 by trades, 100 epochs on {images} images" in message
+    )
+    assert "EFLOP" in message and "GPU-h on one A10G" in message and "$" in message
 
 
 def test_train_says_so_and_prints_the_estimate(tmp_path):

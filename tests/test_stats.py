@@ -1,5 +1,5 @@
 """afm_ray.stats: the Wilson interval against a hand computation and scipy's, and the interval of a
-mean over seeds."""
+mean over seeds, and the rule a confirmation's interval follows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import math
 import pytest
 from scipy.stats import binomtest
 
-from afm_ray.stats import accuracy_intervals, mean_interval, t_quantile, wilson_interval
+from afm_ray.stats import (
+    MIN_NEW_SEEDS_FOR_T,
+    accuracy_intervals,
+    confirmed_interval,
+    mean_interval,
+    t_quantile,
+    wilson_interval,
+)
 
 
 def test_wilson_by_hand():
@@ -53,3 +60,30 @@ def test_mean_interval():
     assert high == pytest.approx(0.6 + math.hypot(w_high - 0.6, 0.24842), abs=1e-5)
     # identical seeds: no seed spread, only the test images
     assert mean_interval([0.6, 0.6], 1000)[1:] == pytest.approx(wilson_interval(0.6, 1000))
+
+
+def test_one_new_seed_never_widens_the_interval_it_was_run_to_narrow():
+    """The confirmation rule: with fewer than 2 new seeds, no t interval over two values (t(0.975, 1) = 12.7)
+    is mixed in; the interval is the Wilson interval at the mean on the images both students were scored on,
+    so it is never wider than the wider of their single-evaluation intervals. The issue's case: AutoAttack
+    [49.6, 63.2] on 200 images became [41.8, 76.7] after one new seed."""
+    assert MIN_NEW_SEEDS_FOR_T == 2
+    swept, retrained = 0.565, 0.52  # the sweep's student re-evaluated, one retrain; 200 images each
+    mean, low, high = confirmed_interval([swept, retrained], 200, new_seeds=1)
+    assert mean == pytest.approx((swept + retrained) / 2)
+    assert (low, high) == wilson_interval(mean, 200)  # the images' evidence alone
+    widest = max(h - lo for lo, h in (wilson_interval(swept, 200), wilson_interval(retrained, 200)))
+    assert high - low <= widest + 1e-12
+    t_mixed = mean_interval([swept, retrained], 200)  # what the old rule gave: far wider
+    assert t_mixed[2] - t_mixed[1] > 2 * (high - low)
+    # no new seed: the re-evaluation's own Wilson interval
+    assert confirmed_interval([0.5], 1000, new_seeds=0) == (0.5, *wilson_interval(0.5, 1000))
+
+
+def test_two_new_seeds_count_the_seeds_spread():
+    values = [0.50, 0.56, 0.53]  # the re-evaluated student and two retrains
+    assert confirmed_interval(values, 1000, new_seeds=2) == mean_interval(values, 1000)
+    # the spread of three seeds widens the images' interval: seeds are a real source of error
+    mean, low, high = confirmed_interval(values, 1000, new_seeds=2)
+    w_low, w_high = wilson_interval(mean, 1000)
+    assert low < w_low and high > w_high

@@ -8,6 +8,7 @@ seconds on 2 CPU cores.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,21 @@ from afm_ray.tracking.student_model import fetch_student
 pytestmark = pytest.mark.slow
 
 
+# What the libraries print, seen in a default sweep before it was quiet (issue 23): Ray's token-auth warning,
+# the raylet's worker-process warning, Tune's config box and TensorBoard hint, Optuna's ExperimentalWarning
+# and INFO lines, Tune's "performance bottleneck" warnings, MLflow's INFO lines, the raw Ray resources dict.
+LIBRARY_LINES = re.compile(
+    r"Token authentication|\(raylet\)|PYTHON worker processes|Configuration for experiment|TensorBoard|"
+    r"View detailed results|ExperimentalWarning|\[[IW] \d{4}-|performance bottleneck|\bINFO\b|WARNING|"
+    r"'node:|object_store_memory|[╭│╰]"
+)
+# The sweep's own lines: preflight, the sweep and teacher, one per trial event, the summary, the next commands.
+OWN_LINE = re.compile(
+    r"(preflight|sweep|teacher): .*|sweep \S+: .*|\[\d\d:\d\d:\d\d\] trial [0-9a-f]{8}: .*|"
+    r"Pareto-optimal trials:|  trial [0-9a-f]{8}: .*|(MLflow|Pareto|Optuna|log): +.*|"
+)
+
+
 def test_two_trial_sweep_end_to_end(tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_sweep(tmp_path, write_space(tmp_path), "--name", "s1")
@@ -33,6 +49,14 @@ def test_two_trial_sweep_end_to_end(tmp_path):
     assert "2/2 trials completed" in out and "Pareto-optimal trials" in out and "mlflow ui" in out
     assert out.count("started") >= 2 and "Ray overhead" in out  # one line per trial event
     assert "at most 2 trials at once: " in out and "what the local Ray this sweep started holds" in out
+    # Quiet by default: nothing on the terminal but the sweep's own lines; the libraries' output is in the
+    # log the last line names (Optuna announces every study it creates, so the log cannot be empty).
+    for line in (proc.stdout + proc.stderr).splitlines():
+        assert OWN_LINE.fullmatch(line) and not LIBRARY_LINES.search(line), f"not the sweep's own line: {line!r}"
+    log = tmp_path / "ray_results" / "s1" / "sweep.log"
+    assert out.splitlines()[-1].startswith(f"log:     {log} ") and "A new study created" in log.read_text()
+    started = re.findall(r"trial ([0-9a-f]{8}): started .*", out)
+    assert len(started) == 2 and "optim.weight_decay=" in out and "optim.lr=" in out
 
     runs = trial_runs(tracking)
     assert len(runs) == 2
@@ -61,6 +85,9 @@ def test_two_trial_sweep_end_to_end(tmp_path):
             low, high = wilson_interval(run.data.metrics[metric], n)
             assert run.data.metrics[f"{metric}_ci_low"] == pytest.approx(low, abs=1e-12)
             assert run.data.metrics[f"{metric}_ci_high"] == pytest.approx(high, abs=1e-12)
+        # One name per trial: the MLflow run is named by the trial id the sweep printed.
+        assert run.info.run_name == run.data.tags["afm_ray.trial_id"] and run.info.run_name in started
+        assert run.data.metrics["time/trial_s"] > run.data.metrics["time/worker_s"] > 0  # for confirm's estimate
         # Params are what Optuna suggested, under the same dotted names, plus the full config.
         for key, value in suggested[run.data.tags["afm_ray.trial_id"]].items():
             assert float(run.data.params[key]) == pytest.approx(value)
@@ -107,7 +134,10 @@ def test_sweep_through_a_real_mlflow_server(tmp_path):
     try:
         uri = f"http://127.0.0.1:{port}"
         wait_http(uri + "/health")
-        run_sweep(tmp_path, write_space(tmp_path, num_samples=1), "--name", "srv", tracking=uri)
+        proc = run_sweep(tmp_path, write_space(tmp_path, num_samples=1), "--name", "srv", "--verbose", tracking=uri)
+        # --verbose: the libraries print here again (Optuna announces its study), and no log file is kept
+        assert "A new study created" in proc.stdout + proc.stderr
+        assert not (tmp_path / "ray_results" / "srv" / "sweep.log").exists()
         runs = trial_runs(uri)
         assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
         assert "aa_acc" in runs[0].data.metrics
@@ -395,3 +425,20 @@ def test_ray_job_submit_to_a_token_authenticated_head(tmp_path):
         assert "1/1 trials completed" in proc.stdout
         runs = trial_runs(tracking)
         assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
+
+        # --dry-run --address: joins the cluster as a driver, reports what it has now, starts nothing
+        gpu_space = write_space(tmp_path, resources={"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1})
+        for space_file, expected in (
+            (space, "resources: 1 node(s) with 2 CPUs, 0 GPUs now; a trial takes 1 CPU(s): 2 trial(s) at a time"),
+            (gpu_space, "none fits now; trials wait until the autoscaler adds workers"),
+        ):
+            dry = subprocess.run(
+                sweep_args(tmp_path, space_file, "--address", head["gcs"], "--dry-run", "--name", "dry"),
+                cwd=workdir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            assert dry.returncode == 0 and expected in dry.stdout, dry.stdout[-2000:] + dry.stderr[-2000:]
+        assert not (tmp_path / "ray_results" / "dry").exists()

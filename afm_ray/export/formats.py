@@ -12,7 +12,9 @@ magnitude 10. 1e-4 leaves a tenfold margin over that, while a wrong export (a mi
 normalisation, BatchNorm in training mode, a swapped layer) misses by 1e-2 or more. Deeper
 students (ResNet-18, WRN) accumulate over more layers: measure, then pass --tolerance.
 With ONNX, the batch-1 latency under onnxruntime (CPU, ``--threads``) is measured next to
-PyTorch's on the same machine. DIR gets the file and ``export.json`` (what was checked and measured).
+PyTorch's on the same machine. DIR gets the file and ``export.json`` (what was checked and measured, and
+every file written with its sha256). A student's ONNX file is self-contained (weights inline) up to
+`ONNX_INLINE_LIMIT`, under protobuf's 2 GiB; a larger one's weights go to ``student.onnx.data`` beside it.
 """
 
 from __future__ import annotations
@@ -39,12 +41,19 @@ from afm_ray.tracking.student_model import SPEC_FILE, WEIGHTS_FILE, load_student
 
 FORMATS = {"onnx": "student.onnx", "torchscript": "student.torchscript.pt", "safetensors": WEIGHTS_FILE}
 TOLERANCE = 1e-4  # max |logit difference| in fp32; see the module docstring
+# ONNX keeps a model in one protobuf, which cannot exceed 2 GiB: weights up to this size go inline (one
+# self-contained file); a larger student's go to `student.onnx.data` beside it (export.json names both).
+ONNX_INLINE_LIMIT = 1.8 * 2**30
 
 
-def export_file(model: nn.Module, spec: dict[str, Any], fmt: str, out: Path) -> Path:
-    """Write ``model`` to ``out`` in ``fmt``; returns the file (safetensors: with its spec.json beside it)."""
+def export_file(
+    model: nn.Module, spec: dict[str, Any], fmt: str, out: Path, *, inline_limit: float = ONNX_INLINE_LIMIT
+) -> Path:
+    """Write ``model`` to ``out`` in ``fmt``; returns the file a runtime opens (`written_files` lists all)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / FORMATS[fmt]
+    for stale in (path, out / f"{path.name}.data"):  # a previous export's, which this one may not rewrite
+        stale.unlink(missing_ok=True)
     example = torch.rand((2, *spec["input_shape"]), generator=torch.Generator().manual_seed(0))
     if fmt == "safetensors":
         save_student(model, out, input_shape=tuple(spec["input_shape"]))
@@ -67,9 +76,22 @@ def export_file(model: nn.Module, spec: dict[str, Any], fmt: str, out: Path) -> 
                 output_names=["logits"],
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
                 dynamo=True,
+                external_data=_weight_bytes(model) > inline_limit,  # else one self-contained file
             )
         quiet.setLevel(level)
     return path
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def written_files(path: Path, fmt: str) -> list[Path]:
+    """Every file an export wrote: what a deployment must copy together."""
+    if fmt == "safetensors":
+        return [path, path.parent / SPEC_FILE]
+    data = path.parent / f"{path.name}.data"  # ONNX external weights, for a student over the inline limit
+    return [path, data] if fmt == "onnx" and data.is_file() else [path]
 
 
 def run_export(path: Path, fmt: str, x: torch.Tensor, threads: int = 1) -> np.ndarray:
@@ -134,21 +156,27 @@ def export_student(
     batch: int = 64,
     threads: int = 1,
     tolerance: float = TOLERANCE,
+    inline_limit: float = ONNX_INLINE_LIMIT,
 ) -> dict[str, Any]:
-    """Export, verify against ``model`` on a seeded batch, measure (ONNX); returns what export.json holds.
-    An ArtifactError when the export disagrees with the model by more than ``tolerance``."""
+    """Export, verify against ``model`` on a seeded batch, measure (ONNX); returns what export.json holds:
+    every file written with its size and sha256, the check, the latency. An ArtifactError when the export
+    disagrees with the model by more than ``tolerance``."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(out)
     model = model.eval()
-    path = export_file(model, spec, fmt, out)
+    path = export_file(model, spec, fmt, out, inline_limit=inline_limit)
     diff, largest = verify_export(path, fmt, model, spec["input_shape"], batch=batch, tolerance=tolerance)
+    files = [
+        {"name": f.name, "bytes": f.stat().st_size, "sha256": sha256(f.read_bytes())} for f in written_files(path, fmt)
+    ]
     report: dict[str, Any] = {
         "model": spec.get("uri", ""),
         "run_id": spec.get("run_id", ""),
+        "trial": spec.get("trial", ""),
         "format": fmt,
-        "file": path.name,
-        "sha256": sha256(path.read_bytes()),
+        "file": path.name,  # what a runtime opens; `files`: everything to copy with it
+        "files": files,
         "input_shape": spec["input_shape"],
         "verify": {"batch": batch, "max_abs_logit_diff": diff, "max_abs_logit": largest, "tolerance": tolerance},
         "machine": f"{cpu_model_name()}, {os.cpu_count()} cores",
@@ -158,8 +186,6 @@ def export_student(
             "onnxruntime": {**onnx_latency_ms(path, spec["input_shape"], threads=threads), "threads": threads},
             "pytorch_median_ms": _torch_latency(model, spec["input_shape"], threads),
         }
-    if fmt == "safetensors":
-        report["spec"] = SPEC_FILE
     (out / "export.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -176,8 +202,10 @@ def _torch_latency(model: nn.Module, input_shape: list[int], threads: int) -> fl
 def format_report(report: dict[str, Any], out: str | Path) -> str:
     """What the command prints: the file, the check, the latency."""
     v = report["verify"]
-    lines = [
-        f"wrote {Path(out) / report['file']} ({report['format']}, sha256 {report['sha256'][:12]}...)",
+    together = " (copy them together)" if len(report["files"]) > 1 else " (self-contained)"
+    lines = [f"wrote {report['format']} to {Path(out)}{together}, listed with their sha256 in export.json:"]
+    lines += [f"  {f['name']}  {_size(f['bytes'])}  sha256 {f['sha256']}" for f in report["files"]]
+    lines += [
         f"verified on {v['batch']} images: max |logit difference| {v['max_abs_logit_diff']:.3g} "
         f"(logits up to {v['max_abs_logit']:.3g}; tolerance {v['tolerance']:g})",
     ]
@@ -189,3 +217,7 @@ def format_report(report: dict[str, Any], out: str | Path) -> str:
             f"{ort['threads']} thread(s)); PyTorch {lat['pytorch_median_ms']:.3f} ms on the same machine"
         )
     return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"

@@ -331,6 +331,6 @@ def format_plan(configs: Sequence[Configuration], seeds: int, samples: int) -> s
 
 
 def redact(uri: str) -> str:
-    from afm_ray.storage import redact_uri
+    from afm_ray.credentials import redact_uri
 
     return redact_uri(uri)

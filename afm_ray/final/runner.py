@@ -27,11 +27,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from afm_ray import names
+from afm_ray.credentials import redact_uri
 from afm_ray.errors import UserError, one_line
 from afm_ray.final.evaluation import AA_STATE_FILE, evaluate_weights
 from afm_ray.final.plan import Configuration
 from afm_ray.names import TRAIN_TEACHER
-from afm_ray.storage import is_uri, redact_uri
+from afm_ray.storage import is_uri
 from afm_ray.sweep.driver import max_concurrent_trials, prepare_teacher
 from afm_ray.sweep.local_ray import connect_or_start
 from afm_ray.sweep.retrain import retrain_task, state_bytes

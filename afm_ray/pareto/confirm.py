@@ -29,26 +29,35 @@ from typing import Any
 
 import pandas as pd
 import ray
+import ray.train
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from safetensors.torch import load as load_safetensors
 
 from afm_ray import names
 from afm_ray.config import from_flat
+from afm_ray.cost import dataset_shapes
 from afm_ray.data import load_run_data
 from afm_ray.devices import resolve_device
+from afm_ray.display import duration_text
 from afm_ray.errors import ConfigError, TrackingError, UserError
 from afm_ray.evaluate.protocol import evaluate_model
 from afm_ray.models import build_model
 from afm_ray.names import CI_HIGH, CI_LOW, Objective
-from afm_ray.stats import mean_interval
+from afm_ray.pareto.estimate import describe, job_cost, ray_seconds, slots_for, wall_seconds
+from afm_ray.stats import MIN_CONFIRM_IMAGES, MIN_NEW_SEEDS_FOR_T, confirmed_interval, wilson_interval
 from afm_ray.sweep.local_ray import connect_or_start
-from afm_ray.sweep.retrain import retrain_task, sweep_runtime
-from afm_ray.sweep.retrain import state_bytes as _state_bytes
+from afm_ray.sweep.retrain import retrain_task, state_bytes, sweep_runtime
 from afm_ray.sweep.trial import TrialRuntime
-from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, client_for, column, tag_column, tags_match
+from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, client_for, column, tag_column, tags_match, trial_names
 from afm_ray.tracking.run_config import trial_config
-from afm_ray.tracking.student_model import SPEC_FILE, WEIGHTS_FILE, fetch_student, load_student, log_student
+from afm_ray.tracking.student_model import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    fetch_student,
+    load_student,
+    log_student,
+)
 
 SEED_STRIDE = 1000  # retrain i of a trial with seed s uses s + 1000 * i: far from the seeds a sweep varies
 _DERIVED = ("excluded", "front", "rank", "pareto", "within_noise", "ties")  # rank_trials' own columns
@@ -89,10 +98,6 @@ def _find_run(client: MlflowClient, experiment_id: str, job: Job, samples: int) 
     return (finished or sorted(found, key=lambda r: r.info.start_time))[0] if found else None
 
 
-def _sweep_runtime(client: MlflowClient, sweep_run: str) -> TrialRuntime:
-    return sweep_runtime(client, sweep_run, "confirm")
-
-
 def _reevaluate(model_spec: dict[str, Any], weights: bytes, flat: dict[str, Any], samples: int) -> dict[str, float]:
     cfg = from_flat(flat)
     model = build_model(**model_spec)
@@ -101,26 +106,53 @@ def _reevaluate(model_spec: dict[str, Any], weights: bytes, flat: dict[str, Any]
     return evaluate_model(model, cfg, load_run_data(cfg), samples=samples, log=lambda line: None)
 
 
+def confirm_images(candidates: pd.DataFrame, samples: int | None) -> tuple[int, int | None]:
+    """(the ``--samples`` value the jobs run with, the images that is, when known): the sweep's own image
+    count unless asked (``samples`` None); 0 is the whole test split. Fewer than `MIN_CONFIRM_IMAGES` is a
+    ConfigError naming the number to use: a front confirmed on 10 images would be registered as confirmed."""
+    swept = pd.to_numeric(column(candidates, "metrics.eval/n_samples"), errors="coerce").max()
+    if samples is None:
+        samples = int(swept) if swept == swept and swept > 0 else 0
+    if samples < 0:
+        raise ConfigError(f"--samples {samples}: expected >= 0 (0 = the whole test split)")
+    shapes = dataset_shapes(from_flat(trial_config(candidates.iloc[0])))
+    split = shapes.test_images if shapes else None
+    images = (min(samples, split) if split else samples) if samples else split
+    if images is not None and images < MIN_CONFIRM_IMAGES:
+        where = f"--samples {samples}" if samples else "the whole test split"
+        whole = f" (the whole test split: {split})" if split else ""
+        raise ConfigError(
+            f"{where}: {images} test images are too few to confirm a front (a 95% interval near 50% is "
+            f"+-{100 * (wilson_interval(0.5, images)[1] - 0.5):.0f} points); use --samples {MIN_CONFIRM_IMAGES} or "
+            f"more, or --samples 0{whole}"
+        )
+    return samples, images
+
+
 def confirm_candidates(
     ranked: pd.DataFrame,
     *,
     tracking_uri: str | None = None,
-    samples: int = 0,
+    samples: int | None = None,
     seeds: int = 0,
     address: str | None = None,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """The front's candidates (front and within noise) of ``ranked``, confirmed: a frame in the layout of
     `afm_ray.tracking.mlflow_runs.load_trials` whose accuracies are the confirmed means and intervals,
-    ready for `afm_ray.pareto.ranking.rank_trials` (``ranked`` keeps the sweep's own values)."""
-    if samples < 0 or seeds < 0:
-        raise ConfigError(f"--samples {samples} / --seeds {seeds}: expected >= 0 (samples 0 = the whole test split)")
+    ready for `afm_ray.pareto.ranking.rank_trials` (``ranked`` keeps the sweep's own values). It prints its
+    plan and estimate (afm_ray.pareto.estimate) before any job runs and a line per finished job.
+    ``samples`` None: the sweep's image count; 0: the whole test split (``frame.attrs["samples"]`` says which)."""
+    if seeds < 0:
+        raise ConfigError(f"--seeds {seeds}: expected >= 0")
     candidates = ranked[ranked["pareto"] | ranked["within_noise"]]
     if candidates.empty:
         raise TrackingError("no candidate to confirm: no trial is on the front")
+    samples, images = confirm_images(candidates, samples)
     client = client_for(tracking_uri)
     experiment_id = str(candidates["experiment_id"].iloc[0])
     configs = {row["run_id"]: trial_config(row) for _, row in candidates.iterrows()}
+    labels = dict(zip(candidates["run_id"], trial_names(candidates), strict=True))
     jobs = []
     for run_id, flat in configs.items():
         jobs.append(Job(run_id, "reevaluate"))
@@ -133,14 +165,91 @@ def confirm_candidates(
             done[job] = dict(run.data.metrics)
         else:
             todo.append((job, run.info.run_id if run is not None else None))
-    images = "the whole test split" if samples == 0 else f"{samples} test images"
+    what = f"{images} test images" if images else "the whole test split"
+    swept = pd.to_numeric(column(candidates, "metrics.eval/n_samples"), errors="coerce").max()
     log(
-        f"confirm: {len(candidates)} candidate(s) on {images}, {seeds} retrain(s) each: "
-        f"{len(done)} of {len(jobs)} confirmations already done, {len(todo)} to run"
+        f"confirm: {len(candidates)} candidate trial(s) ({int(candidates['pareto'].sum())} on the front, "
+        f"{int(candidates['within_noise'].sum())} within noise): {', '.join(labels.values())}"
+    )
+    log(
+        f"confirm: each scored on {what} (the sweep scored {swept:.0f}; --samples to change), "
+        + (f"and retrained with {seeds} new seed(s) (run.seed + {SEED_STRIDE}, ...)" if seeds else "no retrain")
+        + f"; {len(jobs)} job(s), {len(done)} done before, {len(todo)} to run"
     )
     if todo:
-        _run_jobs(client, experiment_id, todo, configs, candidates, samples, done, address, log)
-    return _confirmed_frame(candidates, jobs, done)
+        parents = dict(zip(candidates["run_id"], column(candidates, tag_column(names.PARENT_TAG)), strict=True))
+        runtimes = {p: sweep_runtime(client, p, "confirm") for p in set(parents.values())}
+        started, clock = not ray.is_initialized(), time.monotonic()  # the wall time counts Ray's start-up
+        if started and address:  # the cluster's size sets how many jobs run at once: join it first
+            connect_or_start(address)
+        try:
+            resources = runtimes[parents[todo[0][0].trial_run]].resources
+            cluster = ray.cluster_resources() if ray.is_initialized() else _this_machine()
+            slots = slots_for(cluster, resources.cpus, resources.gpus)
+            rows = {row["run_id"]: row for _, row in candidates.iterrows()}
+            scored = images or float(swept)  # the whole split of a dataset known only once read: as swept
+            ray_s = ray_seconds(ranked)
+            costs = [job_cost(rows[job.trial_run], job.kind, scored, ray_s) for job, _ in todo]
+            estimate = wall_seconds([c.seconds for c in costs], slots)
+            log(f"confirm: estimate {describe(costs, slots, scored)}")
+            if started and not address:
+                connect_or_start(None)
+            progress = _Progress(len(jobs), len(done), estimate, labels, log, clock)
+            _run_jobs(client, experiment_id, todo, configs, samples, done, runtimes, parents, progress, log)
+            log(
+                f"confirm: {len(todo)} job(s) in {duration_text(progress.elapsed())} "
+                f"(estimated {duration_text(estimate)})"
+            )
+        finally:
+            if started:
+                ray.shutdown()
+    confirmed = _confirmed_frame(candidates, jobs, done)
+    confirmed.attrs["samples"] = samples
+    return confirmed
+
+
+def _this_machine() -> dict[str, float]:
+    """What a local Ray will have: this machine's CPUs and GPUs."""
+    import os
+
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def describe_job(job: Job, labels: dict[str, str]) -> str:
+    """'retrain seed 1003 of trial 917f2149'."""
+    return f"{job.kind}" + ("" if job.seed is None else f" seed {job.seed}") + f" of trial {labels[job.trial_run]}"
+
+
+class _Progress:
+    """A line per finished job: which, its accuracies, how far along, against the estimate."""
+
+    def __init__(
+        self, total: int, done: int, estimate: float, labels: dict[str, str], log: Callable[[str], None], started: float
+    ):
+        self.total, self.done, self.estimate, self.labels, self.log = total, done, estimate, labels, log
+        self.started = started
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def finished(self, job: Job, metrics: dict[str, float] | None, error: str | None = None) -> None:
+        self.done += 1
+        what = (
+            f"{job.kind}"
+            + ("" if job.seed is None else f" seed {job.seed}")
+            + f" of trial {self.labels[job.trial_run]}"
+        )
+        if error is not None:
+            body = f"FAILED {what}: {error}"
+        else:
+            accs = "  ".join(f"{m}={metrics[m]:.4f}" for m in names.ACCURACY_METRICS if m in metrics)
+            body = f"{what}: {accs} on {int(metrics['eval/n_samples'])} images"
+        self.log(
+            f"confirmed {self.done}/{self.total} [{time.strftime('%H:%M:%S')}] {body} "
+            f"({duration_text(self.elapsed())} elapsed of ~{duration_text(self.estimate)} estimated)"
+        )
 
 
 def _run_jobs(
@@ -148,54 +257,50 @@ def _run_jobs(
     experiment_id: str,
     todo: list[tuple[Job, str | None]],
     configs: dict[str, dict[str, Any]],
-    candidates: pd.DataFrame,
     samples: int,
     done: dict[Job, dict[str, float]],
-    address: str | None,
+    runtimes: dict[str, TrialRuntime],
+    parents: dict[str, str],
+    progress: _Progress,
     log: Callable[[str], None],
 ) -> None:
-    parents = dict(zip(candidates["run_id"], column(candidates, tag_column(names.PARENT_TAG)), strict=True))
-    runtimes = {p: _sweep_runtime(client, p) for p in set(parents.values())}
-    started = not ray.is_initialized()
-    if started:
-        connect_or_start(address)
     pending, failed = {}, []
-    try:
-        for job, run_id in todo:
-            runtime = runtimes[parents[job.trial_run]]
-            flat = {**configs[job.trial_run], "eval.samples": samples}
-            if run_id is None:
-                name = f"confirm-{job.trial_run[:8]}-{job.kind}" + ("" if job.seed is None else f"-seed{job.seed}")
-                run_id = client.create_run(experiment_id, run_name=name, tags=job.tags(samples)).info.run_id
-            else:  # interrupted before: continue in the same run
-                client.update_run(run_id, status="RUNNING")
-            if job.kind == "reevaluate":
-                model, spec = fetch_student(client, f"runs:/{job.trial_run}")
-                weights = _state_bytes(model)
-                resources = runtime.resources
-                task = ray.remote(_reevaluate).options(num_cpus=resources.cpus, num_gpus=resources.gpus_per_worker)
-                ref = task.remote(spec["model"], weights, flat, samples)
-            else:  # waits on its Train run, whose workers hold the resources (as a sweep's trial does)
-                task = retrain_task()
-                ref = task.remote({**flat, "run.seed": job.seed}, runtime, f"confirm-{job.trial_run}-seed{job.seed}")
-            pending[ref] = (job, run_id)
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            job, run_id = pending.pop(ref)
-            try:
-                out = ray.get(ref)
-            except Exception as exc:  # the others go on; the next --confirm retries this one
-                why = " ".join(str(exc).split())[-500:]
-                client.set_tag(run_id, "afm_ray.confirm_error", why)
-                client.set_terminated(run_id, status="FAILED")
-                failed.append(f"{job.kind} of run {job.trial_run}" + (f" seed {job.seed}" if job.seed else ""))
-                log(f"confirm: FAILED {failed[-1]}: {why[-200:]}")
-                continue
-            done[job] = _log_confirmation(client, run_id, job, out)
-            log(_done_line(job, done[job]))
-    finally:
-        if started:
-            ray.shutdown()
+    for job, run_id in todo:
+        runtime = runtimes[parents[job.trial_run]]
+        flat = {**configs[job.trial_run], "eval.samples": samples}
+        if run_id is None:
+            name = f"confirm-{progress.labels[job.trial_run]}-{job.kind}" + (
+                "" if job.seed is None else f"-seed{job.seed}"
+            )
+            run_id = client.create_run(experiment_id, run_name=name, tags=job.tags(samples)).info.run_id
+        else:  # interrupted before: continue in the same run
+            client.update_run(run_id, status="RUNNING")
+        if job.kind == "reevaluate":
+            model, spec = fetch_student(client, f"runs:/{job.trial_run}")
+            weights = state_bytes(model)
+            resources = runtime.resources
+            task = ray.remote(_reevaluate).options(num_cpus=resources.cpus, num_gpus=resources.gpus_per_worker)
+            ref = task.remote(spec["model"], weights, flat, samples)
+        else:  # waits on its Train run, whose workers hold the resources (as a sweep's trial does)
+            task = retrain_task()
+            ref = task.remote({**flat, "run.seed": job.seed}, runtime, f"confirm-{job.trial_run}-seed{job.seed}")
+        pending[ref] = (job, run_id)
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        job, run_id = pending.pop(ref)
+        try:
+            out = ray.get(ref)
+        except Exception as exc:  # the others go on; the next --confirm retries this one
+            why = " ".join(str(exc).split())[-500:]
+            client.set_tag(run_id, "afm_ray.confirm_error", why)
+            client.set_terminated(run_id, status="FAILED")
+            failed.append(
+                f"{job.kind} of trial {progress.labels[job.trial_run]}" + (f" seed {job.seed}" if job.seed else "")
+            )
+            progress.finished(job, None, why[-200:])
+            continue
+        done[job] = _log_confirmation(client, run_id, job, out)
+        progress.finished(job, done[job])
     if failed:
         raise ConfirmError(f"{len(failed)} confirmation(s) failed ({'; '.join(failed)}); run --confirm again to retry")
 
@@ -215,28 +320,25 @@ def _log_confirmation(client: MlflowClient, run_id: str, job: Job, out: Any) -> 
     return keep
 
 
-def _done_line(job: Job, metrics: dict[str, float]) -> str:
-    accs = "  ".join(f"{m}={metrics[m]:.4f}" for m in names.ACCURACY_METRICS if m in metrics)
-    seed = "" if job.seed is None else f" seed {job.seed}"
-    return f"confirmed {job.kind}{seed} of run {job.trial_run[:8]}: {accs} on {int(metrics['eval/n_samples'])} images"
-
-
 def _confirmed_frame(candidates: pd.DataFrame, jobs: Sequence[Job], done: dict[Job, dict[str, float]]) -> pd.DataFrame:
     rows = []
     for _, row in candidates.iterrows():
         row = row.drop([c for c in _DERIVED if c in row.index])
-        students = [done[j] for j in jobs if j.trial_run == row["run_id"] and j in done]
+        mine = [j for j in jobs if j.trial_run == row["run_id"] and j in done]
+        students = [done[j] for j in mine]
+        new_seeds = sum(j.kind == "retrain" for j in mine)
         n = students[0]["eval/n_samples"]
         for metric in names.ACCURACY_METRICS:
             values = [s[metric] for s in students if metric in s]
-            if values:
-                mean, low, high = mean_interval(values, n)
+            if values:  # the rule of afm_ray.stats.confirmed_interval: a t interval needs 2 new seeds
+                mean, low, high = confirmed_interval(values, n, new_seeds)
                 row[f"metrics.{metric}"], row[f"metrics.{metric}{CI_LOW}"], row[f"metrics.{metric}{CI_HIGH}"] = (
                     mean,
                     low,
                     high,
                 )
         row["metrics.eval/n_samples"], row["metrics.confirm/students"] = n, float(len(students))
+        row["metrics.confirm/new_seeds"] = float(new_seeds)
         seeds = [int(float(row.get("params.run.seed", 0)))] + [j.seed for j in jobs if j.trial_run == row["run_id"]]
         row["params.confirm.seeds"] = ",".join(str(s) for s in seeds if s is not None)
         rows.append(row)
@@ -244,11 +346,11 @@ def _confirmed_frame(candidates: pd.DataFrame, jobs: Sequence[Job], done: dict[J
 
 
 def format_comparison(sweep: pd.DataFrame, confirmed: pd.DataFrame, objectives: Sequence[Objective]) -> str:
-    """Per candidate: each accuracy objective in the sweep (``sweep``: its images) and confirmed (mean [95%],
-    students)."""
+    """Per candidate trial: each accuracy objective in the sweep (``sweep``: its images) and confirmed (mean
+    [95%], students), and which interval that is (afm_ray.stats.confirmed_interval's rule)."""
     lines = []
     before_rows = sweep.set_index("run_id")
-    for _, row in confirmed.iterrows():
+    for (_, row), trial in zip(confirmed.iterrows(), trial_names(confirmed), strict=True):
         method = row.get(METHOD_COLUMN, "?")
         cells = []
         for o in (o for o in objectives if o.metric in names.ACCURACY_METRICS):
@@ -260,8 +362,15 @@ def format_comparison(sweep: pd.DataFrame, confirmed: pd.DataFrame, objectives: 
                 f"[{100 * low:.1f}, {100 * high:.1f}]"
             )
         students = int(row["metrics.confirm/students"])
+        new_seeds = int(row.get("metrics.confirm/new_seeds", students - 1))
+        kind = "seeds and images" if new_seeds >= MIN_NEW_SEEDS_FOR_T else "images only"
         lines.append(
-            f"  run {row['run_id'][:8]} {method}: {'  '.join(cells)}  "
-            f"({int(row['metrics.eval/n_samples'])} img, {students} student(s): seeds {row['params.confirm.seeds']})"
+            f"  trial {trial} {method}: {'  '.join(cells)}  ({int(row['metrics.eval/n_samples'])} img, "
+            f"{students} student(s): seeds {row['params.confirm.seeds']}; interval: {kind})"
         )
-    return "\n".join(["sweep -> confirmed (mean over students, 95% interval):", *lines])
+    legend = (
+        "interval 'images only': the Wilson interval of the mean on the images scored (fewer than "
+        f"{MIN_NEW_SEEDS_FOR_T} new seeds: the seeds' spread is not measured); 'seeds and images': a t interval "
+        "over the students combined with the images' interval"
+    )
+    return "\n".join(["sweep -> confirmed (mean over students, 95% interval):", *lines, legend])

@@ -16,7 +16,7 @@ from mlflow.entities.model_registry import ModelVersion
 from afm_ray import names
 from afm_ray.errors import TrackingError
 from afm_ray.names import Objective
-from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, all_pages, client_for, quote
+from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, all_pages, client_for, quote, trial_names
 from afm_ray.tracking.student_model import student_source
 
 RANK_TAG = "afm_ray.pareto_rank"
@@ -31,8 +31,8 @@ def register_front(
     extra_tags: Mapping[str, str] | None = None,
 ) -> list[ModelVersion]:
     """Register each Pareto-optimal student of ``ranked`` (`afm_ray.pareto.ranking.rank_trials`) as a version of
-    model ``name``, aliased ``pareto-<rank>`` and tagged with its objective values, run, rank, the
-    objectives, its sha256 and ``extra_tags``. A run registered before keeps its version, and
+    model ``name``, aliased ``pareto-<rank>`` and tagged with its objective values, trial id (as the sweep printed
+    it), run, rank, the objectives, its sha256 and ``extra_tags``. A run registered before keeps its version, and
     ``pareto-*`` aliases past this front go: ``models:/NAME@pareto-1`` is its rank 1."""
     objectives = Objective.parse_all(objectives)
     front = ranked[ranked["pareto"]].sort_values("rank")
@@ -43,11 +43,12 @@ def register_front(
     if not client.search_registered_models(filter_string=f"name = {quote(name)}"):
         client.create_registered_model(name, description="Pareto-optimal students registered by afm_ray.pareto")
     versions = []
-    for (_, row), (source, model_id) in zip(front.iterrows(), sources, strict=True):
+    for (_, row), (source, model_id), trial in zip(front.iterrows(), sources, trial_names(front), strict=True):
         run_id, rank = row["run_id"], int(row["rank"])
         tags = {o.metric: repr(float(row[f"metrics.{o.metric}"])) for o in objectives}
         tags |= {RANK_TAG: str(rank), "afm_ray.objectives": ",".join(map(str, objectives)), **(extra_tags or {})}
         tags |= {"afm_ray.run_id": run_id, "method.name": "" if pd.isna(row.get(METHOD_COLUMN)) else row[METHOD_COLUMN]}
+        tags[names.TRIAL_ID_TAG] = trial  # the name the sweep printed: `export --trial` takes it
         digest = client.get_run(run_id).data.tags.get(names.STUDENT_SHA_TAG)
         if digest:
             tags[names.STUDENT_SHA_TAG] = digest

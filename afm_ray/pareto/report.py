@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 
 from afm_ray import names
+from afm_ray.display import method_uses, value_text
 from afm_ray.errors import ConfigError
 from afm_ray.names import CI_HIGH, CI_LOW, Objective
 from afm_ray.pareto.ranking import objective_bounds, objective_values
-from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, column, tag_column
+from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, column, tag_column, trial_names
 
 #: Hyperparameters shown in the printed table when any trial has them.
 KEY_HPARAMS = ("attack.eps", "attack.steps", "method.tau", "augment.policy")
@@ -68,26 +69,31 @@ def _fmt_metric(metric: str, value: float) -> str:
     return f"{value:.4g}"
 
 
-def _fmt_param(value: Any) -> str:
-    if pd.isna(value):
-        return "-"
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return value if number.is_integer() and "." not in value else f"{number:.4g}"
+def _param_cells(rows: pd.DataFrame, key: str) -> pd.Series:
+    """A hyperparameter's column for people (afm_ray.display): 4 digits, budgets as x/255 where that is the
+    unit, '-' where the trial's method does not use the key (no tau for PGD-AT) or it is unset."""
+    methods = column(rows, METHOD_COLUMN).fillna("")
+    data, norm = column(rows, "params.data.name").fillna(""), column(rows, "params.attack.norm").fillna("linf")
+    cells = []
+    for value, method, data_name, norm_name in zip(rows[f"params.{key}"], methods, data, norm, strict=True):
+        if pd.isna(value) or value in ("", "None") or not method_uses(str(method), key):
+            cells.append("-")
+        else:
+            cells.append(value_text(key, value, str(data_name), str(norm_name)))
+    return pd.Series(cells, index=rows.index, dtype=object)
 
 
 def format_table(ranked: pd.DataFrame, objectives: Sequence[Objective | str], *, front_only: bool = False) -> str:
-    """Fixed-width text table: rank, front, run, method, key hyperparameters, objectives, note."""
+    """Fixed-width text table: rank, front, trial (the name the sweep printed), method, key hyperparameters,
+    objectives, note."""
     rows = ranked[ranked["pareto"]] if front_only else ranked
     cells = {
         "rank": rows["rank"].astype("string").fillna(""),
         "front": rows["front"].astype("string").fillna(""),
-        "run": rows["run_id"].str[:8],
+        "trial": trial_names(rows),
         "method": column(rows, METHOD_COLUMN).fillna("-").replace("", "-"),
     }
-    cells |= {k: rows[f"params.{k}"].map(_fmt_param) for k in KEY_HPARAMS if f"params.{k}" in ranked.columns}
+    cells |= {k: _param_cells(rows, k) for k in KEY_HPARAMS if f"params.{k}" in ranked.columns}
     objectives = Objective.parse_all(objectives)
     low, high = objective_bounds(rows, objectives)
     for j, o in enumerate(objectives):
@@ -109,7 +115,7 @@ def format_table(ranked: pd.DataFrame, objectives: Sequence[Objective | str], *,
     for header, cell_column in cells.items():
         texts = cell_column.astype(str).tolist()
         width = max([len(header), *map(len, texts)])
-        pad = str.ljust if header in ("run", "method", "noise", "excluded") else str.rjust  # text left, numbers right
+        pad = str.ljust if header in ("trial", "method", "noise", "excluded") else str.rjust  # text left, numbers right
         padded[pad(header, width)] = ["-" * width, *(pad(c, width) for c in texts)]
     table = pd.DataFrame(padded)
     text = table.to_string(index=False, col_space={c: len(c) + 1 for c in list(table.columns)[1:]})  # 2 spaces apart
@@ -137,12 +143,19 @@ def summary(ranked: pd.DataFrame, objectives: Sequence[Objective | str]) -> str:
     reasons = Counter(ranked["excluded"].dropna()).most_common()
     text += ": " + ", ".join(f"{n} {reason}" for reason, n in reasons) if reasons else ""
     noise = int(ranked["within_noise"].sum())
-    if noise or ranked["ties"].notna().any():
+    tied = ranked[ranked["ties"].notna()]
+    if noise or len(tied):
         text += (
             f"\nnoise: {noise} dominated trial(s) 'within noise' (no front member dominates them beyond both 95% "
-            "intervals); '~2,3': a front member indistinguishable from ranks 2 and 3 (intervals overlap on every "
-            "objective)"
+            "intervals)"
         )
+        if len(tied):  # the legend's example is the table's own first tie
+            rank, others = int(tied["rank"].iloc[0]), str(tied["ties"].iloc[0]).split(",")
+            ranks = " and ".join([", ".join(others[:-1]), others[-1]] if len(others) > 1 else others)
+            text += (
+                f"; '~{','.join(others)}' at rank {rank}: it cannot be told apart from rank{'s' * (len(others) > 1)} "
+                f"{ranks} (their intervals overlap on every objective)"
+            )
     return text
 
 

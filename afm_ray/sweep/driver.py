@@ -40,6 +40,7 @@ from afm_ray.signals import install_sigterm_as_sigint
 from afm_ray.storage import list_dirs, write_bytes
 from afm_ray.sweep.aa_gate import FinishedTrialsFeed, actor_name, start_finished_trials
 from afm_ray.sweep.capacity import Concurrency, cluster_capacity, resolve_concurrency
+from afm_ray.sweep.console import QuietConsole, say
 from afm_ray.sweep.lifecycle import SweepRecords
 from afm_ray.sweep.local_ray import connect_or_start
 from afm_ray.sweep.plan import SweepPlan
@@ -136,8 +137,8 @@ def uses_staged_evaluation(space: SearchSpace) -> bool:
 
 def run_sweep(plan: SweepPlan) -> int:
     """Run the sweep `plan` describes (validated, its preflight passed): 0 when every trial ended,
-    130 when it was interrupted (what it recorded is kept; `plan.resume_command()` continues it)."""
-    log = lambda line: print(line, flush=True)  # noqa: E731
+    130 when it was interrupted (what it recorded is kept; `plan.resume_command()` continues it).
+    Unless `plan.verbose`, what Ray, Tune, Optuna and MLflow print goes to `plan.log_file`."""
     started = time.monotonic()
     remember(plan.tracking_uri)  # what Tune pickles keeps them redacted; restored here, they come back whole
     remember(plan.optuna_url)
@@ -151,31 +152,55 @@ def run_sweep(plan: SweepPlan) -> int:
     # Objectives are final metrics, absent from per-epoch results; Tune's strict check would
     # reject every epoch's result. Our searcher reads them only from the final result.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # Worker output stays in Ray's logs; the terminal gets one line per trial event.
-    try:
-        connect_or_start(plan.address)
-    except (ConnectionError, RuntimeError, ValueError) as exc:  # auth, version mismatch, a head that went away
-        raise ClusterError(f"Ray at {plan.address or 'a new local instance'}: {one_line(exc)}") from None
-    install_sigterm_as_sigint()  # ray.init replaced it with an immediate exit
-    # Before anything is recorded: a cluster no trial fits is one line, not a sweep that waits forever.
-    space = plan.space
-    concurrency = resolve_concurrency(
-        space.resources, space.max_concurrent_trials, space.num_samples, cluster_capacity(plan.address is None)
-    )
     records = SweepRecords(plan)
-    try:
-        return _run_sweep(plan, records, started, concurrency)
-    except BaseException as exc:
-        records.abandon(exc, log)
-        raise
+    with QuietConsole(plan.log_file, verbose=plan.verbose):
+        try:
+            try:
+                connect_or_start(plan.address)
+            except (ConnectionError, RuntimeError, ValueError) as exc:  # auth, version mismatch, a gone head
+                raise ClusterError(f"Ray at {plan.address or 'a new local instance'}: {one_line(exc)}") from None
+            install_sigterm_as_sigint()  # ray.init replaced it with an immediate exit
+            # Before any trial: a cluster no trial fits is one line, not a sweep that waits forever.
+            space = plan.space
+            capacity = cluster_capacity(plan.address is None)
+            concurrency = resolve_concurrency(space.resources, space.max_concurrent_trials, space.num_samples, capacity)
+            return _run_sweep(plan, records, started, concurrency)
+        except BaseException as exc:
+            records.abandon(exc, say)
+            raise
+        finally:
+            ray.shutdown()  # inside the quiet console: Ray's goodbyes go to the log too
+            _name_log(plan)
+
+
+def _name_log(plan: SweepPlan) -> None:
+    """The last line: where the libraries' output went (copied next to the sweep's results when they live
+    on a URI), unless the sweep's folder was removed with everything it created."""
+    if plan.verbose or not plan.log_file.is_file():
+        return
+    shown = str(plan.log_file)
+    if plan.log_copy:
+        try:
+            write_bytes(plan.log_copy, plan.log_file.read_bytes())
+            shown = f"{redact_uri(plan.log_copy)} (and {plan.log_file})"
+        except Exception as exc:  # the sweep's outcome stands; the local copy is still there
+            say(f"log: could not copy it to {redact_uri(plan.log_copy)} ({one_line(exc)})")
+    say(f"log:     {shown}   (Ray, Tune, Optuna and MLflow output; --verbose shows it here)")
+
+
+def describe_cluster(resources: dict[str, float], address: str | None) -> str:
+    """'a local Ray (2 CPUs)' or 'Ray at ADDRESS (64 CPUs, 8 GPUs)': the resources a sweep sees."""
+    counts = [f"{resources.get(k, 0):g} {k}s" for k in ("CPU", "GPU") if resources.get(k, 0) or k == "CPU"]
+    return f"{'Ray at ' + redact_uri(address) if address else 'a local Ray'} ({', '.join(counts)})"
 
 
 def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float, concurrency: Concurrency) -> int:
-    log = lambda line: print(line, flush=True)  # noqa: E731
+    log = say
     space, name = plan.space, plan.name
     # Train runs live inside the sweep's folder, next to Tune's own trial folders.
     runtime = TrialRuntime(space.resources, storage_path=plan.sweep_dir, max_failures=space.max_failures)
-    log(f"sweep {name}: {space.num_samples} trials of {space.path or 'space'}; Ray {ray.cluster_resources()}")
+    cluster = describe_cluster(ray.cluster_resources(), plan.address)
+    log(f"sweep {name}: {space.num_samples} trials of {space.path or 'the inline space'} on {cluster}")
     log(f"sweep {name}: at most {concurrency.trials} trials at once: {concurrency.source}")
 
     teacher_keys, teacher_scores = prepare_teacher(space, runtime, log)
@@ -248,7 +273,7 @@ def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float, concurren
     client.log_metric(parent_id, "sweep/wall_s", elapsed)
     print_summary(results, plan, elapsed=elapsed)
     if interrupted:
-        print(f"interrupted: continue with  {plan.resume_command()}")
+        say(f"interrupted: continue with  {plan.resume_command()}")
         return 130
     return 0
 

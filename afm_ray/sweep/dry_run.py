@@ -26,6 +26,7 @@ from afm_ray.cost import (
     teacher_count,
     trial_flops,
 )
+from afm_ray.display import duration_text, eps_text, gpu_hours_text, sig4, value_text
 from afm_ray.search.mo_asha import rung_milestones
 from afm_ray.search.space import SearchSpace
 from afm_ray.sweep.capacity import Capacity, machine_capacity, resolve_concurrency
@@ -212,10 +213,13 @@ def format_plan(plan: dict[str, Any], fmt: str = "text") -> str:
     if fmt == "json":
         return json.dumps(plan, indent=2, default=str)
     s, sampler, sched, est = plan["space"], plan["sampler"], plan["scheduler"], plan["estimate"]
+    data = str(s["fixed"].get("data.name", ""))
+    ev = plan["evaluation"]
+    search = [f"{k} {_short(k, v, data)}" for k, v in s["search"].items()]
     lines = [
         f"space        {s['name']} ({s['path'] or 'inline'}), experiment {s['experiment']}",
         f"objectives   {', '.join(s['objectives'])}",
-        "search       " + "; ".join(f"{k} {_short(v)}" for k, v in s["search"].items()),
+        "search       " + "\n             ".join(search or ["nothing searched"]),
         f"trials       {plan['num_samples']}, at most {plan['max_concurrent_trials']} at once: "
         f"{plan['max_concurrent_trials_source']}",
         f"sampler      {sampler['name']} (seed {sampler['seed']}): "
@@ -227,35 +231,40 @@ def format_plan(plan: dict[str, Any], fmt: str = "text") -> str:
         ),
         f"scheduler    {sched['name']}"
         + (
-            f": rungs at epochs {sched['rungs']} of {plan['evaluation']['epochs']}, reduction factor "
+            f": rungs at epochs {sched['rungs']} of {ev['epochs']}, reduction factor "
             f"{sched['reduction_factor']:g}, on {', '.join(sched.get('metrics') or [sched.get('metric', '')])}"
             if "rungs" in sched
             else ""
         )
-        + f"; expected {sched['expected_epochs_per_trial']:.2f} epochs per trial",
+        + f"; expected {sig4(sched['expected_epochs_per_trial'])} epochs per trial",
         "resources    " + ", ".join(f"{k} {v:g}" for k, v in plan["resources"].items()) + " per trial",
         _teacher_line(plan),
         f"student      select {plan['student']['select']}, average {plan['student']['average']}",
-        f"evaluation   {', '.join(plan['evaluation']['attacks'])} on {plan['evaluation']['samples'] or 'all'} "
-        "test images at "
-        f"eps {plan['evaluation']['eps']:.4g}; AutoAttack policy {plan['evaluation']['aa_policy']}",
+        f"evaluation   {', '.join(ev['attacks'])} on {ev['samples'] or 'all'} test images at eps "
+        f"{eps_text(ev['eps'], data)}; AutoAttack policy {ev['aa_policy']}",
     ]
     if not est.get("available"):
         lines.append(f"estimate     not available: {est['reason']}")
     else:
-        f = est["flops_per_trial"]
-        lines.append(
-            f"estimate     {f['mean'] / 1e12:.3g} TFLOPs per trial "
-            f"(range {f['min'] / 1e12:.3g}-{f['max'] / 1e12:.3g}); "
-            f"sweep {est['sweep_flops']['expected'] / 1e15:.3g} PFLOPs expected, "
-            f"{est['sweep_flops']['upper_bound'] / 1e15:.3g} if every trial ran in full"
-        )
         for device, h in est["device_hours"].items():
-            lines.append(
-                f"             {device}: {h['per_trial']:.3g} h per full trial, sweep ~{h['sweep_expected']:.3g} h "
-                f"(at most {h['sweep_upper_bound']:.3g} h) of device time"
-            )
+            if device == "cpu":
+                lines.append(
+                    f"estimate     CPU: {duration_text(h['per_trial'] * 3600)} per full trial on "
+                    f"{plan['resources']['cpus_per_worker'] * plan['resources']['num_workers']:g} core(s); the sweep "
+                    f"~{duration_text(h['sweep_expected'] * 3600)} of trial time "
+                    f"(at most {duration_text(h['sweep_upper_bound'] * 3600)}), divided by the trials run at once"
+                )
+            else:
+                lines.append(
+                    f"{'estimate' if device == next(iter(est['device_hours'])) else '':<13}{device}: "
+                    f"{gpu_hours_text(h['per_trial'])} per full trial; the sweep ~{gpu_hours_text(h['sweep_expected'])}"
+                    f" (at most {gpu_hours_text(h['sweep_upper_bound'])})"
+                )
         lines.append("assumptions  " + "\n             ".join(est["assumptions"]))
+    checks = plan.get("preflight") or []
+    for i, check in enumerate(checks):
+        status = {"ok": "ok", "failed": "FAILED", "not run": "not run"}[check["status"]]
+        lines.append(f"{'preflight' if i == 0 else '':<13}{status:<8} {check['line']}")
     return "\n".join(lines)
 
 
@@ -271,6 +280,15 @@ def _teacher_line(plan: dict[str, Any]) -> str:
     return line
 
 
-def _short(dist: dict[str, Any]) -> str:
-    body = f"{dist['kind']} {dist['choices'] if 'choices' in dist else dist['range']}"
-    return body + (f" when {dist['when']}" if "when" in dist else "")
+def _short(key: str, dist: dict[str, Any], data: str) -> str:
+    """'int [2, 4]', 'uniform [6/255, 10/255]', 'choice crop_flip, randaugment', '... when method.name in a, b'."""
+    if "choices" in dist:
+        body = f"{dist['kind']} {', '.join(value_text(key, c, data) for c in dist['choices'])}"
+    else:
+        low, high = dist["range"]
+        if dist["kind"] == "int":
+            low, high = int(low), int(high)
+        body = f"{dist['kind']} [{value_text(key, low, data)}, {value_text(key, high, data)}]"
+    if "when" in dist:
+        body += " when " + "; ".join(f"{k} in {', '.join(map(str, v))}" for k, v in dist["when"].items())
+    return body

@@ -5,6 +5,7 @@ afm_ray.preflight.sweep_checks."""
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,23 @@ class SweepPlan:
     optuna_url: str  # SQLAlchemy URL of the Optuna storage
     resume: bool = False
     address: str | None = None  # the Ray cluster to join; None starts a local Ray
+    verbose: bool = False  # Ray, Tune, Optuna and MLflow print to the terminal (else to `log_file`)
 
     @property
     def sweep_dir(self) -> str:
         return f"{self.storage_root}/{self.name}"
+
+    @property
+    def log_file(self) -> Path:
+        """Where the libraries' output goes: the sweep's folder when it is local; with a URI storage a
+        local file, copied into the sweep's folder (`log_copy`) when the sweep ends."""
+        if is_uri(self.storage_root):
+            return Path(tempfile.gettempdir()) / f"afm-ray-{self.name}.log"
+        return Path(self.sweep_dir) / "sweep.log"
+
+    @property
+    def log_copy(self) -> str | None:
+        return f"{self.sweep_dir}/sweep.log" if is_uri(self.storage_root) else None
 
     def resume_command(self) -> str:
         """The command line that continues this sweep."""

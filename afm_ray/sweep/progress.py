@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -9,11 +10,22 @@ from typing import Any
 from ray.tune import Callback
 
 from afm_ray.credentials import redact_uri
+from afm_ray.display import config_text
 from afm_ray.domination import non_dominated
 from afm_ray.names import AA_SKIPPED_METRIC, FINAL_RESULT_FLAG, Objective
+from afm_ray.sweep.console import say
 from afm_ray.sweep.plan import SweepPlan
 
-SHOWN_CONFIG_KEYS = ("method.name", "attack.eps", "attack.steps", "method.tau", "augment.policy", "optim.lr")
+# What a trial's lines and the summary show of its config (only where the method uses a key).
+SHOWN_CONFIG_KEYS = (
+    "method.name",
+    "attack.eps",
+    "attack.steps",
+    "method.tau",
+    "augment.policy",
+    "optim.lr",
+    "optim.weight_decay",
+)
 
 
 class TrialProgress(Callback):
@@ -22,12 +34,11 @@ class TrialProgress(Callback):
         self._started: dict[str, float] = {}
 
     def _print(self, trial: Any, text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] trial {trial.trial_id}: {text}", flush=True)
+        say(f"[{time.strftime('%H:%M:%S')}] trial {trial.trial_id}: {text}")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._started[trial.trial_id] = time.monotonic()
-        shown = "  ".join(f"{k}={_fmt(trial.config[k])}" for k in SHOWN_CONFIG_KEYS if k in trial.config)
-        self._print(trial, f"started  {shown}")
+        self._print(trial, f"started  {config_text(trial.config, SHOWN_CONFIG_KEYS)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get(FINAL_RESULT_FLAG):
@@ -60,10 +71,6 @@ class TrialProgress(Callback):
         self._print(trial, f"FAILED (see {trial.local_path})")
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def print_summary(results: Any, plan: SweepPlan, *, elapsed: float) -> None:
     """The end of a sweep: trials completed (stopped, skipped), its Pareto-optimal trials, the next commands."""
     space, name, experiment = plan.space, plan.name, plan.experiment
@@ -77,22 +84,19 @@ def print_summary(results: Any, plan: SweepPlan, *, elapsed: float) -> None:
     stopped = sum(1 for m in finals if m and not m.get(FINAL_RESULT_FLAG) and "epoch" in m)
     skipped = sum(1 for m in finals if m.get(FINAL_RESULT_FLAG) and m.get(AA_SKIPPED_METRIC))
     notes = (f", {stopped} stopped early" if stopped else "") + (f", {skipped} AutoAttack skipped" if skipped else "")
-    print()
-    print(f"sweep {name}: {len(rows)}/{len(results)} trials completed{notes} in {elapsed / 60:.1f} min")
+    say()
+    say(f"sweep {name}: {len(rows)}/{len(results)} trials completed{notes} in {elapsed / 60:.1f} min")
     if rows:
         objectives = space.objectives
         front = non_dominated([[r[o.metric] for o in objectives] for r in rows], [o.mode for o in objectives])
         last = objectives[-1]
         best = sorted((rows[i] for i in front), key=lambda r: -r[last.metric] if last.mode == "max" else r[last.metric])
-        print("Pareto-optimal trials:")
-        keys = ["method.name", "attack.eps", "attack.steps", "method.tau", "augment.policy"]
+        say("Pareto-optimal trials:")
         for r in best:
-            cfg = r.get("config", {})
-            desc = "  ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
             objs = "  ".join(f"{o.metric}={r[o.metric]:.3f}" for o in objectives)
-            print(f"  {r.get('trial_id', '?')}: {objs}  {desc}")
-    print()
+            say(f"  trial {r.get('trial_id', '?')}: {objs}  {config_text(r.get('config', {}), SHOWN_CONFIG_KEYS)}")
+    say()
     tracking_uri, optuna_url = redact_uri(plan.tracking_uri), redact_uri(plan.optuna_url)
-    print(f"MLflow:  mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r})")
-    print(f"Pareto:  python -m afm_ray.pareto --experiment {experiment!r} --tracking-uri {tracking_uri}")
-    print(f"Optuna:  optuna-dashboard {optuna_url}   (study {name!r})")
+    say(f"MLflow:  mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r}; runs named by trial)")
+    say(f"Pareto:  python -m afm_ray.pareto --experiment {shlex.quote(experiment)} --tracking-uri {tracking_uri}")
+    say(f"Optuna:  optuna-dashboard {optuna_url}   (study {name!r})")

@@ -47,6 +47,45 @@ def column(frame: pd.DataFrame, name: str) -> pd.Series:
     return frame[name] if name in frame.columns else pd.Series(None, index=frame.index, dtype=object)
 
 
+def trial_names(frame: pd.DataFrame) -> pd.Series:
+    """The one name a user reads for each trial run: its Tune trial id (what the sweep's lines print and
+    what the sweep names the MLflow run), else the run's name, else the first 8 characters of its run id."""
+    ids = column(frame, tag_column(names.TRIAL_ID_TAG))
+    run_names = column(frame, "run_name")
+    short = frame["run_id"].str[:8] if "run_id" in frame.columns else pd.Series("", index=frame.index)
+    return ids.where(ids.notna() & (ids != ""), run_names.where(run_names.notna() & (run_names != ""), short))
+
+
+def resolve_trial(client: MlflowClient, ref: str, experiment_ids: list[str] | None = None) -> Any:
+    """The trial run named ``ref``: its trial id (as the sweep prints it), its MLflow run name, or its run id
+    or a prefix of it (8 characters or more). A TrackingError lists close candidates when none or several match."""
+    ref = ref.strip()
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in all_pages(client.search_experiments)]
+    if not ref or not experiment_ids:
+        raise TrackingError(f"--trial {ref!r}: no such trial (no experiments at {client.tracking_uri})")
+    role = tags_match({names.ROLE_TAG: "trial"})
+    hits: dict[str, Any] = {}
+    for clause in (tags_match({names.TRIAL_ID_TAG: ref}), f"attributes.run_name = {quote(ref)}"):
+        for run in all_pages(client.search_runs, experiment_ids, f"{role} and {clause}", max_results=100):
+            hits[run.info.run_id] = run
+    if not hits and len(ref) >= 8 and re.fullmatch(r"[0-9a-f]+", ref):
+        for run in all_pages(client.search_runs, experiment_ids, role, max_results=1000):
+            if run.info.run_id.startswith(ref):
+                hits[run.info.run_id] = run
+    if len(hits) == 1:
+        return next(iter(hits.values()))
+    if hits:
+        listed = ", ".join(f"{r.info.run_id} (experiment {r.info.experiment_id})" for r in hits.values())
+        raise TrackingError(f"--trial {ref!r} names several trial runs: {listed}; pass the run id")
+    recent = client.search_runs(experiment_ids, role, max_results=8, order_by=["attributes.start_time DESC"])
+    known = ", ".join(r.data.tags.get(names.TRIAL_ID_TAG) or r.info.run_name for r in recent) or "none"
+    raise TrackingError(
+        f"--trial {ref!r}: no trial run has that trial id, run name or run id at {client.tracking_uri}; "
+        f"the newest trials there: {known}"
+    )
+
+
 def client_for(tracking_uri: str | None) -> MlflowClient:
     """A client on ``tracking_uri`` (default: $MLFLOW_TRACKING_URI, else ./mlflow.db), which must exist."""
     uri = tracking_uri or names.default_tracking_uri()

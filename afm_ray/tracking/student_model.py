@@ -247,10 +247,31 @@ def fetch_student(client: MlflowClient, uri: str, *, device: str | torch.device 
     try:
         location, expected, run_id = resolve_uri(client, uri)
     except (MlflowException, ValueError) as exc:  # an unknown name, alias, version or run
-        raise ArtifactError(f"{uri}: {' '.join(str(getattr(exc, 'message', None) or exc).split())}") from None
+        why = " ".join(str(getattr(exc, "message", None) or exc).split())
+        raise ArtifactError(f"{uri}: {why}{_what_exists(client, uri)}") from None
     with tempfile.TemporaryDirectory(prefix="afm_ray_fetch_") as tmp:
         model, spec = load_student(_download(client, location, tmp), expected_sha256=expected, device=device)
     return model, {**spec, "run_id": run_id, "uri": uri}
+
+
+def _what_exists(client: MlflowClient, uri: str) -> str:
+    """For an error about ``uri``: the aliases and versions its registered model has, or the registered
+    models there are (a name, alias or version that does not exist is a typo to fix, so list the real ones)."""
+    if not uri.startswith("models:/"):
+        return ""
+    name = uri.removeprefix("models:/").rstrip("/").partition("@")[0]
+    name = name.rpartition("/")[0] if "@" not in uri and "/" in name else name
+    try:
+        found = client.search_registered_models(filter_string=f"name = {quote(name)}")
+        if found:
+            model = found[0]
+            aliases = ", ".join(f"@{a}" for a in sorted(model.aliases)) or "none"
+            versions = sorted(int(v.version) for v in client.search_model_versions(f"name = {quote(name)}"))
+            return f"; model {name!r} has aliases {aliases} and versions {', '.join(map(str, versions)) or 'none'}"
+        known = sorted(m.name for m in client.search_registered_models(max_results=100))
+        return f"; registered models there: {', '.join(known) or 'none'}"
+    except MlflowException:  # the store itself fails: the error above says enough
+        return ""
 
 
 def _download(client: MlflowClient, location: str, dst: str) -> str:

@@ -12,6 +12,7 @@ which would override the callback's experiment.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -130,6 +131,7 @@ class TrialTracker(MLflowLoggerCallback):
         self.log_model = log_model
         self._last_checkpoint: dict[str, str] = {}
         self._node_ids: dict[str, list[str]] = {}  # per trial, every node its workers ran on, in order
+        self._started: dict[str, float] = {}  # per trial, when this driver saw it start (monotonic)
 
     # Tune pickles its callbacks into the sweep's folder (tuner.pkl): the tracking URI goes there
     # redacted, and comes back whole in the driver that remembered it (afm_ray.credentials).
@@ -155,12 +157,14 @@ class TrialTracker(MLflowLoggerCallback):
         if trial not in self._trial_runs:
             run_id = self._existing_run(trial.trial_id)
             if run_id is None:
+                # One name per trial: the MLflow run is named by the trial id the sweep's lines show.
                 tags = {**self.tags, TRIAL_ID_TAG: trial.trial_id, "trial_name": str(trial)}
-                run_id = self._client.create_run(self._experiment_id, run_name=str(trial), tags=tags).info.run_id
+                run_id = self._client.create_run(self._experiment_id, run_name=trial.trial_id, tags=tags).info.run_id
                 self._log_params(run_id, trial.config)
             else:
                 self._client.update_run(run_id, status="RUNNING")
             self._trial_runs[trial] = run_id
+        self._started.setdefault(trial.trial_id, time.monotonic())
         self._client.set_tag(self._trial_runs[trial], TRIAL_STATUS_TAG, "running")
 
     def _log_params(self, run_id: str, config: Mapping[str, Any]) -> None:
@@ -205,6 +209,11 @@ class TrialTracker(MLflowLoggerCallback):
                 self._log_student(run_id, trial)
             except Exception as exc:  # the metrics are recorded; a missing model must not lose them
                 self._client.set_tag(run_id, MODEL_ERROR_TAG, f"{type(exc).__name__}: {exc}"[:5000])
+        if status == "completed" and trial.trial_id in self._started:
+            # The trial's wall time as the driver saw it, Ray's start-up and tear-down included: with
+            # time/worker_s it says what a re-run costs on this cluster (afm_ray.pareto.estimate).
+            took = time.monotonic() - self._started.pop(trial.trial_id)
+            self._client.log_metric(run_id, "time/trial_s", took, step=int(last.get("epoch", 0)))
         self._client.set_tag(run_id, TRIAL_STATUS_TAG, status)
         self._client.set_terminated(run_id, status={"completed": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
 
