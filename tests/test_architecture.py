@@ -222,3 +222,19 @@ def test_every_cited_document_is_in_the_repository():
         if (doc not in tracked if doc.startswith("docs/") else doc not in names)
     }
     assert not missing, f"documents cited but not in the repository: {missing}"
+
+
+def test_every_console_script_names_a_command_main():
+    """pyproject's [project.scripts] point at the `main` of a command's `__main__` (a renamed or moved
+    command would otherwise install a script that fails on import), and every command has one."""
+    import importlib
+
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    commands = {p.parent.name for p in PACKAGE.glob("*/__main__.py")}
+    assert {name.removeprefix("afm-ray-") for name in scripts} == commands
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert module == f"afm_ray.{name.removeprefix('afm-ray-')}.__main__" and attr == "main", (name, target)
+        assert callable(getattr(importlib.import_module(module), attr)), target
