@@ -199,8 +199,10 @@ def test_dry_run_shows_the_ensemble_and_the_student_choice(tmp_path, capsys):
         "fixed: {data.name: digits, method.name: akd, teacher.checkpoint: 'a.pt,b.pt', student.select: best_pgd, "
         "student.average: swa}\nsearch: {attack.eps: {uniform: [0.05, 0.1]}}\nnum_samples: 2\n"
     )
-    assert sweep_main(["--dry-run", "--space", str(space)]) == 0
+    # The plan is printed whole; the preflight then says the two checkpoints do not exist (exit 2).
+    code = sweep_main(["--dry-run", "--space", str(space)])
     out = capsys.readouterr().out
+    assert code == 2 and "FAILED   teacher.checkpoint: nothing at 'a.pt'" in out
     assert "teacher      a.pt,b.pt, teacher.select last; an ensemble of 2 (the mean of their probabilities): 2 x" in out
     assert "student      select best_pgd, average swa" in out
 

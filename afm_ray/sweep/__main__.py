@@ -61,15 +61,15 @@ def sweep(args: argparse.Namespace) -> int:
     # shown), the tracking server answers, a local Ray fits a trial. None of these creates anything.
     checks = [
         ("ray", lambda: _ray_address(args.address)),
-        ("name", lambda: _sweep_name(root, name, args.resume)),
         ("optuna", lambda: _optuna(optuna_url, tracking_uri)),
         *sweep_checks(space, root, tracking_uri, experiment=experiment),
+        ("name", lambda: _sweep_name(root, name, args.resume)),  # lists the storage root: after its check
         ("resources", lambda: _resources(args.address, space)),
     ]
     if args.dry_run:  # every check, each reported, then the plan; nothing started or written
         from afm_ray.sweep.dry_run import describe_plan, format_plan
 
-        preflight = run_all(checks, skip_after_failure={"ray": "resources"})
+        preflight = run_all(checks, skip_after_failure={"ray": "resources", "storage": "name"})
         capacity = None
         if args.address and preflight[0]["status"] == "ok":  # the trials at once it will use there
             from afm_ray.sweep.capacity import read_capacity
