@@ -5,15 +5,17 @@
 Which weights are the student (last vs best_pgd, as trained vs EMA vs SWA), one teacher vs an ensemble
 of two, and the last vs an early-stopped teacher, for AKD (the method whose paper names the teacher
 techniques), 3 training seeds each, every student scored on every test image (clean, PGD-20,
-AutoAttack). Resumable: each finished run is a JSON file under --workdir; running the command again
-skips them and rewrites the report. ``--report-only`` rewrites the report from what is there.
+AutoAttack; `--attacks` narrows it). Resumable: each finished run is a JSON file under --workdir; running
+the command again skips them and rewrites the report. ``--report-only`` rewrites the report from what is there.
 
-Runs per seed (15 in all), each `train_fn_per_worker` in a plain process, two at a time:
+Runs per seed (3; 9 in all), each `train_fn_per_worker` in a plain process, two at a time:
 
-- `none`, `ema`, `swa`: student.select best_pgd with student.average none / ema / swa. The same seed
-  trains the same weights in all three (averaging and selection do not touch training), so their
-  differences are paired. The study scores each run's best_pgd student (its checkpoint's `model`) and
-  the last epoch's weights of the same run (its training or averaged weights): 6 students from 3 runs.
+- `trained` (the PGD-AT teacher): one training run tracks student.select best_pgd with student.average
+  none, ema and swa side by side (_Trio) and writes the records `none`, `ema` and `swa`. Averaging and
+  selection do not touch training, so separate runs of a seed would train the same weights (checked: a
+  separate `ema` run and the shared run's `ema` record agree to the last digit); their differences are
+  paired. The study scores each record's best_pgd student and the last epoch's weights (as trained, or
+  averaged): 6 students from 1 run.
 - `ensemble`: teacher.checkpoint = the PGD-AT and the TRADES teacher (mean of probabilities); last, none.
 - `early_teacher`: the PGD-AT teacher at its best val/pgd10_acc epoch (teacher.select best_pgd).
 
