@@ -63,6 +63,8 @@ STUDY = {
     "run.device": "cpu",
 }
 TEACHER_METHODS = ("pgd_at", "trades")
+# The training runs of a seed and the records each writes (see the module docstring).
+ARMS = {"trained": ("none", "ema", "swa"), "ensemble": ("ensemble",), "early_teacher": ("early_teacher",)}
 ATTACK_NAMES = {"clean_acc": "clean", "pgd20_acc": "PGD-20", "aa_acc": "AutoAttack (standard)"}
 METRICS = ("clean_acc", "pgd20_acc", "aa_acc")  # those of eval.attacks are reported
 # (row, run, which weights of the run): the rows of the report.
@@ -256,7 +258,7 @@ def one_run(name: str, seed: int, config: dict[str, Any], out: str) -> list[str]
     return written
 
 
-def run_all(workdir: Path, seeds: list[int], jobs: int, base: dict[str, Any]) -> None:
+def run_all(workdir: Path, seeds: list[int], jobs: int, base: dict[str, Any], arms: tuple[str, ...]) -> None:
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         futures = {m: pool.submit(train_teacher, str(workdir), base, m) for m in TEACHER_METHODS}
         teachers = {m: f.result() for m, f in futures.items()}
@@ -267,11 +269,9 @@ def run_all(workdir: Path, seeds: list[int], jobs: int, base: dict[str, Any]) ->
     todo = []
     # Every seed's shared run first (six of the eight rows), then the teacher arms: an interrupted study
     # leaves whole rows missing rather than seeds missing from every row.
-    for name, records in (
-        ("trained", ("none", "ema", "swa")),
-        ("ensemble", ("ensemble",)),
-        ("early_teacher", ("early_teacher",)),
-    ):
+    for name, records in ARMS.items():
+        if name not in arms:
+            continue
         for seed in seeds:
             if not all((results / f"{r}-seed{seed}.json").is_file() for r in records):
                 config = {**base, **run_overrides(records[0], teachers), "run.seed": seed}
@@ -449,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=STUDY["optim.epochs"])
     parser.add_argument("--teacher-epochs", type=int, default=STUDY["teacher.epochs"])
     parser.add_argument("--attacks", default=STUDY["eval.attacks"], help="eval.attacks of every student")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"which training runs of each seed: {', '.join(ARMS)}")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--notes", help="markdown appended verbatim: the reading of the numbers")
     args = parser.parse_args(argv)
@@ -456,7 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     base = {**STUDY, "optim.epochs": args.epochs, "teacher.epochs": args.teacher_epochs, "eval.attacks": args.attacks}
     if not args.report_only:
-        run_all(workdir, [int(s) for s in args.seeds.split(",")], args.jobs, base)
+        arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+        unknown = [a for a in arms if a not in ARMS]
+        if unknown:
+            parser.error(f"--arms: unknown {', '.join(unknown)}; expected some of {', '.join(ARMS)}")
+        run_all(workdir, [int(s) for s in args.seeds.split(",")], args.jobs, base, arms)
     records = load_records(workdir)
     if not records:
         print("no finished run yet", file=sys.stderr)
@@ -468,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         command += f" --teacher-epochs {args.teacher_epochs}"
     if args.attacks != STUDY["eval.attacks"]:
         command += f" --attacks {args.attacks}"
+    if args.arms != ",".join(ARMS):
+        command += f" --arms {args.arms}"
     if args.notes:
         command += f" --notes {args.notes}"
     Path(args.out).write_text(render(records, workdir, command, args.notes))
