@@ -295,6 +295,20 @@ def load_records(workdir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((workdir / "runs").glob("*.json"))]
 
 
+def portable_records(records: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
+    """The records and the teachers' validation summary, with this machine's teacher folders named by method."""
+    teachers = json.loads((workdir / "teachers.json").read_text()) if (workdir / "teachers.json").is_file() else {}
+    text = json.dumps(records)
+    for method, folder in teachers.items():
+        text = text.replace(folder, f"teachers/{method}")
+    summary = {}
+    for method, folder in teachers.items():
+        index = json.loads((Path(folder) / "epochs" / "index.json").read_text())
+        best = max(index, key=lambda r: (r["val/pgd10_acc"], -r["epoch"]))
+        summary[method] = {"epochs": len(index), "best_epoch": best["epoch"], "val_curve": index}
+    return {"teachers": summary, "records": json.loads(text)}
+
+
 def _pct(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.1f}"
 
@@ -452,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"which training runs of each seed: {', '.join(ARMS)}")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--notes", help="markdown appended verbatim: the reading of the numbers")
+    parser.add_argument("--json", help="also write every record (and the teachers' validation curves) here")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -478,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.notes:
         command += f" --notes {args.notes}"
     Path(args.out).write_text(render(records, workdir, command, args.notes))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": command, **portable_records(records, workdir)}, indent=1))
     print(f"wrote {args.out} ({len(records)} runs)")
     return 0
 
