@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -56,7 +55,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # sibling modules, as in bench.py
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from search_denoise import cross_validate, fit  # noqa: E402
+from search_denoise import RESTARTS, cross_validate, fit  # noqa: E402
 from search_replay import DRAWS, Searcher, Table, front_losses, hv_curve, replay  # noqa: E402
 from search_stats import pooled_ratio_with_interval, ratio_with_interval, reach_with_interval  # noqa: E402
 from search_table import export_table, read_table  # noqa: E402
@@ -129,11 +128,11 @@ class Prepared:
     fit: dict[str, Any]
 
 
-def prepare(name: str, path: Path | None = None, *, check: bool = True) -> Prepared:
+def prepare(name: str, path: Path | None = None, *, check: bool = True, restarts: int = RESTARTS) -> Prepared:
     """A recorded table with its denoised values (and the held-out check of the smoother)."""
     frame, space_yaml, info = read_table(path or table_path(name))
     plain = Table(frame, space_yaml)
-    smoother = fit(plain.frame, plain.space)
+    smoother = fit(plain.frame, plain.space, restarts=restarts)
     table = Table(frame, space_yaml, smoother=smoother)
     checked = cross_validate(plain.frame, plain.space) if check else {}
     return Prepared(
@@ -356,40 +355,54 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
+def sampler_groups(plan: Plan) -> list[tuple[str, int, list[Searcher]]]:
+    """(draw, budget, searchers) replayed at full fidelity: every searcher at the headline draw and
+    budget and at the headline budget of the other draws; the budget sweep for uniform random
+    search, cell-greedy and the default only (what its claim needs, at a third of the compute)."""
+    sweep = [s for s in plan.samplers if s.label in (BASELINE, "cell_greedy", plan.default.label)]
+    groups = []
+    for draw in plan.draws:
+        for budget in plan.budgets:
+            if budget == plan.headline_budget:
+                groups.append((draw, budget, plan.samplers))
+            elif draw == plan.headline_draw:
+                groups.append((draw, budget, sweep))
+    return groups
+
+
 def run_benchmark(plan: Plan, prepared: list[Prepared], *, workers: int, jobs: int) -> dict[str, Any]:
+    """Multi-fidelity variants run at the headline draw and budget only."""
     groups = []
     for p in prepared:
-        for draw in plan.draws:
-            for budget in plan.budgets:
-                groups.append((p.name, draw, budget, plan.samplers, plan.seeds))
-            groups.append((p.name, draw, plan.headline_budget, plan.mf, plan.mf_seeds))
+        for draw, budget, searchers in sampler_groups(plan):
+            groups.append((p.name, draw, budget, searchers, plan.seeds))
+        groups.append((p.name, plan.headline_draw, plan.headline_budget, plan.mf, plan.mf_seeds))
     results = run_all(prepared, groups, workers=workers, jobs=jobs)
     tables = {p.name: p.table for p in prepared}
     out: dict[str, Any] = {"samplers": {}, "mf": {}}
     for p in prepared:
         t = p.table
-        for draw in plan.draws:
-            for budget in plan.budgets:
-                base = results[(p.name, draw, budget, BASELINE)]
-                for s in plan.samplers:
-                    runs = results[(p.name, draw, budget, s.label)]
-                    out["samplers"][(p.name, draw, budget, s.label)] = {
-                        **compare(t, runs, base),
-                        **run_stats(t, runs),
-                        "regret_at": {str(f): float(np.mean(regrets(t, runs, f))) for f in FRACTIONS},
-                    }
-            full = results[(p.name, draw, plan.headline_budget, plan.default.label)]
-            random = results[(p.name, draw, plan.headline_budget, BASELINE)]
-            for s in plan.mf:
-                runs = results[(p.name, draw, plan.headline_budget, s.label)]
-                out["mf"][(p.name, draw, s.label)] = {**mf_summary(t, runs, full, random), **run_stats(t, runs)}
+        for draw, budget, searchers in sampler_groups(plan):
+            base = results[(p.name, draw, budget, BASELINE)]
+            for s in searchers:
+                runs = results[(p.name, draw, budget, s.label)]
+                out["samplers"][(p.name, draw, budget, s.label)] = {
+                    **compare(t, runs, base),
+                    **run_stats(t, runs),
+                    "regret_at": {str(f): float(np.mean(regrets(t, runs, f))) for f in FRACTIONS},
+                }
+        draw = plan.headline_draw
+        full = results[(p.name, draw, plan.headline_budget, plan.default.label)]
+        random = results[(p.name, draw, plan.headline_budget, BASELINE)]
+        for s in plan.mf:
+            runs = results[(p.name, draw, plan.headline_budget, s.label)]
+            out["mf"][(p.name, draw, s.label)] = {**mf_summary(t, runs, full, random), **run_stats(t, runs)}
     out["pooled"] = {}
-    for draw in plan.draws:
-        for budget in plan.budgets:
-            for s in plan.samplers:
-                runs = {p.name: results[(p.name, draw, budget, s.label)] for p in prepared}
-                base = {p.name: results[(p.name, draw, budget, BASELINE)] for p in prepared}
-                out["pooled"][(draw, budget, s.label)] = pooled(tables, runs, base)
+    for draw, budget, searchers in sampler_groups(plan):
+        for s in searchers:
+            runs = {p.name: results[(p.name, draw, budget, s.label)] for p in prepared}
+            base = {p.name: results[(p.name, draw, budget, BASELINE)] for p in prepared}
+            out["pooled"][(draw, budget, s.label)] = pooled(tables, runs, base)
     out["curves"] = {
         key: np.median([r["curve"] for r in runs], axis=0)
         for key, runs in results.items()
@@ -495,7 +508,8 @@ def table_section(p: Prepared, draws: Sequence[str]) -> list[str]:
         "",
         f"Noise: one AutoAttack accuracy on {n:.0f} images has a binomial sd of {binomial_sd:.3f} at the table's "
         f"median ({np.median(aa):.3f}); AutoAttack by method, mean (sd, trials): {methods}. The recorded front "
-        f"has {len(t.recorded_front)} trials (hypervolume {t.true_hv_recorded:.4f}); the denoised front {len(t.true_front)} "
+        f"has {len(t.recorded_front)} trials (hypervolume {t.true_hv_recorded:.4f}); "
+        f"the denoised front {len(t.true_front)} "
         f"(hypervolume {t.true_hv:.4f}): {front} (clean, AutoAttack), reference point "
         f"({t.reference[0]:.3f}, {t.reference[1]:.3f}), the worst values of the table.",
     ]
@@ -533,31 +547,31 @@ def markdown(plan: Plan, prepared: list[Prepared], bench: dict[str, Any], head: 
     for p in prepared:
         lines += table_section(p, plan.draws) + [""]
     lines += ["![hypervolume vs compute](search_cpu.png)", "", "## Samplers (full fidelity)", ""]
-    for draw in plan.draws:
-        for budget in plan.budgets:
-            lines += [
-                f"### draw `{draw}`, budget {budget} trials",
-                "",
-                "| searcher | "
-                + " | ".join(f"{n}: mean regret, ratio of means [95%], ratio of medians [95%]" for n in plan.tables)
-                + " | pooled ratio of means [95%] | asks answered from another cell |",
-                "|---|" + "---|" * (len(plan.tables) + 2),
-            ]
-            for s in plan.samplers:
-                cells = []
-                for n in plan.tables:
-                    r = bench["samplers"][(n, draw, budget, s.label)]
-                    cells.append(
-                        f"{r['mean_regret']:.4f}, {r['mean_ratio']:.2f} {_ci(r['ci95'])}, {r['median']:.2f} {_ci(r['median_ci95'])}"
-                    )
-                pl = bench["pooled"][(draw, budget, s.label)]
-                cross = np.mean([bench["samplers"][(n, draw, budget, s.label)]["cross_cell"] for n in plan.tables])
-                lines.append(
-                    f"| {s.label} | "
-                    + " | ".join(cells)
-                    + f" | {pl['mean_ratio']:.2f} {_ci(pl['ci95'])} | {100 * cross:.0f}% |"
+    for draw, budget, searchers in sampler_groups(plan):
+        lines += [
+            f"### draw `{draw}`, budget {budget} trials",
+            "",
+            "| searcher | "
+            + " | ".join(f"{n}: mean regret, ratio of means [95%], ratio of medians [95%]" for n in plan.tables)
+            + " | pooled ratio of means [95%] | asks answered from another cell |",
+            "|---|" + "---|" * (len(plan.tables) + 2),
+        ]
+        for s in searchers:
+            cells = []
+            for n in plan.tables:
+                r = bench["samplers"][(n, draw, budget, s.label)]
+                cells.append(
+                    f"{r['mean_regret']:.4f}, {r['mean_ratio']:.2f} {_ci(r['ci95'])}, "
+                    f"{r['median']:.2f} {_ci(r['median_ci95'])}"
                 )
-            lines.append("")
+            pl = bench["pooled"][(draw, budget, s.label)]
+            cross = np.mean([bench["samplers"][(n, draw, budget, s.label)]["cross_cell"] for n in plan.tables])
+            lines.append(
+                f"| {s.label} | "
+                + " | ".join(cells)
+                + f" | {pl['mean_ratio']:.2f} {_ci(pl['ci95'])} | {100 * cross:.0f}% |"
+            )
+        lines.append("")
     lines += [
         f"## Multi-fidelity (budget {plan.headline_budget} trials)",
         "",
@@ -566,12 +580,13 @@ def markdown(plan: Plan, prepared: list[Prepared], bench: dict[str, Any], head: 
         "epoch) or not given AutoAttack although their measured values were on the front of everything the run drew.",
         "",
     ]
-    for draw in plan.draws:
+    for draw in [plan.headline_draw]:
         lines += [
             f"### draw `{draw}`",
             "",
-            "| variant | table | reaches 95% at compute [95%] | hv there | uniform random there | hv / uniform random at 25%, 50%, 100% "
-            "| trials (median) | distinct rows | stopped early | AA skipped | AA seconds saved | front trials stopped per run (by rung) "
+            "| variant | table | reaches 95% at compute [95%] | hv there | uniform random there "
+            "| hv / uniform random at 25%, 50%, 100% | trials (median) | distinct rows | stopped early | AA skipped "
+            "| AA seconds saved | front trials stopped per run (by rung) "
             "| runs with one | front trials skipped per run |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -586,7 +601,8 @@ def markdown(plan: Plan, prepared: list[Prepared], bench: dict[str, Any], head: 
                     f"{'-' if ci[1] is None else f'{100 * ci[1]:.0f}%'}] | {100 * m['hv_fraction']:.1f}% | "
                     f"{100 * m['random_hv_fraction']:.1f}% | "
                     + ", ".join(f"{m['hv_vs_random'][str(f)]:.3f}" for f in FRACTIONS)
-                    + f" | {m['trials']:.0f} | {m['distinct']:.0f} | {100 * m['stopped']:.0f}% | {100 * m['aa_skipped']:.0f}% | "
+                    + f" | {m['trials']:.0f} | {m['distinct']:.0f} | {100 * m['stopped']:.0f}% | "
+                    f"{100 * m['aa_skipped']:.0f}% | "
                     f"{100 * m['aa_seconds_saved']:.0f}% | {m['front_trials_stopped']:.2f} ({rungs}) | "
                     f"{100 * m['runs_with_front_trial_stopped']:.0f}% | {m['front_trials_skipped']:.2f} |"
                 )
@@ -672,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", nargs="+", choices=DRAWS, default=list(DRAWS))
     parser.add_argument("--headline-draw", choices=DRAWS, default="surrogate")
     parser.add_argument("--workers", type=int, default=2, help="trials at a time in each replayed sweep")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes replaying")
+    parser.add_argument("--jobs", type=int, default=1, help="processes replaying (the machine is shared: 1)")
     parser.add_argument("--default-sampler", default="tpe", choices=("tpe", "nsga2", "random"))
     parser.add_argument("--default-label", default="tpe")
     parser.add_argument("--startup", type=int, default=0, help="its n_startup_trials (0 = the sweep's formula)")
@@ -681,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mo-asha-margin", type=float, default=0.0, help="the shipped MO-ASHA's margin")
     parser.add_argument("--margin-variant", type=float, default=0.02, help="the margin of the MO-ASHA margin variants")
     parser.add_argument("--aa-margin", type=float, default=0.01)
+    parser.add_argument("--no-check", action="store_true", help="skip the smoother's held-out check (quick runs)")
+    parser.add_argument("--smoother-restarts", type=int, default=RESTARTS, help="optimiser restarts per objective")
     parser.add_argument("--json", help="write the headline numbers here")
     parser.add_argument("--doc", help="write the Markdown record here (and the plot beside it)")
     args = parser.parse_args(argv)
@@ -689,7 +707,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.headline_budget not in args.budgets or args.headline_draw not in args.draws:
         parser.error("--headline-budget must be one of --budgets and --headline-draw one of --draws")
     plan = make_plan(args)
-    prepared = [prepare(n, Path(files[n]) if n in files else None) for n in plan.tables]
+    prepared = [
+        prepare(n, Path(files[n]) if n in files else None, check=not args.no_check, restarts=args.smoother_restarts)
+        for n in plan.tables
+    ]
     bench = run_benchmark(plan, prepared, workers=args.workers, jobs=args.jobs)
     head = _jsonable(headline(plan, bench))
     print(json.dumps(head, indent=2))

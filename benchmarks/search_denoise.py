@@ -11,7 +11,7 @@ numeric keys scaled to [0, 1] (log-scaled for log-uniform keys; a conditional ke
 apply at 0.5, the method's one-hot says which apply); kernel = constant x RBF with one length
 scale per feature + a white-noise term (the seed-to-seed spread, learned); each row's own
 binomial variance p(1-p)/n added on the diagonal (known, not learned). Hyperparameters by
-maximum marginal likelihood (scikit-learn, 3 restarts, fixed seed).
+maximum marginal likelihood (scikit-learn, ``RESTARTS`` random restarts by default, fixed seed).
 
 Held-out check (``cross_validate``): 10-fold; per objective the held-out RMSE against the
 recorded value, the RMSE a perfect smoother would have (the noise alone: sqrt(white + binomial)),
@@ -31,6 +31,7 @@ import pandas as pd
 from afm_ray.search.space import SearchSpace
 
 OBJECTIVE_METRICS = ("clean_acc", "aa_acc")
+RESTARTS = 3  # of the marginal-likelihood optimiser, per objective
 
 
 @dataclass
@@ -67,7 +68,25 @@ def features(frame: pd.DataFrame, space: SearchSpace) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def _fit_one(x: np.ndarray, y: np.ndarray, n: np.ndarray, seed: int) -> tuple[Any, float, float]:
+def features_of(params: dict[str, Any], space: SearchSpace) -> np.ndarray:
+    """``features`` of one configuration given as a mapping (the replay's hot path: no DataFrame)."""
+    out: list[float] = []
+    for dist in space.search:
+        value = params.get(dist.key, np.nan)
+        if dist.kind == "choice":
+            out += [float(str(value) == str(c)) for c in dist.choices]
+        elif value is None or (isinstance(value, float) and math.isnan(value)):
+            out.append(0.5)
+        elif dist.kind == "loguniform":
+            out.append((math.log(value) - math.log(dist.low)) / (math.log(dist.high) - math.log(dist.low)))
+        else:
+            out.append((float(value) - dist.low) / (dist.high - dist.low))
+    return np.array([out])
+
+
+def _fit_one(
+    x: np.ndarray, y: np.ndarray, n: np.ndarray, seed: int, restarts: int = RESTARTS
+) -> tuple[Any, float, float]:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
@@ -76,20 +95,20 @@ def _fit_one(x: np.ndarray, y: np.ndarray, n: np.ndarray, seed: int) -> tuple[An
     p = np.clip(y, 0.5 / n, 1 - 0.5 / n)
     binomial = p * (1 - p) / n / sd**2
     kernel = ConstantKernel(1.0, (1e-2, 1e2)) * RBF(np.ones(x.shape[1]), (1e-2, 1e3)) + WhiteKernel(0.1, (1e-6, 1.0))
-    gp = GaussianProcessRegressor(kernel, alpha=binomial, n_restarts_optimizer=3, random_state=seed)
+    gp = GaussianProcessRegressor(kernel, alpha=binomial, n_restarts_optimizer=restarts, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a length scale at its bound: that key does not matter
         gp.fit(x, (y - mu) / sd)
     return gp, mu, sd
 
 
-def fit(frame: pd.DataFrame, space: SearchSpace, seed: int = 0) -> Smoother:
+def fit(frame: pd.DataFrame, space: SearchSpace, seed: int = 0, restarts: int = RESTARTS) -> Smoother:
     x = features(frame, space)
     n = frame["n_samples"].to_numpy(float)
     noise, kernels, models = [], [], []
     for metric in OBJECTIVE_METRICS:
         y = frame[metric].to_numpy(float)
-        gp, mu, sd = _fit_one(x, y, n, seed)
+        gp, mu, sd = _fit_one(x, y, n, seed, restarts)
         noise.append(float(gp.kernel_.k2.noise_level) * sd**2)
         kernels.append(str(gp.kernel_))
         models.append((gp, mu, sd))

@@ -217,10 +217,9 @@ class Table:
 
     def denoised(self, params: Mapping[str, Any]) -> np.ndarray:
         """The smoother's (clean, aa) at a configuration."""
-        from search_denoise import features
+        from search_denoise import features_of
 
-        frame = pd.DataFrame([{f"param:{k}": params.get(k, np.nan) for k in self.kinds}])
-        return self.smoother.predict(features(frame, self.space))[0]
+        return self.smoother.predict(features_of(dict(params), self.space))[0]
 
     def random_params(self, rng: np.random.Generator, cell: int | None = None) -> dict[str, Any]:
         """A uniform point of the space (its categorical keys those of ``cell`` if given)."""
@@ -256,8 +255,18 @@ class Table:
                 if f"param:{key}" not in sample:
                     sample[f"param:{key}"] = np.nan
             dense = self.smoother.predict(features(sample, self.space))
-            self._best_hv[draw] = hypervolume(np.vstack([self.score, dense]), self.modes, self.reference)
+            points = np.vstack([self.score, dense])
+            # hypervolume() compares every pair of points; only the non-dominated ones count.
+            self._best_hv[draw] = hypervolume(points[_front_2d(points)], self.modes, self.reference)
         return self._best_hv[draw]
+
+
+def _front_2d(points: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated rows of two maximised objectives, in O(n log n)."""
+    order = np.lexsort((-points[:, 1], -points[:, 0]))  # first objective descending, ties: second descending
+    best = np.maximum.accumulate(points[order, 1])
+    keep = np.r_[True, points[order[1:], 1] > best[:-1]]
+    return order[keep]
 
 
 def make_sampler(searcher: Searcher, seed: int, num_samples: int) -> Any:
