@@ -40,7 +40,9 @@ Headline (``--json``), at the headline budget and draw mode, over every table:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import pickle
 import platform
 import sys
 import time
@@ -90,12 +92,11 @@ def sampler_searchers(default: Searcher) -> list[Searcher]:
 
 
 def mf_searchers(default: Searcher, mo_asha: dict[str, Any], margin: float, aa_margin: float) -> list[Searcher]:
-    """The default sampler with multi-fidelity, and uniform random search with the shipped combination."""
+    """The default sampler with staged AutoAttack, with MO-ASHA (as shipped, and with a promotion
+    margin) + staged AutoAttack, and uniform random search with the shipped combination."""
     with_margin = {**mo_asha, "margin": margin}
     return [
         replace(default, label=f"{default.label} + staged AA", aa_policy="candidates", aa_margin=aa_margin),
-        replace(default, label=f"{default.label} + MO-ASHA", scheduler=mo_asha),
-        replace(default, label=f"{default.label} + MO-ASHA margin {margin:g}", scheduler=with_margin),
         replace(
             default,
             label=f"{default.label} + MO-ASHA + staged AA",
@@ -126,17 +127,56 @@ class Prepared:
     table: Table
     info: dict[str, Any]
     fit: dict[str, Any]
+    digest: str = ""  # of the table's bytes, the smoother's settings and the replay code: names cached results
 
 
-def prepare(name: str, path: Path | None = None, *, check: bool = True, restarts: int = RESTARTS) -> Prepared:
+def _code_digest() -> str:
+    """The code a cached result depends on: a change to any of it recomputes everything."""
+    h = hashlib.sha256()
+    for path in (
+        Path(__file__).parent / "search_replay.py",
+        Path(__file__).parent / "search_denoise.py",
+        REPO / "afm_ray" / "search" / "mo_asha.py",
+        REPO / "afm_ray" / "search" / "staged_aa.py",
+        REPO / "afm_ray" / "search" / "samplers.py",
+        REPO / "afm_ray" / "domination.py",
+    ):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _cached(cache: Path | None, key: str, compute: Any) -> Any:
+    """``compute()``, or its result pickled under ``cache`` by an earlier run with the same key."""
+    if cache is None:
+        return compute()
+    path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    value = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(value))
+    tmp.replace(path)  # whole files only: an interrupted run leaves nothing half-written
+    return value
+
+
+def prepare(
+    name: str, path: Path | None = None, *, check: bool = True, restarts: int = RESTARTS, cache: Path | None = None
+) -> Prepared:
     """A recorded table with its denoised values (and the held-out check of the smoother)."""
-    frame, space_yaml, info = read_table(path or table_path(name))
+    path = path or table_path(name)
+    digest = hashlib.sha256(path.read_bytes() + f"{restarts}".encode() + _code_digest().encode()).hexdigest()
+    frame, space_yaml, info = read_table(path)
     plain = Table(frame, space_yaml)
-    smoother = fit(plain.frame, plain.space, restarts=restarts)
+    smoother = _cached(cache, f"smoother {digest}", lambda: fit(plain.frame, plain.space, restarts=restarts))
     table = Table(frame, space_yaml, smoother=smoother)
-    checked = cross_validate(plain.frame, plain.space) if check else {}
+    checked = _cached(cache, f"check {digest}", lambda: cross_validate(plain.frame, plain.space)) if check else {}
     return Prepared(
-        name, table, info, {"kernels": smoother.kernels, "noise_sd": np.sqrt(smoother.noise_var).tolist(), **checked}
+        name,
+        table,
+        info,
+        {"kernels": smoother.kernels, "noise_sd": np.sqrt(smoother.noise_var).tolist(), **checked},
+        digest,
     )
 
 
@@ -186,8 +226,10 @@ def run_all(
     *,
     workers: int,
     jobs: int,
+    cache: Path | None = None,
 ) -> dict[tuple[str, str, int, str], list[dict[str, Any]]]:
-    """Replay every (table, draw, budget, searcher) group for its seeds; results by group, in seed order."""
+    """Replay every (table, draw, budget, searcher) group for its seeds; results by group, in seed order.
+    With ``cache``, a replay an earlier run already made (same table, settings, seed and code) is read back."""
     tasks = [
         (name, draw, budget, s, seed, workers)
         for name, draw, budget, searchers, seeds in groups
@@ -195,13 +237,21 @@ def run_all(
         for seed in range(seeds)
     ]
     tables = {p.name: p.table for p in prepared}
+    digests = {p.name: p.digest for p in prepared}
+    keys = [f"replay {digests[t[0]]} {t[1:3]} {t[3]!r} {t[4:]}" for t in tasks]
     started = time.perf_counter()
     if jobs > 1:
         with ProcessPoolExecutor(jobs, initializer=_init, initargs=(tables,)) as pool:
             results = list(pool.map(_run, tasks, chunksize=4))
     else:
         _init(tables)
-        results = [_run(t) for t in tasks]
+        results = []
+        for i, (task, key) in enumerate(zip(tasks, keys, strict=True)):
+            results.append(_cached(cache, key, lambda task=task: _run(task)))
+            if (i + 1) % 100 == 0:
+                print(
+                    f"{i + 1}/{len(tasks)} replays, {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True
+                )
     print(f"{len(tasks)} replays in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     out: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
     for (name, draw, budget, s, _seed, _w), r in zip(tasks, results, strict=True):
@@ -370,19 +420,30 @@ def sampler_groups(plan: Plan) -> list[tuple[str, int, list[Searcher]]]:
     return groups
 
 
-def run_benchmark(plan: Plan, prepared: list[Prepared], *, workers: int, jobs: int) -> dict[str, Any]:
+def pool_lasts(p: Prepared, draw: str, budget: int) -> bool:
+    """Under draw "once" a table smaller than the budget runs out (every searcher draws every row):
+    such a (table, budget) is not replayed."""
+    return draw != "once" or len(p.table.frame) >= budget
+
+
+def run_benchmark(
+    plan: Plan, prepared: list[Prepared], *, workers: int, jobs: int, cache: Path | None = None
+) -> dict[str, Any]:
     """Multi-fidelity variants run at the headline draw and budget only."""
     groups = []
     for p in prepared:
         for draw, budget, searchers in sampler_groups(plan):
-            groups.append((p.name, draw, budget, searchers, plan.seeds))
+            if pool_lasts(p, draw, budget):
+                groups.append((p.name, draw, budget, searchers, plan.seeds))
         groups.append((p.name, plan.headline_draw, plan.headline_budget, plan.mf, plan.mf_seeds))
-    results = run_all(prepared, groups, workers=workers, jobs=jobs)
+    results = run_all(prepared, groups, workers=workers, jobs=jobs, cache=cache)
     tables = {p.name: p.table for p in prepared}
     out: dict[str, Any] = {"samplers": {}, "mf": {}}
     for p in prepared:
         t = p.table
         for draw, budget, searchers in sampler_groups(plan):
+            if not pool_lasts(p, draw, budget):
+                continue
             base = results[(p.name, draw, budget, BASELINE)]
             for s in searchers:
                 runs = results[(p.name, draw, budget, s.label)]
@@ -399,9 +460,12 @@ def run_benchmark(plan: Plan, prepared: list[Prepared], *, workers: int, jobs: i
             out["mf"][(p.name, draw, s.label)] = {**mf_summary(t, runs, full, random), **run_stats(t, runs)}
     out["pooled"] = {}
     for draw, budget, searchers in sampler_groups(plan):
+        present = [p for p in prepared if pool_lasts(p, draw, budget)]
+        if not present:
+            continue
         for s in searchers:
-            runs = {p.name: results[(p.name, draw, budget, s.label)] for p in prepared}
-            base = {p.name: results[(p.name, draw, budget, BASELINE)] for p in prepared}
+            runs = {p.name: results[(p.name, draw, budget, s.label)] for p in present}
+            base = {p.name: results[(p.name, draw, budget, BASELINE)] for p in present}
             out["pooled"][(draw, budget, s.label)] = pooled(tables, runs, base)
     out["curves"] = {
         key: np.median([r["curve"] for r in runs], axis=0)
@@ -422,15 +486,34 @@ def headline(plan: Plan, bench: dict[str, Any]) -> dict[str, Any]:
         str(budget): {k: bench["pooled"][(d, budget, plan.default.label)][k] for k in ("mean_ratio", "ci95", "median")}
         for budget in plan.budgets
     }
-    other = [x for x in plan.draws if x != d]
+    other = [x for x in plan.draws if x != d and (x, b, plan.default.label) in bench["pooled"]]
     by_draw = {x: {k: bench["pooled"][(x, b, plan.default.label)][k] for k in ("mean_ratio", "ci95")} for x in other}
     baselines = {}
     for s in plan.samplers:
         p = bench["pooled"][(d, b, s.label)]
         baselines[s.label] = {
+            "cross_cell": float(np.mean([bench["samplers"][(n, d, b, s.label)]["cross_cell"] for n in plan.tables])),
             "mean_ratio": p["mean_ratio"],
             "ci95": p["ci95"],
             "median": p["median"],
+            # The other draw modes at the same budget: under "once" a focused sampler's asks are
+            # answered from other cells once its cell is used up (cross_cell).
+            "by_draw": {
+                x: {
+                    "mean_ratio": bench["pooled"][(x, b, s.label)]["mean_ratio"],
+                    "ci95": bench["pooled"][(x, b, s.label)]["ci95"],
+                    "tables": bench["pooled"][(x, b, s.label)]["tables"],
+                    "cross_cell": float(
+                        np.mean(
+                            [
+                                bench["samplers"][(n, x, b, s.label)]["cross_cell"]
+                                for n in bench["pooled"][(x, b, s.label)]["tables"]
+                            ]
+                        )
+                    ),
+                }
+                for x in other
+            },
             "by_table": {
                 name: {
                     "mean_regret": bench["samplers"][(name, d, b, s.label)]["mean_regret"],
@@ -548,24 +631,33 @@ def markdown(plan: Plan, prepared: list[Prepared], bench: dict[str, Any], head: 
         lines += table_section(p, plan.draws) + [""]
     lines += ["![hypervolume vs compute](search_cpu.png)", "", "## Samplers (full fidelity)", ""]
     for draw, budget, searchers in sampler_groups(plan):
+        if (draw, budget, BASELINE) not in bench["pooled"]:
+            continue
+        names = bench["pooled"][(draw, budget, BASELINE)]["tables"]
+        left_out = [n for n in plan.tables if n not in names]
         lines += [
             f"### draw `{draw}`, budget {budget} trials",
             "",
+            *(
+                [f"Not replayed on {', '.join(left_out)}: fewer rows than the budget, the pool would run out.", ""]
+                if left_out
+                else []
+            ),
             "| searcher | "
-            + " | ".join(f"{n}: mean regret, ratio of means [95%], ratio of medians [95%]" for n in plan.tables)
+            + " | ".join(f"{n}: mean regret, ratio of means [95%], ratio of medians [95%]" for n in names)
             + " | pooled ratio of means [95%] | asks answered from another cell |",
-            "|---|" + "---|" * (len(plan.tables) + 2),
+            "|---|" + "---|" * (len(names) + 2),
         ]
         for s in searchers:
             cells = []
-            for n in plan.tables:
+            for n in names:
                 r = bench["samplers"][(n, draw, budget, s.label)]
                 cells.append(
                     f"{r['mean_regret']:.4f}, {r['mean_ratio']:.2f} {_ci(r['ci95'])}, "
                     f"{r['median']:.2f} {_ci(r['median_ci95'])}"
                 )
             pl = bench["pooled"][(draw, budget, s.label)]
-            cross = np.mean([bench["samplers"][(n, draw, budget, s.label)]["cross_cell"] for n in plan.tables])
+            cross = np.mean([bench["samplers"][(n, draw, budget, s.label)]["cross_cell"] for n in names])
             lines.append(
                 f"| {s.label} | "
                 + " | ".join(cells)
@@ -695,10 +787,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace-period", type=int, default=1)
     parser.add_argument("--reduction-factor", type=float, default=3)
     parser.add_argument("--mo-asha-margin", type=float, default=0.0, help="the shipped MO-ASHA's margin")
-    parser.add_argument("--margin-variant", type=float, default=0.02, help="the margin of the MO-ASHA margin variants")
+    parser.add_argument(
+        "--margin-variant",
+        type=float,
+        default=0.03,
+        help="the MO-ASHA margin variant's margin (validation binomial sd)",
+    )
     parser.add_argument("--aa-margin", type=float, default=0.01)
     parser.add_argument("--no-check", action="store_true", help="skip the smoother's held-out check (quick runs)")
     parser.add_argument("--smoother-restarts", type=int, default=RESTARTS, help="optimiser restarts per objective")
+    parser.add_argument(
+        "--cache", type=Path, help="keep each replay here and reuse it in a later run (same table, settings, code)"
+    )
     parser.add_argument("--json", help="write the headline numbers here")
     parser.add_argument("--doc", help="write the Markdown record here (and the plot beside it)")
     args = parser.parse_args(argv)
@@ -708,10 +808,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--headline-budget must be one of --budgets and --headline-draw one of --draws")
     plan = make_plan(args)
     prepared = [
-        prepare(n, Path(files[n]) if n in files else None, check=not args.no_check, restarts=args.smoother_restarts)
+        prepare(
+            n,
+            Path(files[n]) if n in files else None,
+            check=not args.no_check,
+            restarts=args.smoother_restarts,
+            cache=args.cache,
+        )
         for n in plan.tables
     ]
-    bench = run_benchmark(plan, prepared, workers=args.workers, jobs=args.jobs)
+    bench = run_benchmark(plan, prepared, workers=args.workers, jobs=args.jobs, cache=args.cache)
     head = _jsonable(headline(plan, bench))
     print(json.dumps(head, indent=2))
     if args.json:

@@ -5,6 +5,7 @@ can be checked by hand. The recorded table itself is data, not a test input.
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -210,3 +211,41 @@ def test_ratio_intervals_are_paired_bootstrap_percentiles_over_seeds():
     assert pooled == pytest.approx(0.75) and low == pytest.approx(0.75) and high == pytest.approx(0.75)
     with pytest.raises(ValueError):
         ratio_with_interval(a, b[:3])
+
+
+def test_search_benchmark_json_from_the_committed_tables(tmp_path):
+    """The real command on the committed tables, cut to 2 seeds and a 10-trial budget: the headline
+    JSON has every field the docs quote, with the types and ranges they need."""
+    import json
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "search.json"
+    command = [sys.executable, str(repo / "benchmarks" / "search.py"), "--seeds", "2", "--mf-seeds", "2"]
+    command += ["--budgets", "10", "--headline-budget", "10", "--draws", "surrogate", "--no-check"]
+    command += ["--smoother-restarts", "0", "--json", str(out)]
+    subprocess.run(command, check=True, cwd=repo, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    head = json.loads(out.read_text())
+
+    ratio = head["regret_ratio_vs_random"]
+    assert ratio["seeds"] == 2 and ratio["tables"] == ["mnist5k", "digits"]
+    assert isinstance(ratio["median"], float) and isinstance(ratio["mean_ratio"], float)
+    low, high = ratio["ci95"]
+    assert low <= ratio["mean_ratio"] <= high or not np.isfinite(ratio["mean_ratio"])
+    assert set(ratio["by_table"]) == {"mnist5k", "digits"}
+
+    baselines = head["baselines"]
+    assert {"uniform_random", "random_mapped", "cell_greedy", "tpe"} <= set(baselines)
+    assert baselines["uniform_random"]["mean_ratio"] == 1.0
+    for entry in baselines.values():
+        for name in ("mnist5k", "digits"):
+            regret = entry["by_table"][name]
+            assert np.isfinite(regret["mean_regret"]) and np.isfinite(regret["median_regret"])
+        assert isinstance(entry["cross_cell"], float) and 0.0 <= entry["cross_cell"] <= 1.0
+
+    mf = head["multi_fidelity"]
+    assert 0.0 < mf["compute_fraction"] <= 1.0 and mf["hv_fraction"] > 0.0 and mf["random_hv_fraction"] >= 0.0
+    assert mf["front_trials_stopped"] >= 0.0 and mf["front_trials_skipped"] >= 0.0
+    assert isinstance(mf["front_trials_stopped_by_rung"], dict)
+    assert sum(mf["front_trials_stopped_by_rung"].values()) == pytest.approx(mf["front_trials_stopped"])
+    assert mf["table"] in ("mnist5k", "digits") and set(mf["by_table"]) == {"mnist5k", "digits"}
