@@ -102,6 +102,15 @@ def test_ladder_with_a_margin_lets_the_high_clean_slow_starter_through_a_rung():
         RungLadder(MAX2, grace_period=1, reduction_factor=3, max_t=3, margin=-1.0)
 
 
+def test_a_spaces_margin_reaches_the_tune_schedulers_ladder():
+    from afm_ray.names import PER_EPOCH_METRICS
+    from afm_ray.search.specs import SchedulerSpec
+    from afm_ray.sweep.schedulers import build_scheduler
+
+    scheduler = build_scheduler(SchedulerSpec("mo_asha", PER_EPOCH_METRICS, margin=0.03), epochs=5)
+    assert scheduler.ladder.margin == 0.03 and scheduler.ladder.milestones == [1, 3]
+
+
 @pytest.mark.slow
 def test_tune_scheduler_stops_exactly_the_dominated_trials_on_a_real_ray(tmp_path, monkeypatch):
     """Real Ray Tune: five trials report hand-made validation curves one after another; MO-ASHA
