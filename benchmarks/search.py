@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import pickle
 import platform
 import sys
@@ -92,11 +93,10 @@ def sampler_searchers(default: Searcher) -> list[Searcher]:
 
 
 def mf_searchers(default: Searcher, mo_asha: dict[str, Any], margin: float, aa_margin: float) -> list[Searcher]:
-    """The default sampler with staged AutoAttack, with MO-ASHA (as shipped, and with a promotion
-    margin) + staged AutoAttack, and uniform random search with the shipped combination."""
+    """The default sampler with MO-ASHA (as shipped, and with a promotion margin) + staged
+    AutoAttack, and uniform random search with the shipped combination."""
     with_margin = {**mo_asha, "margin": margin}
     return [
-        replace(default, label=f"{default.label} + staged AA", aa_policy="candidates", aa_margin=aa_margin),
         replace(
             default,
             label=f"{default.label} + MO-ASHA + staged AA",
@@ -610,11 +610,36 @@ def table_section(p: Prepared, draws: Sequence[str]) -> list[str]:
     return lines
 
 
+def verdicts(plan: Plan, bench: dict[str, Any]) -> list[str]:
+    """One sentence per table and budget: does the default beat uniform random search (the upper
+    end of the 95% interval of the ratio of mean regrets below 1), at the headline draw."""
+    lines = ["## Does the default beat uniform random search?", ""]
+    d = plan.headline_draw
+    for budget in plan.budgets:
+        for name in plan.tables:
+            r = bench["samplers"].get((name, d, budget, plan.default.label))
+            if r is None:
+                continue
+            low, high = r["ci95"]
+            if high < 1:
+                verdict = "yes: the whole interval is below 1"
+            elif low > 1:
+                verdict = "no: it is worse than uniform random search (the whole interval is above 1)"
+            else:
+                verdict = "not shown: the interval contains 1"
+            lines.append(
+                f"- `{name}`, budget {budget}, draw `{d}`: ratio of mean regrets {r['mean_ratio']:.2f} "
+                f"[{low:.2f}, {high:.2f}], of medians {r['median']:.2f} {_ci(r['median_ci95'])}: {verdict}."
+            )
+    return lines
+
+
 def markdown(plan: Plan, prepared: list[Prepared], bench: dict[str, Any], head: dict[str, Any], command: str) -> str:
     lines = [
         "# Search benchmark (CPU)",
         "",
-        f"Made by `{command}` on {cpu_model_name()} (Python {platform.python_version()}), "
+        f"Made by `{command}` on {cpu_model_name()}, {os.cpu_count()} cores shared with other jobs "
+        f"(Python {platform.python_version()}), "
         f"{time.strftime('%Y-%m-%d')}; {plan.seeds} seeds (0..{plan.seeds - 1}) per full-fidelity searcher, "
         f"{plan.mf_seeds} per multi-fidelity variant; intervals are paired-bootstrap 95% intervals over seeds. "
         "docs/search.md says what these numbers mean for a sweep.",
@@ -715,7 +740,7 @@ def markdown(plan: Plan, prepared: list[Prepared], bench: dict[str, Any], head: 
             rows = bench["mf"][(n, plan.headline_draw, s.label)]["table_front_rows"]
             cells = "; ".join(f"({r['clean']:.3f}, {r['aa']:.3f}): {r['stopped']}/{r['drawn']}" for r in rows.values())
             lines.append(f"| {s.label} | {n} | {cells} |")
-    lines += ["", "## Headline", "", "```json", json.dumps(head, indent=2), "```", ""]
+    lines += ["", *verdicts(plan, bench), "", "## Headline", "", "```json", json.dumps(head, indent=2), "```", ""]
     return "\n".join(lines)
 
 
@@ -825,7 +850,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.doc:
         doc = Path(args.doc)
         plot(plan, prepared, bench, doc.with_suffix(".png"))
-        doc.write_text(markdown(plan, prepared, bench, head, "python benchmarks/search.py " + " ".join(argv)))
+        shown = [a for i, a in enumerate(argv) if a != "--cache" and (i == 0 or argv[i - 1] != "--cache")]
+        command = "python benchmarks/search.py " + " ".join(shown)  # the cache folder changes no number
+        doc.write_text(markdown(plan, prepared, bench, head, command))
     return 0
 
 
