@@ -18,8 +18,9 @@ Tables (the searched keys are the embedded default space's in both):
   digits at 14x14, 5 epochs, final evaluation on 200 test images); about 1-2 CPU-minutes per trial.
 - ``digits``: the same searched keys on scikit-learn's 1797 8x8 digits (1438 training images,
   256 of them held out for validation; the whole 359-image test split for the final
-  evaluation), 10 epochs: a different dataset, training length and front; about 20-40
-  CPU-seconds per trial.
+  evaluation), 10 epochs: a different dataset, training length and front. Training takes
+  20-70 s a trial, but AutoAttack on the 359 test images takes minutes: the committed table's
+  14 trials took 3-16 minutes each on 2 cores shared with other jobs.
 
 Stop a recording any time and continue with --resume (same --out).
 """

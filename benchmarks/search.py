@@ -1,6 +1,6 @@
 """The search benchmark: hypervolume against compute, for searchers replayed on recorded trials.
 
-    python benchmarks/search.py [--tables mnist5k digits] [--seeds 100] [--json OUT] [--doc DOC.md]
+    python benchmarks/search.py [--tables mnist5k digits] [--seeds 100] [--json OUT] [--doc MARKDOWN]
     python benchmarks/search.py export --tracking-uri URI --optuna-storage URL --out PARQUET
 
 The tables (benchmarks/data/search_table_<name>.parquet) are recorded by the sweep itself with
