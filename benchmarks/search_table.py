@@ -4,7 +4,8 @@ One row per completed trial of the recording sweep (benchmarks/record_search_tab
 
 - the searched parameters, typed as Optuna suggested them (``param:<key>``; NaN where a
   conditional key did not apply), and the Tune trial id;
-- the per-epoch curves ``val_clean_acc``, ``val_pgd_acc``, ``epoch_s`` (lists, epoch 1 first);
+- the per-epoch curves, each column named after its MLflow metric (``val/clean_acc``,
+  ``val/pgd10_acc``, ``time/epoch_s``; lists, epoch 1 first);
 - the final ``clean_acc``, ``pgd20_acc``, ``cw_acc``, ``aa_acc`` on ``n_samples`` test images;
 - seconds: ``eval_<attack>_s`` per attack (n_samples / the attack's logged images/s),
   ``eval_s`` (the whole final evaluation), ``worker_s`` (the Train worker, start to end),
@@ -31,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ATTACK_PARTS = ("clean", "pgd20", "cw", "aa")
-CURVES = {"val_clean_acc": "val/clean_acc", "val_pgd_acc": "val/pgd10_acc", "epoch_s": "time/epoch_s"}
-SPACE_KEY = b"afm_ray.search.space"
+CURVES = ("val/clean_acc", "val/pgd10_acc", "time/epoch_s")  # per-epoch metrics; the column is the key
+SPACE_KEY = b"afm_ray.search_space"  # a key inside the Parquet files, not a module path
 INFO_KEY = b"afm_ray.table_info"
 
 
@@ -90,10 +91,10 @@ def export_table(tracking_uri: str, optuna_url: str, experiment: str, study_name
             row: dict[str, Any] = {"trial_id": trial_id, "optuna_number": suggested[trial_id].number}
             for key in searched:
                 row[f"param:{key}"] = suggested[trial_id].params.get(key, np.nan)
-            for column, key in CURVES.items():
+            for key in CURVES:
                 history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda h: (h.step, h.timestamp))
                 by_epoch = {h.step: h.value for h in history}  # a resumed epoch keeps its last value
-                row[column] = [by_epoch[e] for e in sorted(by_epoch)]
+                row[key] = [by_epoch[e] for e in sorted(by_epoch)]
             for name in ("clean_acc", "pgd20_acc", "cw_acc", "aa_acc"):
                 row[name] = m[name]
             n = m["eval/n_samples"]
@@ -102,7 +103,7 @@ def export_table(tracking_uri: str, optuna_url: str, experiment: str, study_name
                 row[f"eval_{part}_s"] = n / m[f"eval/{part}_images_per_s"]
             row["eval_s"] = m["time/eval_s"]
             row["worker_s"] = m["time/worker_s"]
-            row["setup_s"] = m["time/worker_s"] - m["time/eval_s"] - float(np.sum(row["epoch_s"]))
+            row["setup_s"] = m["time/worker_s"] - m["time/eval_s"] - float(np.sum(row["time/epoch_s"]))
             row["wall_s"] = (run.info.end_time - run.info.start_time) / 1000.0
             row["started"] = run.info.start_time / 1000.0
             rows.append(row)
@@ -112,7 +113,7 @@ def export_table(tracking_uri: str, optuna_url: str, experiment: str, study_name
         "study": study_name,
         "trials_by_status": statuses,
         "rows": len(table),
-        "epochs": int(max(len(c) for c in table["val_clean_acc"])) if len(table) else 0,
+        "epochs": int(max(len(c) for c in table["val/clean_acc"])) if len(table) else 0,
     }
     write_table(table, out, space_text, info)
     return table

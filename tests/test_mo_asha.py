@@ -70,6 +70,47 @@ def test_a_trial_is_judged_at_the_highest_rung_it_reached():
     assert not ladder.on_result("b", 4, (0.1, 0.1))
 
 
+def test_a_margin_keeps_trials_no_one_leads_by_the_margin_in_every_objective():
+    # rf 3 over six trials: the two non-dominated ones hold the two places.
+    values = [(0.95, 0.60), (0.90, 0.70), (0.80, 0.50), (0.94, 0.58), (0.70, 0.30), (0.93, 0.45)]
+    assert promoted(values, MAX2, 3).tolist() == [True, True, False, False, False, False]
+    assert promoted(values, MAX2, 3, margin=0.0).tolist() == [True, True, False, False, False, False]
+    # Margin 0.03: (0.94, 0.58) and (0.93, 0.45) trail (0.95, 0.60) by less than 0.03 in clean, so no
+    # trial leads them by the margin in both objectives and they go on; (0.80, 0.50) and
+    # (0.70, 0.30) trail by more than 0.03 in both and stop.
+    assert promoted(values, MAX2, 3, margin=0.03).tolist() == [True, True, False, True, False, True]
+    # A margin below every lead changes nothing.
+    assert promoted(values, MAX2, 3, margin=0.005).tolist() == [True, True, False, False, False, False]
+    with pytest.raises(ValueError):
+        promoted(values, MAX2, 3, margin=-0.01)
+
+
+def test_ladder_with_a_margin_lets_the_high_clean_slow_starter_through_a_rung():
+    """The case the margin exists for: at the rung a trial with the best clean accuracy within
+    noise but low early robustness ranks outside the top third; without a margin it stops."""
+    arrivals = [("a", (0.95, 0.60)), ("b", (0.90, 0.70)), ("c", (0.80, 0.50)), ("d", (0.85, 0.55))]
+    corner = (0.94, 0.30)  # clean within 0.01 of the best, PGD far below
+    plain = RungLadder(MAX2, grace_period=1, reduction_factor=3, max_t=3)
+    margin = RungLadder(MAX2, grace_period=1, reduction_factor=3, max_t=3, margin=0.02)
+    for ladder in (plain, margin):
+        for trial, v in arrivals:
+            ladder.on_result(trial, 1, v)
+    assert plain.on_result("corner", 1, corner) is False
+    assert margin.on_result("corner", 1, corner) is True
+    assert margin.on_result("poor", 1, (0.90, 0.30)) is False  # led by 0.05 and 0.30 by (0.95, 0.60)
+    with pytest.raises(ValueError):
+        RungLadder(MAX2, grace_period=1, reduction_factor=3, max_t=3, margin=-1.0)
+
+
+def test_a_spaces_margin_reaches_the_tune_schedulers_ladder():
+    from afm_ray.names import PER_EPOCH_METRICS
+    from afm_ray.search.specs import SchedulerSpec
+    from afm_ray.sweep.schedulers import build_scheduler
+
+    scheduler = build_scheduler(SchedulerSpec("mo_asha", PER_EPOCH_METRICS, margin=0.03), epochs=5)
+    assert scheduler.ladder.margin == 0.03 and scheduler.ladder.milestones == [1, 3]
+
+
 @pytest.mark.slow
 def test_tune_scheduler_stops_exactly_the_dominated_trials_on_a_real_ray(tmp_path, monkeypatch):
     """Real Ray Tune: five trials report hand-made validation curves one after another; MO-ASHA

@@ -102,6 +102,11 @@ def test_define_by_run_suggests_conditional_keys_only_when_they_apply():
         ({"objectives": [{"metric": "robust_acc", "mode": "max"}]}, "unknown objective metric 'robust_acc'"),
         ({"objectives": [{"metric": "aa_acc", "mode": "up"}]}, "mode 'up'; expected max or min"),
         ({"scheduler": {"name": "asha"}}, "asha needs a single objective"),
+        ({"scheduler": {"name": "mo_asha", "margin": -0.1}}, "scheduler.margin must be an accuracy difference"),
+        (
+            {"scheduler": {"name": "asha", "metric": "val/pgd10_acc", "margin": 0.03}},
+            "unknown scheduler field 'margin'",
+        ),
         ({"resources": {"num_workers": 0}}, "resources.num_workers: expected an integer >= 1"),
         ({"fixed": {"attack.eps": 0.1}, "search": {"attack.eps": {"uniform": [0, 1]}}}, "both fixed and searched"),
         ({"num_samples": 0}, "num_samples: expected an integer >= 1"),

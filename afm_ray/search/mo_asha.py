@@ -15,7 +15,12 @@ hyperparameter optimization with application to fairness"; Salinas et al. 2021),
   crowding distance (a lonelier point keeps the front's spread);
 - it continues if it is in the top ``1 / reduction_factor`` of them (``position < n / rf``,
   position 0 being the best, ties sharing the better position), else it stops. The first trial
-  at a rung has nothing to be compared with and continues, as in ASHA.
+  at a rung has nothing to be compared with and continues, as in ASHA;
+- with a ``margin`` (accuracy units, > 0), a trial outside the top 1/rf also continues while no
+  trial at the rung leads it by at least ``margin`` in every objective: one within the
+  validation noise of the rung's front is not stopped on a difference the noise could make.
+  Ranking early epochs by non-dominated layer alone stops the high-clean, low-early-robustness
+  end of the final front (docs/search.md measures how often, with and without the margin).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from afm_ray.domination import crowding_distance, nondominated_layers
+from afm_ray.domination import crowding_distance, dominated_beyond_noise, nondominated_layers
 
 __all__ = ["RungLadder", "promoted", "rank_positions", "rung_milestones"]
 
@@ -60,10 +65,21 @@ def rank_positions(values: Sequence[Sequence[float]], modes: Sequence[str]) -> n
     return ahead.sum(axis=1)
 
 
-def promoted(values: Sequence[Sequence[float]], modes: Sequence[str], reduction_factor: float) -> np.ndarray:
-    """Boolean mask: the rows in the top 1/reduction_factor of ``values`` (position < n / rf)."""
+def promoted(
+    values: Sequence[Sequence[float]], modes: Sequence[str], reduction_factor: float, margin: float = 0.0
+) -> np.ndarray:
+    """Boolean mask: the rows in the top 1/reduction_factor of ``values`` (position < n / rf), and
+    with ``margin`` > 0 also every row that no row leads by at least ``margin`` in every objective."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     positions = rank_positions(values, modes)
-    return positions < len(positions) / reduction_factor
+    keep = positions < len(positions) / reduction_factor
+    if margin > 0 and len(positions):
+        v = np.asarray(values, dtype=np.float64).reshape(len(positions), len(modes))
+        # Intervals of half the margin each side: a row dominates another beyond them iff it
+        # leads by >= margin in every objective (and by more in one).
+        keep |= ~dominated_beyond_noise(v - margin / 2, v + margin / 2, modes, range(len(v)))
+    return keep
 
 
 class RungLadder:
@@ -74,9 +90,14 @@ class RungLadder:
     both "max").
     """
 
-    def __init__(self, modes: Sequence[str], *, grace_period: int, reduction_factor: float, max_t: int):
+    def __init__(
+        self, modes: Sequence[str], *, grace_period: int, reduction_factor: float, max_t: int, margin: float = 0.0
+    ):
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
         self.modes = tuple(modes)
         self.reduction_factor = float(reduction_factor)
+        self.margin = float(margin)
         self.milestones = rung_milestones(grace_period, reduction_factor, max_t)
         self.recorded: dict[int, dict[str, tuple[float, ...]]] = {m: {} for m in self.milestones}
 
@@ -92,7 +113,7 @@ class RungLadder:
                 return True
             rung[trial_id] = values
             ids = list(rung)
-            keep = promoted([rung[i] for i in ids], self.modes, self.reduction_factor)
+            keep = promoted([rung[i] for i in ids], self.modes, self.reduction_factor, self.margin)
             return bool(keep[ids.index(trial_id)])
         return True  # before the first rung
 

@@ -31,7 +31,7 @@ SCHEDULERS = ("fifo", "asha", "mo_asha")
 SCHEDULER_FIELDS = {
     "fifo": ("name",),
     "asha": ("name", "metric", "mode", "grace_period", "reduction_factor"),
-    "mo_asha": ("name", "metrics", "grace_period", "reduction_factor"),
+    "mo_asha": ("name", "metrics", "grace_period", "reduction_factor", "margin"),
 }
 
 
@@ -54,6 +54,7 @@ class SchedulerSpec:
     mode: str = "max"  # asha: the direction of its one metric (mo_asha maximises every metric)
     grace_period: int = 1  # epochs before the first rung
     reduction_factor: float = 3.0  # 1/reduction_factor of the trials at a rung go on
+    margin: float = 0.0  # mo_asha: also go on unless led by >= margin in every metric (afm_ray.search.mo_asha)
 
     @property
     def halving(self) -> bool:
@@ -182,7 +183,10 @@ def parse_scheduler(raw: Any, objectives: Sequence[Objective], where: str) -> Sc
     factor = spec.get("reduction_factor", 2 if name == "asha" else 3)
     if not (is_number(factor) and factor > 1):
         raise ConfigError(f"{where}: scheduler.reduction_factor must be > 1, got {factor!r}")
-    return SchedulerSpec(name, tuple(metrics), mode, grace, float(factor))
+    margin = spec.get("margin", 0.0)
+    if not (is_number(margin) and 0 <= margin < 1):
+        raise ConfigError(f"{where}: scheduler.margin must be an accuracy difference in [0, 1), got {margin!r}")
+    return SchedulerSpec(name, tuple(metrics), mode, grace, float(factor), float(margin))
 
 
 def _mapping(value: Any, label: str) -> dict[str, Any]:

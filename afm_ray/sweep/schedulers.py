@@ -34,12 +34,15 @@ class MOASHAScheduler(FIFOScheduler):
         max_t: int,
         grace_period: int = 1,
         reduction_factor: float = 3,
+        margin: float = 0.0,
         time_attr: str = "epoch",
     ):
         super().__init__()
         self.metrics = tuple(metrics)
         self.time_attr = time_attr
-        self.ladder = RungLadder(modes, grace_period=grace_period, reduction_factor=reduction_factor, max_t=max_t)
+        self.ladder = RungLadder(
+            modes, grace_period=grace_period, reduction_factor=reduction_factor, max_t=max_t, margin=margin
+        )
         self.num_stopped = 0
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
@@ -82,5 +85,6 @@ def build_scheduler(spec: SchedulerSpec, epochs: int) -> TrialScheduler | None:
             max_t=epochs,
             grace_period=spec.grace_period,
             reduction_factor=spec.reduction_factor,
+            margin=spec.margin,
         )
     return None
