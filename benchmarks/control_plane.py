@@ -1,8 +1,11 @@
 """Control-plane scale: how a sweep's bookkeeping grows with the number of trials, on SQLite and PostgreSQL.
 
     python benchmarks/control_plane.py [--backends sqlite,postgresql[,memory]] [--parts optuna,mlflow,pareto,resume]
-        [--optuna-trials 100,1000,3000] [--mlflow-sizes 0,1000,3000] [--pareto-sizes 1000,10000]
-        [--resume-trials 1000] [--postgres URL] [--json OUT]
+        [--optuna-trials 100,1000,3000] [--optuna-budget-s S] [--mlflow-sizes 0,1000,3000]
+        [--pareto-sizes 1000,10000] [--api-runs 1000] [--resume-trials 1000] [--postgres URL]
+        [--recorded DIR] [--json OUT]
+
+The figures and how they were taken on a 2-core machine: docs/control_plane_cpu.md.
 
 Each part runs on a new SQLite file and a new PostgreSQL database. PostgreSQL is the server at
 --postgres (a URL whose user may create databases), else one this script starts for itself, as the
@@ -22,9 +25,10 @@ Parts (what the sweep itself does, with afm_ray's own code, unless said):
   the final metrics, and the student as an MLflow model (safetensors + spec), on an experiment
   already holding each of --mlflow-sizes trial runs. The callback is driven directly with recorded
   results (a stand-in for Ray Tune's trial object); the results and the student come from one real
-  training run of the default space's student (1 epoch). The runs that fill the experiment are
-  written in one batch each (params, final metrics and a 5-point curve; no model): pareto reads
-  exactly these.
+  training run of the default space's student (1 epoch on sklearn's digits; kept in --recorded).
+  The runs that fill the experiment are written in one batch each (params, final metrics and a
+  5-point curve; no model), the first --api-runs through MLflow's API and the rest copied in SQL
+  from those (new ids and objective values): pareto reads exactly these.
 - pareto: `python -m afm_ray.pareto --experiment E` (a subprocess, wall time) over --pareto-sizes
   trial runs, and the import-only baseline of the same command (`--help`).
 - resume: a sweep of --resume-trials trials whose trial function reports its final result at once
@@ -57,6 +61,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = "control-plane"
 EPOCHS = 5  # the default space's optim.epochs
+FILLER_TAG = "bench.filler"  # the runs `fill` wrote: what `clone_runs` copies
 
 
 def log(line: str) -> None:
@@ -329,7 +334,8 @@ def fill(uri: str, parent: str, count: int, config: dict, final: dict, rng: Any)
         metrics = [Metric(k, v, now, 0) for k, v in values.items()]
         metrics += [Metric("val/clean_acc", rng.uniform(0.5, 0.9), now, e) for e in range(1, EPOCHS + 1)]
         params = [Param(k, str(v)) for k, v in config.items()]
-        client.log_batch(run, metrics=metrics, params=params[:100], tags=[RunTag("trial_name", trial_id)])
+        tags = [RunTag("trial_name", trial_id), RunTag(FILLER_TAG, "1")]
+        client.log_batch(run, metrics=metrics, params=params[:100], tags=tags)
         if len(params) > 100:
             client.log_batch(run, params=params[100:])
         client.set_terminated(run, "FINISHED")
@@ -370,7 +376,8 @@ def tracked_trials(
     return out
 
 
-def bench_mlflow(uri: str, sizes: list[int], recorded: tuple, per_size: int, cpu: Cpu) -> dict[str, Any]:
+def bench_mlflow(uri: str, sizes: list[int], recorded: tuple, per_size: int, cpu: Cpu, api_runs: int) -> dict[str, Any]:
+    """TrialTracker's cost per trial on an experiment holding each of `sizes` runs (filled as `grow` does)."""
     import numpy as np
 
     config, curves, final, checkpoint = recorded
@@ -379,7 +386,7 @@ def bench_mlflow(uri: str, sizes: list[int], recorded: tuple, per_size: int, cpu
     tracker = tracker_for(uri, parent)
     out, held = {}, 0
     for size in sizes:
-        fill_s = fill(uri, parent, size - held, config, final, rng) if size > held else None
+        fill_s = grow(uri, parent, size - held, api_runs - held, config, final, rng) if size > held else None
         held = max(held, size)
         parts = tracked_trials(tracker, per_size, config, curves, final, checkpoint, cpu)
         held += per_size
@@ -409,7 +416,7 @@ def run_pareto(uri: str, cpu: Cpu, *args: str) -> tuple[dict[str, float], subpro
 
 def clone_runs(uri: str, count: int, rng: Any) -> float:
     """`count` more trial runs, copied row by row (MLflow's runs, tags, params, metrics and
-    latest_metrics tables) from the trial runs `fill` wrote through MLflow's API, each with a new
+    latest_metrics tables) from the runs `fill` wrote through MLflow's API, each with a new
     run id, trial id and objective values; returns wall seconds per run. One `log_batch` per run
     took 0.3-0.4 s on the busy 2-core machine (an hour for 10,000); pareto reads the same rows."""
     from sqlalchemy import MetaData, create_engine, select
@@ -417,14 +424,13 @@ def clone_runs(uri: str, count: int, rng: Any) -> float:
     from afm_ray import names
 
     engine = create_engine(uri)
-    meta = MetaData()
-    meta.reflect(engine, only=["runs", "tags", "params", "metrics", "latest_metrics"])
-    tables = meta.tables
+    meta, run_tables = MetaData(), ("runs", "tags", "params", "metrics", "latest_metrics")  # runs first: referred to
+    meta.reflect(engine, only=run_tables)
+    tables = {name: meta.tables[name] for name in run_tables}  # not the experiments table reflect adds
     started = time.perf_counter()
     with engine.begin() as conn:
         tags = tables["tags"]
-        role = select(tags.c.run_uuid).where(tags.c.key == names.ROLE_TAG, tags.c.value == "trial")
-        sources = [row[0] for row in conn.execute(role)]
+        sources = [row[0] for row in conn.execute(select(tags.c.run_uuid).where(tags.c.key == FILLER_TAG))]
         rows: dict[str, dict[str, list[dict]]] = {}  # table -> source run -> its rows
         for name, table in tables.items():
             for row in conn.execute(select(table).where(table.c.run_uuid.in_(sources))):
@@ -448,11 +454,21 @@ def clone_runs(uri: str, count: int, rng: Any) -> float:
                         elif name in ("metrics", "latest_metrics") and row["key"] in values:
                             new["value"] = values[row["key"]]
                         batch[name].append(new)
-            for name in ("runs", "tags", "params", "metrics", "latest_metrics"):  # runs first: the others refer to it
+            for name in run_tables:
                 if batch[name]:
                     conn.execute(tables[name].insert(), batch[name])
     engine.dispose()
     return (time.perf_counter() - started) / max(count, 1)
+
+
+def grow(uri: str, parent: str, count: int, api_left: int, config: dict, final: dict, rng: Any) -> float:
+    """`count` more filler runs: up to `api_left` through MLflow's API (`fill`), the rest cloned
+    (`clone_runs`, which needs some of the first kind); wall seconds per run."""
+    through_api = max(0, min(count, api_left))
+    seconds = fill(uri, parent, through_api, config, final, rng) * through_api
+    if count > through_api:
+        seconds += clone_runs(uri, count - through_api, rng) * (count - through_api)
+    return seconds / max(count, 1)
 
 
 def bench_pareto(uri: str, sizes: list[int], recorded: tuple, cpu: Cpu, api_runs: int) -> dict[str, Any]:
@@ -465,10 +481,7 @@ def bench_pareto(uri: str, sizes: list[int], recorded: tuple, cpu: Cpu, api_runs
     out, held = {}, 0
     baseline, _ = run_pareto(uri, cpu, "--help")
     for size in sizes:
-        through_api = max(0, min(size, api_runs) - held)
-        fill_s = fill(uri, parent, through_api, config, final, rng) if through_api else 0.0
-        if size - held - through_api > 0:
-            fill_s = clone_runs(uri, size - held - through_api, rng)
+        fill_s = grow(uri, parent, size - held, api_runs - held, config, final, rng)
         held = size
         took, proc = run_pareto(uri, cpu, "--experiment", EXPERIMENT)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -512,7 +525,16 @@ def tune_sweep(tracking: str, optuna_url: str, storage: str, trials: int, resume
     remember(tracking)
     remember(optuna_url)
     times, t0, c0 = {}, time.perf_counter(), time.process_time()
-    connect_or_start(None)
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: too short on a loaded machine
+        try:
+            connect_or_start(None)
+            break
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            log(f"  Ray did not start in time ({exc}); again")
+            ray.shutdown()
+    times["ray_start_attempts"] = attempt + 1
     times["ray_start_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     params = {"sweep.objectives": "clean_acc:max,aa_acc:max", "sweep.name": "resume"}
@@ -609,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlflow-trials", type=int, default=10, help="trials measured at each size")
     parser.add_argument("--pareto-sizes", default="1000,10000")
     parser.add_argument(
-        "--pareto-api-runs", type=int, default=1000, help="runs written through MLflow; more are cloned"
+        "--api-runs", type=int, default=1000, help="filler runs written through MLflow's API; more are cloned"
     )
     parser.add_argument("--resume-trials", type=int, default=1000)
     parser.add_argument("--postgres", help="a PostgreSQL URL whose user may CREATE DATABASE (default: start one)")
@@ -664,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                         recorded,
                         args.mlflow_trials,
                         stores.cpu(backend),
+                        args.api_runs,
                     )
                 if "pareto" in todo:
                     result["pareto"] = bench_pareto(
@@ -671,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
                         ints(args.pareto_sizes),
                         recorded,
                         stores.cpu(backend),
-                        args.pareto_api_runs,
+                        args.api_runs,
                     )
                 if "resume" in todo:
                     tracking, optuna_url = stores.new(backend, "rmlflow"), stores.new(backend, "roptuna")
