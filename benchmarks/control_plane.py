@@ -1,8 +1,11 @@
 """Control-plane scale: how a sweep's bookkeeping grows with the number of trials, on SQLite and PostgreSQL.
 
     python benchmarks/control_plane.py [--backends sqlite,postgresql[,memory]] [--parts optuna,mlflow,pareto,resume]
-        [--optuna-trials 100,1000,3000] [--mlflow-sizes 0,1000,3000] [--pareto-sizes 1000,10000]
-        [--resume-trials 1000] [--postgres URL] [--json OUT]
+        [--optuna-trials 100,1000,3000] [--optuna-budget-s S] [--mlflow-sizes 0,1000,3000]
+        [--pareto-sizes 1000,10000] [--api-runs 1000] [--resume-trials 1000] [--postgres URL]
+        [--recorded DIR] [--json OUT]
+
+The figures and how they were taken on a 2-core machine: docs/control_plane_cpu.md.
 
 Each part runs on a new SQLite file and a new PostgreSQL database. PostgreSQL is the server at
 --postgres (a URL whose user may create databases), else one this script starts for itself, as the
@@ -22,9 +25,10 @@ Parts (what the sweep itself does, with afm_ray's own code, unless said):
   the final metrics, and the student as an MLflow model (safetensors + spec), on an experiment
   already holding each of --mlflow-sizes trial runs. The callback is driven directly with recorded
   results (a stand-in for Ray Tune's trial object); the results and the student come from one real
-  training run of the default space's student (1 epoch). The runs that fill the experiment are
-  written in one batch each (params, final metrics and a 5-point curve; no model): pareto reads
-  exactly these.
+  training run of the default space's student (1 epoch on sklearn's digits; kept in --recorded).
+  The runs that fill the experiment are written in one batch each (params, final metrics and a
+  5-point curve; no model), the first --api-runs through MLflow's API and the rest copied in SQL
+  from those (new ids and objective values): pareto reads exactly these.
 - pareto: `python -m afm_ray.pareto --experiment E` (a subprocess, wall time) over --pareto-sizes
   trial runs, and the import-only baseline of the same command (`--help`).
 - resume: a sweep of --resume-trials trials whose trial function reports its final result at once
@@ -57,6 +61,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = "control-plane"
 EPOCHS = 5  # the default space's optim.epochs
+FILLER_TAG = "bench.filler"  # the runs `fill` wrote: what `clone_runs` copies
 
 
 def log(line: str) -> None:
@@ -153,14 +158,12 @@ class Stores:
 
 
 def default_space(num_samples: int) -> Any:
-    from afm_ray.search_space import default_startup_trials, load_search_space
+    from afm_ray.search.space import load_search_space
+    from afm_ray.search.specs import default_startup_trials
 
     space = load_search_space()
-    return dataclasses.replace(
-        space,
-        num_samples=num_samples,
-        sampler={**space.sampler, "n_startup_trials": default_startup_trials(num_samples)},
-    )
+    sampler = dataclasses.replace(space.sampler, n_startup_trials=default_startup_trials(num_samples))
+    return dataclasses.replace(space, num_samples=num_samples, sampler=sampler)
 
 
 def synthetic_values(params: dict[str, Any], rng: Any) -> list[float]:
@@ -170,19 +173,20 @@ def synthetic_values(params: dict[str, Any], rng: Any) -> list[float]:
     return [clean, robust]
 
 
-def bench_optuna(url: str, sizes: list[int], cpu: Cpu) -> dict[str, Any]:
+def bench_optuna(url: str, sizes: list[int], cpu: Cpu, budget_s: float = math.inf) -> dict[str, Any]:
+    """Sizes up to the largest, or up to the first size reached after `budget_s` seconds."""
     import numpy as np
     import optuna
 
-    from afm_ray.search_space import build_sampler
-    from afm_ray.sweep.run import optuna_storage
+    from afm_ray.search.samplers import build_sampler
+    from afm_ray.sweep.driver import optuna_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = default_space(max(sizes))
     study = optuna.create_study(
         study_name="bench",
         storage=optuna_storage(url) if url else None,
-        sampler=build_sampler(space),
+        sampler=build_sampler(space.sampler, space.seed),
         directions=[o.mode + "imize" for o in space.objectives],
     )
     define = space.define_by_run()
@@ -219,6 +223,9 @@ def bench_optuna(url: str, sizes: list[int], cpu: Cpu) -> dict[str, Any]:
             log(f"  optuna {n:>5} trials: ask {r['ask_ms']:7.1f} ms wall, {r['ask_cpu_ms']:6.1f} ms CPU; tell "
                 f"{r['tell_ms']:6.1f} ms wall, {r['tell_cpu_ms']:5.1f} ms CPU; server {r['server_cpu_ms']:5.1f} ms "
                 f"CPU per trial; {r['cumulative_s']:7.1f} s so far")  # fmt: skip
+            if r["cumulative_s"] > budget_s:
+                log(f"  optuna: stopped after {n} trials, past --optuna-budget-s {budget_s:.0f}")
+                break
     return out
 
 
@@ -229,7 +236,7 @@ class RecordingReporter:
     """Keeps what one real training run reports (afm_ray.train's reporter protocol)."""
 
     def __init__(self, folder: Path):
-        from afm_ray.train import LocalReporter
+        from afm_ray.train.loop import LocalReporter
 
         self.local = LocalReporter(folder, log=lambda line: None)
         self.results: list[dict[str, float]] = []
@@ -242,20 +249,40 @@ class RecordingReporter:
         return None
 
 
-def recorded_trial(workdir: Path) -> tuple[dict[str, Any], list[dict], dict, str]:
+def recorded_trial(workdir: Path, cache: Path | None = None) -> tuple[dict[str, Any], list[dict], dict, str]:
     """(config, per-epoch results, final result, checkpoint folder) of one real run of the default
-    space's student, 1 epoch, the final evaluation on 4 images (the keys matter, not the values)."""
+    space's student (on sklearn's digits): 1 epoch, validation on 32 images, the final evaluation on 4 images with
+    clean, PGD-20 and CW (the keys matter, not the values). AutoAttack's keys are PGD-20's values
+    under AutoAttack's names: on a shared 2-core machine AutoAttack alone took over 10 minutes at
+    low priority, and what is measured is the writing of the keys. With `cache`, the run is kept
+    there and reused by the next invocation (one part at a time)."""
     from afm_ray.config import from_flat, to_flat
-    from afm_ray.train import train_fn_per_worker
+    from afm_ray.train.loop import train_fn_per_worker
 
+    saved = cache / "recorded.json" if cache else None
+    if saved is not None and saved.exists():
+        config, curves, final, checkpoint = json.loads(saved.read_text())
+        if Path(checkpoint).exists():
+            return config, curves, final, checkpoint
     space = default_space(6)
-    config = to_flat(from_flat({**space.fixed, "method.name": "pgd_at", "optim.epochs": 1, "eval.samples": 4}))
-    reporter = RecordingReporter(workdir / "recorded")
+    # sklearn's digits (8x8), 2 PGD steps: seconds, not minutes, on a busy CPU; the same student.
+    overrides = {
+        "data.name": "digits", "data.image_size": 8, "method.name": "pgd_at", "attack.steps": 2, "optim.epochs": 1,
+        "eval.samples": 4, "eval.val_samples": 32,
+    }  # fmt: skip
+    config = to_flat(from_flat({**space.fixed, **overrides, "eval.attacks": "clean,pgd20,cw"}))
+    reporter = RecordingReporter((cache or workdir) / "recorded")
     train_fn_per_worker(config, reporter)
-    epoch, final = reporter.results[0], reporter.results[-1]
+    epoch, final = reporter.results[0], dict(reporter.results[-1])
+    final.update({key.replace("pgd20", "aa"): value for key, value in final.items() if "pgd20" in key})
     curves = [{**epoch, "epoch": e} for e in range(1, EPOCHS + 1)]
+    # The params a sweep's trial logs: the default space's fixed keys and one value of each searched key.
     config = {**config, **{d.key: (d.choices[0] if d.kind == "choice" else d.low) for d in space.search}}
-    return config, curves, final, str(reporter.local.latest_checkpoint)
+    config["eval.attacks"] = space.fixed["eval.attacks"]
+    recorded = (config, curves, final, str(reporter.local.latest_checkpoint))
+    if saved is not None:
+        saved.write_text(json.dumps(recorded, default=str))
+    return recorded
 
 
 class BenchTrial:
@@ -269,7 +296,7 @@ class BenchTrial:
 
 
 def tracker_for(uri: str, parent: str) -> Any:
-    from afm_ray.sweep.tracking import TrialTracker
+    from afm_ray.tracking.trial_tracker import TrialTracker
 
     tracker = TrialTracker(uri, experiment_name=EXPERIMENT, parent_run_id=parent, sweep_name="bench")
     tracker.setup()
@@ -277,7 +304,7 @@ def tracker_for(uri: str, parent: str) -> Any:
 
 
 def parent_run(uri: str) -> str:
-    from afm_ray.sweep.tracking import RedactingClient, start_or_resume_sweep_run
+    from afm_ray.tracking.trial_tracker import RedactingClient, start_or_resume_sweep_run
 
     params = {"sweep.objectives": "clean_acc:max,aa_acc:max", "sweep.name": "bench"}
     return start_or_resume_sweep_run(RedactingClient(uri), EXPERIMENT, "bench", params, "# bench\n", False)
@@ -288,7 +315,7 @@ def fill(uri: str, parent: str, count: int, config: dict, final: dict, rng: Any)
     from mlflow.entities import Metric, Param, RunTag
 
     from afm_ray import names
-    from afm_ray.sweep.tracking import RedactingClient
+    from afm_ray.tracking.trial_tracker import RedactingClient
 
     client = RedactingClient(uri)
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
@@ -307,7 +334,8 @@ def fill(uri: str, parent: str, count: int, config: dict, final: dict, rng: Any)
         metrics = [Metric(k, v, now, 0) for k, v in values.items()]
         metrics += [Metric("val/clean_acc", rng.uniform(0.5, 0.9), now, e) for e in range(1, EPOCHS + 1)]
         params = [Param(k, str(v)) for k, v in config.items()]
-        client.log_batch(run, metrics=metrics, params=params[:100], tags=[RunTag("trial_name", trial_id)])
+        tags = [RunTag("trial_name", trial_id), RunTag(FILLER_TAG, "1")]
+        client.log_batch(run, metrics=metrics, params=params[:100], tags=tags)
         if len(params) > 100:
             client.log_batch(run, params=params[100:])
         client.set_terminated(run, "FINISHED")
@@ -348,7 +376,8 @@ def tracked_trials(
     return out
 
 
-def bench_mlflow(uri: str, sizes: list[int], recorded: tuple, per_size: int, cpu: Cpu) -> dict[str, Any]:
+def bench_mlflow(uri: str, sizes: list[int], recorded: tuple, per_size: int, cpu: Cpu, api_runs: int) -> dict[str, Any]:
+    """TrialTracker's cost per trial on an experiment holding each of `sizes` runs (filled as `grow` does)."""
     import numpy as np
 
     config, curves, final, checkpoint = recorded
@@ -357,7 +386,7 @@ def bench_mlflow(uri: str, sizes: list[int], recorded: tuple, per_size: int, cpu
     tracker = tracker_for(uri, parent)
     out, held = {}, 0
     for size in sizes:
-        fill_s = fill(uri, parent, size - held, config, final, rng) if size > held else None
+        fill_s = grow(uri, parent, size - held, api_runs - held, config, final, rng) if size > held else None
         held = max(held, size)
         parts = tracked_trials(tracker, per_size, config, curves, final, checkpoint, cpu)
         held += per_size
@@ -385,7 +414,65 @@ def run_pareto(uri: str, cpu: Cpu, *args: str) -> tuple[dict[str, float], subpro
     return {"wall_s": wall, "cpu_s": client1 - client0, "server_cpu_s": server1 - server0}, proc
 
 
-def bench_pareto(uri: str, sizes: list[int], recorded: tuple, cpu: Cpu) -> dict[str, Any]:
+def clone_runs(uri: str, count: int, rng: Any) -> float:
+    """`count` more trial runs, copied row by row (MLflow's runs, tags, params, metrics and
+    latest_metrics tables) from the runs `fill` wrote through MLflow's API, each with a new
+    run id, trial id and objective values; returns wall seconds per run. One `log_batch` per run
+    took 0.3-0.4 s on the busy 2-core machine (an hour for 10,000); pareto reads the same rows."""
+    from sqlalchemy import MetaData, create_engine, select
+
+    from afm_ray import names
+
+    engine = create_engine(uri)
+    meta, run_tables = MetaData(), ("runs", "tags", "params", "metrics", "latest_metrics")  # runs first: referred to
+    meta.reflect(engine, only=run_tables)
+    tables = {name: meta.tables[name] for name in run_tables}  # not the experiments table reflect adds
+    started = time.perf_counter()
+    with engine.begin() as conn:
+        tags = tables["tags"]
+        sources = [row[0] for row in conn.execute(select(tags.c.run_uuid).where(tags.c.key == FILLER_TAG))]
+        rows: dict[str, dict[str, list[dict]]] = {}  # table -> source run -> its rows
+        for name, table in tables.items():
+            for row in conn.execute(select(table).where(table.c.run_uuid.in_(sources))):
+                rows.setdefault(name, {}).setdefault(row.run_uuid, []).append(dict(row._mapping))
+        for first in range(0, count, 500):  # bounded memory: 500 runs per insert
+            batch: dict[str, list[dict]] = {name: [] for name in tables}
+            for i in range(first, min(count, first + 500)):
+                source = sources[i % len(sources)]
+                run, trial = uuid.uuid4().hex, uuid.uuid4().hex[:8]
+                clean, robust = rng.uniform(0.8, 0.95), rng.uniform(0.3, 0.8)
+                values = {"clean_acc": clean, "aa_acc": min(robust, clean)}
+                text = {names.TRIAL_ID_TAG: trial, "trial_name": trial, "mlflow.runName": f"train_driver_fn_{trial}"}
+                for name in tables:
+                    for row in rows.get(name, {}).get(source, []):
+                        new = {**row, "run_uuid": run}
+                        if name == "runs":
+                            new["name"] = text["mlflow.runName"]
+                            new["artifact_uri"] = str(row["artifact_uri"]).replace(source, run)
+                        elif name == "tags" and row["key"] in text:
+                            new["value"] = text[row["key"]]
+                        elif name in ("metrics", "latest_metrics") and row["key"] in values:
+                            new["value"] = values[row["key"]]
+                        batch[name].append(new)
+            for name in run_tables:
+                if batch[name]:
+                    conn.execute(tables[name].insert(), batch[name])
+    engine.dispose()
+    return (time.perf_counter() - started) / max(count, 1)
+
+
+def grow(uri: str, parent: str, count: int, api_left: int, config: dict, final: dict, rng: Any) -> float:
+    """`count` more filler runs: up to `api_left` through MLflow's API (`fill`), the rest cloned
+    (`clone_runs`, which needs some of the first kind); wall seconds per run."""
+    through_api = max(0, min(count, api_left))
+    seconds = fill(uri, parent, through_api, config, final, rng) * through_api
+    if count > through_api:
+        seconds += clone_runs(uri, count - through_api, rng) * (count - through_api)
+    return seconds / max(count, 1)
+
+
+def bench_pareto(uri: str, sizes: list[int], recorded: tuple, cpu: Cpu, api_runs: int) -> dict[str, Any]:
+    """pareto at each size; up to `api_runs` runs are written through MLflow's API, the rest cloned."""
     import numpy as np
 
     config, _, final, _ = recorded
@@ -394,7 +481,7 @@ def bench_pareto(uri: str, sizes: list[int], recorded: tuple, cpu: Cpu) -> dict[
     out, held = {}, 0
     baseline, _ = run_pareto(uri, cpu, "--help")
     for size in sizes:
-        fill_s = fill(uri, parent, size - held, config, final, rng)
+        fill_s = grow(uri, parent, size - held, api_runs - held, config, final, rng)
         held = size
         took, proc = run_pareto(uri, cpu, "--experiment", EXPERIMENT)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -428,17 +515,26 @@ def tune_sweep(tracking: str, optuna_url: str, storage: str, trials: int, resume
     from ray import tune
 
     from afm_ray.credentials import remember
-    from afm_ray.search_space import build_sampler
+    from afm_ray.search.samplers import build_sampler
+    from afm_ray.sweep.driver import CompletedOnlyOptunaSearch, optuna_storage
     from afm_ray.sweep.local_ray import connect_or_start
-    from afm_ray.sweep.run import CompletedOnlyOptunaSearch, optuna_storage
-    from afm_ray.sweep.tracking import RedactingClient, TrialTracker, start_or_resume_sweep_run
+    from afm_ray.tracking.trial_tracker import RedactingClient, TrialTracker, start_or_resume_sweep_run
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     remember(tracking)
     remember(optuna_url)
     times, t0, c0 = {}, time.perf_counter(), time.process_time()
-    connect_or_start(None)
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: too short on a loaded machine
+        try:
+            connect_or_start(None)
+            break
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            log(f"  Ray did not start in time ({exc}); again")
+            ray.shutdown()
+    times["ray_start_attempts"] = attempt + 1
     times["ray_start_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     params = {"sweep.objectives": "clean_acc:max,aa_acc:max", "sweep.name": "resume"}
@@ -454,7 +550,7 @@ def tune_sweep(tracking: str, optuna_url: str, storage: str, trials: int, resume
             space=space.define_by_run(),
             metric=[o.metric for o in space.objectives],
             mode=[o.mode for o in space.objectives],
-            sampler=build_sampler(space),
+            sampler=build_sampler(space.sampler, space.seed),
             study_name="resume",
             storage=optuna_storage(optuna_url),
         )
@@ -530,20 +626,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--parts", default="optuna,mlflow,pareto,resume")
     parser.add_argument("--optuna-trials", default="100,1000,3000")
+    parser.add_argument("--optuna-budget-s", type=float, default=math.inf, help="no size begun after this")
     parser.add_argument("--mlflow-sizes", default="0,1000,3000")
     parser.add_argument("--mlflow-trials", type=int, default=10, help="trials measured at each size")
     parser.add_argument("--pareto-sizes", default="1000,10000")
+    parser.add_argument(
+        "--api-runs", type=int, default=1000, help="filler runs written through MLflow's API; more are cloned"
+    )
     parser.add_argument("--resume-trials", type=int, default=1000)
     parser.add_argument("--postgres", help="a PostgreSQL URL whose user may CREATE DATABASE (default: start one)")
     parser.add_argument("--json", help="write the figures here (merged into what the file holds)")
+    parser.add_argument("--recorded", help="a folder that keeps the recorded training run between invocations")
     args = parser.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     parts = args.parts.split(",")
 
     from afm_ray.devices import cpu_model_name
-    from afm_ray.signals import install_sigterm_as_sigint
+    from afm_ray.signals import install_sigterm_as_sigint, restore_sigterm
 
-    install_sigterm_as_sigint()  # a kill stops the PostgreSQL server this script started, too
+    previous = install_sigterm_as_sigint()  # a kill stops the PostgreSQL server this script started, too
     workdir = Path(tempfile.mkdtemp(prefix="afm-cp-"))
     stores = Stores(args.postgres, workdir)
     figures: dict[str, Any] = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
@@ -558,10 +659,14 @@ def main(argv: list[str] | None = None) -> int:
         "sqlalchemy": sqlalchemy.__version__,
     }  # fmt: skip
     try:
-        stores.start()
+        if "postgresql" in args.backends.split(","):
+            stores.start()
         if stores.server is not None:
             figures["postgresql_server"] = "a local PostgreSQL 15 server (tests/postgres.py: fsync off)"
-        recorded = recorded_trial(workdir) if {"mlflow", "pareto"} & set(parts) else None
+        cache = Path(args.recorded) if args.recorded else None
+        if cache:
+            cache.mkdir(parents=True, exist_ok=True)
+        recorded = recorded_trial(workdir, cache) if {"mlflow", "pareto"} & set(parts) else None
         with quiet_mlflow():
             for backend in args.backends.split(","):
                 log(f"{backend}:")
@@ -569,7 +674,10 @@ def main(argv: list[str] | None = None) -> int:
                 todo = [p for p in parts if backend != "memory" or p == "optuna"]  # no database: Optuna only
                 if "optuna" in todo:
                     result["optuna"] = bench_optuna(
-                        stores.new(backend, "optuna"), ints(args.optuna_trials), stores.cpu(backend)
+                        stores.new(backend, "optuna"),
+                        ints(args.optuna_trials),
+                        stores.cpu(backend),
+                        args.optuna_budget_s,
                     )
                 if "mlflow" in todo:
                     result["mlflow"] = bench_mlflow(
@@ -578,10 +686,15 @@ def main(argv: list[str] | None = None) -> int:
                         recorded,
                         args.mlflow_trials,
                         stores.cpu(backend),
+                        args.api_runs,
                     )
                 if "pareto" in todo:
                     result["pareto"] = bench_pareto(
-                        stores.new(backend, "pareto"), ints(args.pareto_sizes), recorded, stores.cpu(backend)
+                        stores.new(backend, "pareto"),
+                        ints(args.pareto_sizes),
+                        recorded,
+                        stores.cpu(backend),
+                        args.api_runs,
                     )
                 if "resume" in todo:
                     tracking, optuna_url = stores.new(backend, "rmlflow"), stores.new(backend, "roptuna")
@@ -594,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stores.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+        restore_sigterm(previous)
     return 0
 
 
