@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,3 +125,30 @@ def train_driver_fn(config: dict[str, Any], runtime: TrialRuntime) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     build_trainer(config, runtime, name=f"train-{trial_id}", callbacks=[NodeIdsReportCallback()]).fit()
+    wait_for_reports_to_reach_tune()
+
+
+def wait_for_reports_to_reach_tune(stable_s: float = 0.6, timeout_s: float = 120.0) -> None:
+    """Return only once Tune's main thread has taken every report the Train run sent.
+
+    Ray 2.60 deadlocks a trial otherwise (seen on the simulated cluster under load): when this function
+    returns, Tune's thread posts its end-of-trial marker into the session's one-slot result queue; if the
+    main thread is at that moment moving the Train run's last report (the final evaluation) from the
+    inter-actor queue into that same slot, its `put` blocks forever and the trial never completes.
+    Both queues empty for `stable_s` means the main thread has moved and consumed the last report.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    inter_actor = getattr(session, "_inter_actor_queue", None)
+    if session is None or inter_actor is None:  # not inside Tune, or a Ray without the inter-actor queue
+        return
+    deadline, stable_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        if inter_actor.empty() and session.result_queue.empty():
+            stable_since = stable_since or time.monotonic()
+            if time.monotonic() - stable_since >= stable_s:
+                return
+        else:
+            stable_since = None
+        time.sleep(0.1)
