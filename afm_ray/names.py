@@ -201,6 +201,11 @@ DEFAULT_OBJECTIVES = (Objective("clean_acc", "max"), Objective("aa_acc", "max"))
 OPTUNA_STORAGE_ENV = "AFM_RAY_OPTUNA_STORAGE"
 
 
+def trial_completion_path(sweep_dir: str, trial_id: str) -> str:
+    """Where a sweep keeps a completed trial's final result, in its storage (a resumed sweep runs it no more)."""
+    return f"{sweep_dir}/completed/{trial_id}.json"
+
+
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else a SQLite file in the working directory (absolute URI)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"

@@ -66,6 +66,15 @@ def write_bytes(target: str, payload: bytes) -> None:
     tmp.replace(target)  # atomic: a reader never sees half a file
 
 
+def read_bytes(source: str) -> bytes:
+    """A file's bytes, locally or at a URI (FileNotFoundError, or another OSError, when it cannot be read)."""
+    if is_uri(source):
+        fs, path = filesystem(source)
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    return Path(source).read_bytes()
+
+
 def list_dirs(root: str) -> list[str]:
     """Names of the folders directly under `root` (none if it does not exist)."""
     if is_uri(root):

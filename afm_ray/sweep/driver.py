@@ -222,7 +222,13 @@ def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float, concurren
         client.log_metric(parent_id, f"teacher/{key}", value)
 
     callbacks = [
-        TrialTracker(plan.tracking_uri, experiment_name=plan.experiment, parent_run_id=parent_id, sweep_name=name),
+        TrialTracker(
+            plan.tracking_uri,
+            experiment_name=plan.experiment,
+            parent_run_id=parent_id,
+            sweep_name=name,
+            sweep_dir=plan.sweep_dir,
+        ),
         TrialProgress(space.objectives),
     ]
     if uses_staged_evaluation(space):
@@ -308,10 +314,23 @@ class CompletedOnlyOptunaSearch(OptunaSearch):
     A trial a scheduler stopped early ends with its last per-epoch result, which lacks the
     final metrics: Optuna records it as pruned, so it can never enter the Pareto front. So is a
     trial whose AutoAttack staged evaluation skipped (user attribute `aa_skipped`: why).
-    Each Optuna trial also records its Tune trial id, which MLflow runs carry as a tag.
+    Each Optuna trial also records its Tune trial id, which MLflow runs carry as a tag. A restored searcher
+    takes over the trials asked of Optuna after its last save (`restore`).
     """
 
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        # Optuna trials asked after Tune last saved this searcher (the sweep's driver died in between: Tune saves
+        # every ten seconds or so) are RUNNING in the study and unknown here. The next trials take them over,
+        # with the parameters they were given, so that the study holds each trial once.
+        known = {trial.number for trial in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        self._unclaimed = [trial._trial_id for trial in running if trial.number not in known]
+
     def suggest(self, trial_id: str) -> dict | None:
+        unclaimed = self.__dict__.get("_unclaimed")
+        if unclaimed and trial_id not in self._ot_trials:
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, unclaimed.pop(0))
         params = super().suggest(trial_id)
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)

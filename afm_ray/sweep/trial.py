@@ -9,6 +9,7 @@ restored sweep finds each trial's checkpoints again.
 from __future__ import annotations
 
 import functools
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ from typing import Any
 import torch
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from afm_ray.names import NODE_ID_METRIC
+from afm_ray.names import NODE_ID_METRIC, trial_completion_path
 from afm_ray.search.specs import GIB, TrialResources
+from afm_ray.storage import read_bytes
 from afm_ray.sweep.aa_gate import aa_gate
 from afm_ray.train.loop import train_fn_per_worker
 
@@ -115,6 +117,16 @@ def build_trainer(
     )
 
 
+def recorded_completion(sweep_dir: str, trial_id: str) -> dict[str, Any] | None:
+    """A trial's final result as the sweep's MLflow writer kept it once the trial completed
+    (afm_ray.tracking.trial_tracker.record_completion); None when it has not completed (or the record cannot
+    be read: the trial then runs again, from its last checkpoint)."""
+    try:
+        return json.loads(read_bytes(trial_completion_path(sweep_dir, trial_id)))
+    except (OSError, ValueError):
+        return None
+
+
 def train_driver_fn(config: dict[str, Any], runtime: TrialRuntime) -> None:
     """The Tune function of one trial: run its distillation as a Ray Train run.
 
@@ -124,6 +136,12 @@ def train_driver_fn(config: dict[str, Any], runtime: TrialRuntime) -> None:
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
+    recorded = recorded_completion(runtime.storage_path, trial_id)
+    if recorded is not None:
+        # It completed, but Tune's state was saved before it did (the sweep's driver died in between):
+        # its final result again, nothing trained or evaluated again.
+        ray.tune.report(recorded)
+        return
     build_trainer(config, runtime, name=f"train-{trial_id}", callbacks=[NodeIdsReportCallback()]).fit()
     wait_for_reports_to_reach_tune()
 

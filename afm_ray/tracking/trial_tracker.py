@@ -5,12 +5,20 @@ what a sweep needs: nesting (tag `mlflow.parentRunId`), the full resolved config
 only our metrics, a trial status tag, the student as an MLflow model (safetensors,
 afm_ray.tracking.student_model), and re-use of a trial's run when a sweep is resumed (so no run is ever duplicated).
 
+Tune saves its own state (which trials ended) only every ten seconds or so: a sweep resumed after its driver
+died (the head lost) may start again a trial that had completed. So each completed trial's final result is also
+written to the sweep's storage (`record_completion`, once MLflow holds everything of it): such a trial's
+Tune function reports it again without training or evaluating (afm_ray.sweep.trial), and its MLflow run, already
+complete, is left as it was. A trial that Tune started after its last save is unknown to the restored sweep:
+its run, left RUNNING, is deleted, and its Optuna trial runs again under a new trial id.
+
 We never call `mlflow.set_experiment` in the driver: it exports MLFLOW_EXPERIMENT_ID,
 which would override the callback's experiment.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +28,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune.result import AUTO_RESULT_KEYS, DONE, SHOULD_CHECKPOINT, TRIAL_ID
 
 from afm_ray.checkpoints import checkpoint_data_spec, load_model
 from afm_ray.config import from_flat, to_flat
@@ -39,8 +48,9 @@ from afm_ray.names import (
     SWEEP_TAG,
     TRIAL_ID_TAG,
     TRIAL_STATUS_TAG,
+    trial_completion_path,
 )
-from afm_ray.storage import local_directory
+from afm_ray.storage import local_directory, write_bytes
 from afm_ray.tracking.mlflow_runs import tags_match
 from afm_ray.tracking.student_model import log_student
 
@@ -116,11 +126,29 @@ def start_or_resume_sweep_run(
     return run.info.run_id
 
 
+# Tune's own keys of a result (and the config): Tune adds them to what a Tune function reports.
+_TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | {DONE, TRIAL_ID, "experiment_tag", SHOULD_CHECKPOINT}
+
+
+def record_completion(sweep_dir: str, trial_id: str, result: Mapping[str, Any]) -> None:
+    """Keep a completed trial's final result (its values that a Tune function can report again)."""
+    kept = {k: v for k, v in result.items() if k not in _TUNE_KEYS and isinstance(v, (bool, int, float, str))}
+    write_bytes(trial_completion_path(sweep_dir, trial_id), json.dumps(kept).encode())
+
+
 class TrialTracker(MLflowLoggerCallback):
-    """One MLflow child run per Tune trial (see the module docstring)."""
+    """One MLflow child run per Tune trial (see the module docstring). With `sweep_dir`, each completed
+    trial's final result is also kept there (`record_completion`)."""
 
     def __init__(
-        self, tracking_uri: str, *, experiment_name: str, parent_run_id: str, sweep_name: str, log_model: bool = True
+        self,
+        tracking_uri: str,
+        *,
+        experiment_name: str,
+        parent_run_id: str,
+        sweep_name: str,
+        log_model: bool = True,
+        sweep_dir: str | None = None,
     ):
         super().__init__(
             tracking_uri,
@@ -129,6 +157,9 @@ class TrialTracker(MLflowLoggerCallback):
         )
         self.parent_run_id = parent_run_id
         self.log_model = log_model
+        self.sweep_dir = sweep_dir
+        self._replayed: set[str] = set()  # trials whose run was complete when they started again: left alone
+        self._orphans_checked = False
         self._last_checkpoint: dict[str, str] = {}
         self._node_ids: dict[str, list[str]] = {}  # per trial, every node its workers ran on, in order
         self._started: dict[str, float] = {}  # per trial, when this driver saw it start (monotonic)
@@ -139,23 +170,48 @@ class TrialTracker(MLflowLoggerCallback):
         return {**self.__dict__, "tracking_uri": redact_uri(str(self.tracking_uri))}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"sweep_dir": None, "_replayed": set(), "_orphans_checked": False})  # older pickles
         self.__dict__.update({**state, "tracking_uri": recall(state["tracking_uri"])})
 
     def setup(self, *args: Any, **kwargs: Any) -> None:
         super().setup(*args, **kwargs)
         self._client = RedactingClient(self.tracking_uri)
         self._experiment_id = self.mlflow_util.experiment_id
+        self._orphans_checked = False
 
-    def _existing_run(self, trial_id: str) -> str | None:
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if not self._orphans_checked:  # once per driver: Tune has restored every trial it saved by now
+            self._orphans_checked = True
+            self._drop_orphans({t.trial_id for t in trials})
+        super().on_trial_start(iteration, trials, trial, **info)
+
+    def _drop_orphans(self, known: set[str]) -> None:
+        """Runs of trials that Tune started after it last saved its state, left RUNNING by a driver that died:
+        Tune knows them no more, and their Optuna trials run again under new trial ids (afm_ray.sweep.driver).
+        Deleted (MLflow keeps them restorable), so that each trial has one run."""
+        running = f"{tags_match({PARENT_TAG: self.parent_run_id})} and attributes.status = 'RUNNING'"
+        for run in self._client.search_runs([self._experiment_id], filter_string=running):
+            if run.data.tags.get(ROLE_TAG) == "trial" and run.data.tags.get(TRIAL_ID_TAG) not in known:
+                self._client.set_terminated(run.info.run_id, status="KILLED")
+                self._client.delete_run(run.info.run_id)
+
+    def _existing_run(self, trial_id: str) -> Any:
         runs = self._client.search_runs(
             [self._experiment_id],
             filter_string=tags_match({TRIAL_ID_TAG: trial_id, PARENT_TAG: self.parent_run_id}),
         )
-        return runs[0].info.run_id if runs else None
+        return runs[0] if runs else None
 
     def log_trial_start(self, trial: Any) -> None:
         if trial not in self._trial_runs:
-            run_id = self._existing_run(trial.trial_id)
+            run = self._existing_run(trial.trial_id)
+            run_id = run.info.run_id if run else None
+            if run is not None and run.data.tags.get(TRIAL_STATUS_TAG) == "completed":
+                # Completed before the sweep's driver died, after Tune last saved its state: it only
+                # reports its recorded final result again (afm_ray.sweep.trial), which is logged already.
+                self._replayed.add(trial.trial_id)
+                self._trial_runs[trial] = run_id
+                return
             if run_id is None:
                 # One name per trial: the MLflow run is named by the trial id the sweep's lines show.
                 tags = {**self.tags, TRIAL_ID_TAG: trial.trial_id, "trial_name": str(trial)}
@@ -176,6 +232,8 @@ class TrialTracker(MLflowLoggerCallback):
             self._client.log_batch(run_id, params=params[i : i + 100])
 
     def log_trial_result(self, iteration: int, trial: Any, result: Mapping[str, Any]) -> None:
+        if trial.trial_id in self._replayed:
+            return
         run_id = self._trial_runs[trial]
         if result.get("checkpoint_path"):
             self._last_checkpoint[trial.trial_id] = result["checkpoint_path"]
@@ -201,6 +259,8 @@ class TrialTracker(MLflowLoggerCallback):
             self._client.set_tag(run_id, AA_SKIPPED_TAG, str(result[AA_SKIP_REASON_KEY])[:5000])
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        if trial.trial_id in self._replayed:
+            return
         run_id = self._trial_runs[trial]
         last = trial.last_result or {}
         status = "failed" if failed else "completed" if last.get(FINAL_RESULT_FLAG) else "early_stopped"
@@ -216,6 +276,8 @@ class TrialTracker(MLflowLoggerCallback):
             self._client.log_metric(run_id, "time/trial_s", took, step=int(last.get("epoch", 0)))
         self._client.set_tag(run_id, TRIAL_STATUS_TAG, status)
         self._client.set_terminated(run_id, status={"completed": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
+        if status == "completed" and self.sweep_dir:  # last: MLflow holds all of the trial
+            record_completion(self.sweep_dir, trial.trial_id, last)
 
     def _log_student(self, run_id: str, trial: Any) -> None:
         path = self._last_checkpoint.get(trial.trial_id)
