@@ -8,9 +8,8 @@ already logged goes straight to its evaluation, whose AutoAttack state (in the s
 Train run) skips the attacks that ran; an unfinished Train run continues from its last checkpoint
 (Train V2, same run name and storage). So the same command, run again, continues.
 
-At most as many jobs run at once as the cluster fits (afm_ray.sweep.driver.max_concurrent_trials, the
-sweep's rule: no cap while an autoscaling cluster has no GPU node yet); each finished stage prints
-one line.
+At most as many jobs run at once as the cluster holds at its largest size (afm_ray.sweep.capacity, the
+sweep's rule; never unbounded); each finished stage prints one line.
 """
 
 from __future__ import annotations
@@ -33,7 +32,8 @@ from afm_ray.final.evaluation import AA_STATE_FILE, evaluate_weights
 from afm_ray.final.plan import Configuration
 from afm_ray.names import TRAIN_TEACHER
 from afm_ray.storage import is_uri
-from afm_ray.sweep.driver import max_concurrent_trials, prepare_teacher
+from afm_ray.sweep.capacity import cluster_capacity, resolve_concurrency
+from afm_ray.sweep.driver import prepare_teacher
 from afm_ray.sweep.local_ray import connect_or_start
 from afm_ray.sweep.retrain import retrain_task, state_bytes
 from afm_ray.sweep.trial import TrialRuntime
@@ -128,7 +128,7 @@ def run_final_stage(
     if started_ray:
         connect_or_start(address)
     try:
-        return _run(todo, client, experiment_id, samples, max_concurrent, log)
+        return _run(todo, client, experiment_id, samples, max_concurrent, started_ray, log)
     finally:
         if started_ray:
             ray.shutdown()
@@ -140,14 +140,14 @@ def _run(
     experiment_id: str,
     samples: int,
     max_concurrent: int,
+    started_ray: bool,
     log: Callable[[str], None],
 ) -> dict[tuple[str, int], dict[str, float]]:
     todo = _with_teachers(todo, log)
-    cluster = ray.cluster_resources()
-    fits = [max_concurrent_trials(job.config.space, cluster) for job, _ in todo]
-    limit = min([f for f in fits if f] or [len(todo)])
-    if max_concurrent:
-        limit = min(limit, max_concurrent)
+    capacity = cluster_capacity(started_ray)
+    limit = min(
+        resolve_concurrency(job.config.space.resources, max_concurrent, len(todo), capacity).trials for job, _ in todo
+    )
     log(f"final stage: {len(todo)} job(s) to run, at most {limit} at a time on this cluster")
     queue, pending, results, failed = list(todo), {}, {}, []
     running, finished, started = 0, 0, time.monotonic()

@@ -177,11 +177,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-if __name__ == "__main__":  # python -m afm_ray.teacher; as __main__ this is not the library module, so no cycle
-    import sys
-
-    from afm_ray.cli import teacher_main
-
-    sys.exit(teacher_main())
