@@ -228,6 +228,7 @@ def test_every_console_script_names_a_command_main():
     """pyproject's [project.scripts] point at the `main` of a command's `__main__` (a renamed or moved
     command would otherwise install a script that fails on import), and every command has one."""
     import importlib
+    import importlib.util
 
     import tomllib
 
@@ -238,3 +239,34 @@ def test_every_console_script_names_a_command_main():
         module, _, attr = target.partition(":")
         assert module == f"afm_ray.{name.removeprefix('afm-ray-')}.__main__" and attr == "main", (name, target)
         assert callable(getattr(importlib.import_module(module), attr)), target
+
+
+def test_every_name_imported_from_the_package_exists():
+    """Every `from afm_ray.x import y`, at module level or inside a function (the lazy imports that keep
+    Ray and torch off a command's start-up), names something that exists: a merge that moves or removes
+    a function otherwise breaks only the code path that imports it, at run time."""
+    import importlib
+    import importlib.util
+
+    missing = []
+    for path in [*PACKAGE.rglob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tests").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("afm_ray"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if (
+                        not hasattr(module, alias.name)
+                        and importlib.util.find_spec(f"{node.module}.{alias.name}") is None
+                    ):
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{alias.name}")
+    assert not missing, missing
+
+
+def test_no_library_module_runs_as_a_script():
+    """Only a command's __main__.py runs as a script; a guard elsewhere is a second entry point to keep."""
+    guarded = [
+        str(p.relative_to(ROOT))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__main__.py" and re.search(r"^if __name__ == .__main__.:", p.read_text(), flags=re.M)
+    ]
+    assert not guarded, guarded
