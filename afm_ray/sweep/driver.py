@@ -229,7 +229,7 @@ def _run_sweep(plan: SweepPlan, records: SweepRecords, started: float, concurren
             sweep_name=name,
             sweep_dir=plan.sweep_dir,
         ),
-        TrialProgress(space.objectives),
+        TrialProgress(space.objectives, to_flat(space.base)),
     ]
     if uses_staged_evaluation(space):
         # Finished trials' objectives, for the workers' AutoAttack decision (afm_ray.search.staged_aa).

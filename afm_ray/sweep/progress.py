@@ -9,6 +9,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from afm_ray.config import to_flat
 from afm_ray.credentials import redact_uri
 from afm_ray.display import config_text
 from afm_ray.domination import non_dominated
@@ -29,8 +30,11 @@ SHOWN_CONFIG_KEYS = (
 
 
 class TrialProgress(Callback):
-    def __init__(self, objectives: Sequence[Objective] = ()):
+    def __init__(self, objectives: Sequence[Objective] = (), defaults: dict[str, Any] | None = None):
         self.objectives = [o.metric for o in objectives]
+        # A trial's config holds the keys the space sets; the rest (e.g. an unsearched weight decay) are
+        # the config's defaults, shown too so every line says what the trial trained with.
+        self.defaults = defaults or {}
         self._started: dict[str, float] = {}
 
     def _print(self, trial: Any, text: str) -> None:
@@ -38,7 +42,7 @@ class TrialProgress(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._started[trial.trial_id] = time.monotonic()
-        self._print(trial, f"started  {config_text(trial.config, SHOWN_CONFIG_KEYS)}")
+        self._print(trial, f"started  {config_text({**self.defaults, **trial.config}, SHOWN_CONFIG_KEYS)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get(FINAL_RESULT_FLAG):
@@ -78,7 +82,7 @@ def print_summary(results: Any, plan: SweepPlan, *, elapsed: float) -> None:
     for result in results:
         m = dict(result.metrics or {})
         if m.get(FINAL_RESULT_FLAG) and all(isinstance(m.get(o.metric), (int, float)) for o in space.objectives):
-            m["config"] = result.config or {}
+            m["config"] = {**to_flat(space.base), **(result.config or {})}
             rows.append(m)
     finals = [dict(r.metrics or {}) for r in results]
     stopped = sum(1 for m in finals if m and not m.get(FINAL_RESULT_FLAG) and "epoch" in m)
