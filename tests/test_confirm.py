@@ -101,7 +101,7 @@ def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
     trials = {r.info.run_id: r for r in client.search_runs([exp_id], f"tags.`{names.ROLE_TAG}` = 'trial'")}
     env = sweep_env(swept["tmp"])
 
-    # Interrupted (Ctrl-C) once the first confirmation is logged: what finished stays, the rest resumes.
+    # Interrupted (SIGTERM) once the first confirmation is logged: what finished stays, the rest resumes.
     proc = subprocess.Popen(
         _pareto(swept),
         cwd=swept["tmp"],
@@ -125,12 +125,15 @@ def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
     assert re.search(r"confirm: estimate ~\d+ (s|min) on this cluster, \d job\(s\) at a time", plan), plan
     assert "a retrain ~" in plan and "a re-evaluation ~" in plan
     assert re.match(r"confirmed 1/\d+ \[\d\d:\d\d:\d\d\] ", seen[-1]) and "estimated)" in seen[-1], seen[-1]
-    proc.send_signal(signal.SIGINT)
+    # SIGTERM (`kill`, `ray job stop`) takes Ctrl-C's path: ray.init's own handler would abort in Ray's core.
+    proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, "".join(seen) + rest  # interrupted, not finished
     assert "run the same command again" in rest
     before = _confirmations(client, exp_id)
     assert sum(r.info.status == "FINISHED" for r in before) >= 1
+    # the jobs still running were stopped and say so; none is left RUNNING
+    assert {r.info.status for r in before} <= {"FINISHED", "KILLED"}, [r.info.status for r in before]
 
     done = subprocess.run(
         _pareto(swept, "--register", "confirmed-students"),

@@ -264,7 +264,7 @@ def _run_jobs(
     progress: _Progress,
     log: Callable[[str], None],
 ) -> None:
-    pending, failed = {}, []
+    pending = {}
     for job, run_id in todo:
         runtime = runtimes[parents[job.trial_run]]
         flat = {**configs[job.trial_run], "eval.samples": samples}
@@ -285,8 +285,28 @@ def _run_jobs(
             task = retrain_task()
             ref = task.remote({**flat, "run.seed": job.seed}, runtime, f"confirm-{job.trial_run}-seed{job.seed}")
         pending[ref] = (job, run_id)
+    try:
+        _collect(client, pending, done, progress)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the jobs on the cluster too; the next --confirm continues
+        for ref, (_, run_id) in pending.items():
+            ray.cancel(ref, force=True, recursive=True)
+            client.set_terminated(run_id, status="KILLED")
+        raise
+
+
+def _collect(
+    client: MlflowClient,
+    pending: dict[Any, tuple[Job, str]],
+    done: dict[Job, dict[str, float]],
+    progress: _Progress,
+) -> None:
+    """Log each job as it finishes; raise ConfirmError at the end if any failed."""
+    failed = []
     while pending:
-        [ref], _ = ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # short waits: Ctrl-C is seen within 1 s
+        if not ready:
+            continue
+        ref = ready[0]
         job, run_id = pending.pop(ref)
         try:
             out = ray.get(ref)

@@ -36,7 +36,6 @@ from afm_ray.names import (
 from afm_ray.preflight import teacher_methods
 from afm_ray.search.samplers import build_sampler
 from afm_ray.search.space import SearchSpace
-from afm_ray.signals import install_sigterm_as_sigint
 from afm_ray.storage import list_dirs, write_bytes
 from afm_ray.sweep.aa_gate import FinishedTrialsFeed, actor_name, start_finished_trials
 from afm_ray.sweep.capacity import Concurrency, cluster_capacity, resolve_concurrency
@@ -159,7 +158,6 @@ def run_sweep(plan: SweepPlan) -> int:
                 connect_or_start(plan.address)
             except (ConnectionError, RuntimeError, ValueError) as exc:  # auth, version mismatch, a gone head
                 raise ClusterError(f"Ray at {plan.address or 'a new local instance'}: {one_line(exc)}") from None
-            install_sigterm_as_sigint()  # ray.init replaced it with an immediate exit
             # Before any trial: a cluster no trial fits is one line, not a sweep that waits forever.
             space = plan.space
             capacity = cluster_capacity(plan.address is None)

@@ -7,6 +7,10 @@ the same machine (a test, another sweep, a notebook) the cleaner's lookup fails,
 thread dies, and every finished trial's CPUs stay reserved: the next trial waits forever.
 A local sweep therefore runs its Ray under a temp dir of its own whose `ray_current_cluster`
 names it; Ray's processes inherit RAY_TMPDIR from this driver, so their lookups land here.
+
+`ray.init` replaces the SIGTERM handler with an immediate exit (a confirmation killed that way
+aborted inside Ray's core); every command joins Ray here, so SIGTERM takes Ctrl-C's path again
+right after (afm_ray.signals).
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ from pathlib import Path
 
 import ray
 
+from afm_ray.signals import install_sigterm_as_sigint
+
 
 def connect_or_start(address: str | None) -> None:
     """ray.init: join `address` (a running cluster), or start a local Ray isolated as above."""
     options = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
     if address:
         ray.init(address=address, **options)
+        install_sigterm_as_sigint()
         return
     # Short: Ray's Unix socket paths below it must fit in 107 bytes.
     root = tempfile.mkdtemp(prefix="afm-ray-")
@@ -31,3 +38,4 @@ def connect_or_start(address: str | None) -> None:
     ray_dir = Path(root) / "ray"
     ray_dir.mkdir(exist_ok=True)
     (ray_dir / "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
+    install_sigterm_as_sigint()
