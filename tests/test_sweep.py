@@ -426,11 +426,17 @@ def test_ray_job_submit_to_a_token_authenticated_head(tmp_path):
         runs = trial_runs(tracking)
         assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
 
-        # --dry-run --address: joins the cluster as a driver, reports what it has now, starts nothing
-        gpu_space = write_space(tmp_path, resources={"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1})
-        for space_file, expected in (
-            (space, "resources: 1 node(s) with 2 CPUs, 0 GPUs now; a trial takes 1 CPU(s): 2 trial(s) at a time"),
-            (gpu_space, "none fits now; trials wait until the autoscaler adds workers"),
+        # --dry-run --address: joins the cluster as a driver, reports what it has now, starts nothing. A GPU
+        # space on a cluster with no GPU node and no autoscaler config to read: with a stated cap the trials
+        # wait for workers; without one the real run could not bound its trial drivers, and the dry run says so.
+        gpu = {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1}
+        (tmp_path / "capped").mkdir()
+        capped = write_space(tmp_path / "capped", resources=gpu, max_concurrent_trials=2)
+        uncapped = write_space(tmp_path, resources=gpu, max_concurrent_trials=0)
+        for space_file, code, expected in (
+            (space, 0, "resources: 1 node(s) with 2 CPUs, 0 GPUs now; a trial takes 1 CPU(s): 2 trial(s) at a time"),
+            (capped, 0, "none fits now; trials wait until the autoscaler adds workers"),
+            (uncapped, 2, "error: cannot tell how many trials to run at once"),
         ):
             dry = subprocess.run(
                 sweep_args(tmp_path, space_file, "--address", head["gcs"], "--dry-run", "--name", "dry"),
@@ -440,5 +446,8 @@ def test_ray_job_submit_to_a_token_authenticated_head(tmp_path):
                 text=True,
                 timeout=180,
             )
-            assert dry.returncode == 0 and expected in dry.stdout, dry.stdout[-2000:] + dry.stderr[-2000:]
+            said = dry.stdout + dry.stderr
+            assert dry.returncode == code and expected in said, said[-4000:]
+        errors = [line for line in dry.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "--max-concurrent-trials N" in errors[0], dry.stderr
         assert not (tmp_path / "ray_results" / "dry").exists()
