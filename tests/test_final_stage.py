@@ -1,6 +1,6 @@
 """The final stage (`python -m afm_ray.final`): resumable AutoAttack, the shipped recipes, the plan and
-its cost, the table, and (slow) the whole stage on a tiny digits sweep with two seeds, run again to
-show it continues instead of starting over."""
+its cost, the table, and (slow) the whole stage on a tiny digits sweep (a student distilled from a
+two-teacher ensemble) with two seeds, run again to show it continues instead of starting over."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ from sweeps import run_sweep, sweep_env, trial_runs, write_space
 
 from afm_ray import names
 from afm_ray.attacks import robust_predictions
+from afm_ray.config import from_flat
 from afm_ray.final.autoattack_resume import autoattack_resumable, read_state, standard_attacks
 from afm_ray.final.plan import Configuration, format_plan, from_recipes, job_cost
 from afm_ray.final.recipes import PENDING_KEYS, load_recipe, parse_recipe, published_for, shipped_recipes
 from afm_ray.final.table import format_table, summarise, write_table
 from afm_ray.stats import mean_interval
+from afm_ray.teacher.training import ensure_teacher
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 REPO = Path(__file__).resolve().parents[1]
@@ -231,21 +233,35 @@ SAMPLES = 24
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """A one-trial digits sweep (PGD-AT, no teacher to train, 1 epoch): the trial the final stage retrains."""
+    """A one-trial digits sweep (RSLAD from an ensemble of two 1-epoch teachers, AKD's technique; 1 epoch):
+    the trial the final stage retrains, its ensemble with it."""
     tmp_path = tmp_path_factory.mktemp("final")
+    teachers = [
+        str(ensure_teacher(from_flat({
+            "data.name": "digits", "teacher.width": 8, "teacher.epochs": 1, "teacher.method": method,
+            "teacher.cache_dir": str(tmp_path / "teachers")}), log=lambda line: None))
+        for method in ("pgd_at", "trades")
+    ]  # fmt: skip
     space = write_space(
         tmp_path,
         name="final",
         experiment="final-tests",
         num_samples=1,
-        fixed={"method.name": "pgd_at", "optim.epochs": 1, "eval.attacks": "clean,pgd20", "eval.batch_size": 32},
+        fixed={
+            "method.name": "rslad",
+            "teacher.checkpoint": ",".join(teachers),
+            "teacher.width": 8,
+            "optim.epochs": 1,
+            "eval.attacks": "clean,pgd20",
+            "eval.batch_size": 32,
+        },
         search={"attack.eps": {"uniform": [0.05, 0.15]}},
         objectives=[{"metric": "clean_acc", "mode": "max"}, {"metric": "pgd20_acc", "mode": "max"}],
     )
     run_sweep(tmp_path, space, "--name", "f1")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (trial,) = trial_runs(uri, "final-tests")
-    return {"tmp": tmp_path, "uri": uri, "trial": trial}
+    return {"tmp": tmp_path, "uri": uri, "trial": trial, "ensemble": ",".join(teachers)}
 
 
 def _final(swept, *extra: str) -> subprocess.CompletedProcess:
@@ -284,6 +300,7 @@ def test_final_stage_end_to_end_two_seeds_continues_and_tables(swept):
     for r in runs:  # linked to the trial, its student logged, scored on the asked images, a full schedule
         assert r.data.tags[names.FINAL_OF_TAG] == r.data.tags[names.PARENT_TAG] == trial.info.run_id
         assert names.STUDENT_SHA_TAG in r.data.tags and r.data.params["optim.epochs"] == "2"
+        assert r.data.params["teacher.checkpoint"] == swept["ensemble"]  # retrained from the same two teachers
         m = r.data.metrics
         assert m["eval/n_samples"] == SAMPLES and m["train_final/epoch"] == 2
         assert m["aa_acc_ci_low"] <= m["aa_acc"] <= m["aa_acc_ci_high"] and m["aa_acc"] <= m["clean_acc"]
