@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -122,7 +123,9 @@ def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
     # the plan and its estimate come before any job finishes, from the sweep's own recorded times
     plan = "".join(seen)
     assert f"each scored on {DIGITS_TEST_IMAGES} test images (the sweep scored 24" in plan, plan
-    assert re.search(r"confirm: estimate ~\d+ (s|min) on this cluster, \d job\(s\) at a time", plan), plan
+    assert re.search(r"confirm: estimate ~[\d.]+ (s|min|h) on this cluster, \d job\(s\) at a time", plan), plan
+    # its own lines only: Ray's and MLflow's (e.g. the token-auth WARNING) go to confirm.log
+    assert not [ln for ln in seen if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d.*(WARNING|INFO)", ln)], plan
     assert "a retrain ~" in plan and "a re-evaluation ~" in plan
     assert re.match(r"confirmed 1/\d+ \[\d\d:\d\d:\d\d\] ", seen[-1]) and "estimated)" in seen[-1], seen[-1]
     # SIGTERM (`kill`, `ray job stop`) takes Ctrl-C's path: ray.init's own handler would abort in Ray's core.
@@ -149,6 +152,8 @@ def test_confirm_resumes_links_retrains_and_registers_only_confirmed(swept):
     assert finished, done.stdout  # the wall time against the estimate, said at the end
     progress = [ln for ln in done.stdout.splitlines() if ln.startswith("confirmed ") and "/" in ln.split()[1]]
     assert len(progress) == int(finished.group(1))  # a line per finished job
+    log_line = re.search(r"^log: (\S+confirm\.log) ", done.stdout, re.M)
+    assert log_line and Path(log_line.group(1)).is_file(), done.stdout[-2000:]
 
     after = _confirmations(client, exp_id)
     keys = [

@@ -56,6 +56,11 @@ def parser() -> argparse.ArgumentParser:
     helps = "--confirm: test images per evaluation (default: as many as the sweep scored; 0: the whole test split)"
     p.add_argument("--samples", type=int, default=None, help=helps + f"; at least {MIN_CONFIRM_IMAGES}")
     p.add_argument("--seeds", type=int, default=0, help="--confirm: retrain each candidate this many times, new seeds")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="--confirm: show Ray and MLflow output here (default: in confirm.log beside the sweep's results)",
+    )
     add_address(p)
     return p
 
@@ -115,7 +120,12 @@ def pareto(args: argparse.Namespace) -> int:
 
             try:
                 confirmed = confirm_candidates(
-                    ranked, tracking_uri=uri, samples=args.samples, seeds=args.seeds, address=args.address
+                    ranked,
+                    tracking_uri=uri,
+                    samples=args.samples,
+                    seeds=args.seeds,
+                    address=args.address,
+                    verbose=args.verbose,
                 )
             except KeyboardInterrupt:  # what finished is logged; the same command continues from there
                 print("interrupted: run the same command again to continue the confirmation", file=sys.stderr)

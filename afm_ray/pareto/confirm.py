@@ -46,6 +46,8 @@ from afm_ray.models import build_model
 from afm_ray.names import CI_HIGH, CI_LOW, Objective
 from afm_ray.pareto.estimate import describe, job_cost, ray_seconds, slots_for, wall_seconds
 from afm_ray.stats import MIN_CONFIRM_IMAGES, MIN_NEW_SEEDS_FOR_T, confirmed_interval, wilson_interval
+from afm_ray.storage import is_uri
+from afm_ray.sweep.console import QuietConsole, say
 from afm_ray.sweep.local_ray import connect_or_start
 from afm_ray.sweep.retrain import retrain_task, state_bytes, sweep_runtime
 from afm_ray.sweep.trial import TrialRuntime
@@ -136,13 +138,15 @@ def confirm_candidates(
     samples: int | None = None,
     seeds: int = 0,
     address: str | None = None,
-    log: Callable[[str], None] = print,
+    verbose: bool = False,
+    log: Callable[[str], None] = say,
 ) -> pd.DataFrame:
     """The front's candidates (front and within noise) of ``ranked``, confirmed: a frame in the layout of
     `afm_ray.tracking.mlflow_runs.load_trials` whose accuracies are the confirmed means and intervals,
     ready for `afm_ray.pareto.ranking.rank_trials` (``ranked`` keeps the sweep's own values). It prints its
     plan and estimate (afm_ray.pareto.estimate) before any job runs and a line per finished job.
-    ``samples`` None: the sweep's image count; 0: the whole test split (``frame.attrs["samples"]`` says which)."""
+    ``samples`` None: the sweep's image count; 0: the whole test split (``frame.attrs["samples"]`` says which).
+    While its jobs run, what Ray and MLflow print goes to `confirm_log` (afm_ray.sweep.console), unless ``verbose``."""
     if seeds < 0:
         raise ConfigError(f"--seeds {seeds}: expected >= 0")
     candidates = ranked[ranked["pareto"] | ranked["within_noise"]]
@@ -180,32 +184,44 @@ def confirm_candidates(
         parents = dict(zip(candidates["run_id"], column(candidates, tag_column(names.PARENT_TAG)), strict=True))
         runtimes = {p: sweep_runtime(client, p, "confirm") for p in set(parents.values())}
         started, clock = not ray.is_initialized(), time.monotonic()  # the wall time counts Ray's start-up
-        if started and address:  # the cluster's size sets how many jobs run at once: join it first
-            connect_or_start(address)
-        try:
-            resources = runtimes[parents[todo[0][0].trial_run]].resources
-            cluster = ray.cluster_resources() if ray.is_initialized() else _this_machine()
-            slots = slots_for(cluster, resources.cpus, resources.gpus)
-            rows = {row["run_id"]: row for _, row in candidates.iterrows()}
-            scored = images or float(swept)  # the whole split of a dataset known only once read: as swept
-            ray_s = ray_seconds(ranked)
-            costs = [job_cost(rows[job.trial_run], job.kind, scored, ray_s) for job, _ in todo]
-            estimate = wall_seconds([c.seconds for c in costs], slots)
-            log(f"confirm: estimate {describe(costs, slots, scored)}")
-            if started and not address:
-                connect_or_start(None)
-            progress = _Progress(len(jobs), len(done), estimate, labels, log, clock)
-            _run_jobs(client, experiment_id, todo, configs, samples, done, runtimes, parents, progress, log)
-            log(
-                f"confirm: {len(todo)} job(s) in {duration_text(progress.elapsed())} "
-                f"(estimated {duration_text(estimate)})"
-            )
-        finally:
-            if started:
-                ray.shutdown()
+        log_file = confirm_log(runtimes[parents[todo[0][0].trial_run]].storage_path)
+        with QuietConsole(log_file, verbose=verbose):
+            if started and address:  # the cluster's size sets how many jobs run at once: join it first
+                connect_or_start(address)
+            try:
+                resources = runtimes[parents[todo[0][0].trial_run]].resources
+                cluster = ray.cluster_resources() if ray.is_initialized() else _this_machine()
+                slots = slots_for(cluster, resources.cpus, resources.gpus)
+                rows = {row["run_id"]: row for _, row in candidates.iterrows()}
+                scored = images or float(swept)  # the whole split of a dataset known only once read: as swept
+                ray_s = ray_seconds(ranked)
+                costs = [job_cost(rows[job.trial_run], job.kind, scored, ray_s) for job, _ in todo]
+                estimate = wall_seconds([c.seconds for c in costs], slots)
+                log(f"confirm: estimate {describe(costs, slots, scored)}")
+                if started and not address:
+                    connect_or_start(None)
+                progress = _Progress(len(jobs), len(done), estimate, labels, log, clock)
+                _run_jobs(client, experiment_id, todo, configs, samples, done, runtimes, parents, progress, log)
+                log(
+                    f"confirm: {len(todo)} job(s) in {duration_text(progress.elapsed())} "
+                    f"(estimated {duration_text(estimate)})"
+                )
+            finally:
+                if started:
+                    ray.shutdown()
+        if not verbose and log_file.is_file():
+            log(f"log: {log_file}   (Ray and MLflow output; --verbose shows it here)")
     confirmed = _confirmed_frame(candidates, jobs, done)
     confirmed.attrs["samples"] = samples
     return confirmed
+
+
+def confirm_log(storage_path: str) -> Path:
+    """Where a confirmation's library output goes: beside its Train runs (``<sweep storage>/confirm``)
+    when that is local, else a local temp file."""
+    if is_uri(storage_path):
+        return Path(tempfile.gettempdir()) / "afm-ray-confirm.log"
+    return Path(storage_path) / "confirm.log"
 
 
 def _this_machine() -> dict[str, float]:
