@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -292,6 +293,9 @@ def test_final_stage_end_to_end_two_seeds_continues_and_tables(swept):
     assert "2 epochs" in out and f"clean + AutoAttack on {SAMPLES} test images" in out
     assert "no published number for this setting" in out
     assert out.count("final: trained ") == SEEDS and out.count("final: done ") == SEEDS  # a line per finished job
+    # its own lines only: Ray's and MLflow's go to final.log beside the Train runs, named at the end
+    assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d.*(WARNING|INFO)", out, re.M), out
+    assert f"log: {swept['tmp'] / 'ray_results' / 'f1' / 'final' / 'final.log'}" in out, out[-2000:]
 
     runs = _final_runs(client, exp_id)
     assert len(runs) == SEEDS and all(r.info.status == "FINISHED" for r in runs)

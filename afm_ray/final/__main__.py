@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     )
     helps = "print the plan, its cost and the preflight, then exit; starts nothing, writes nothing"
     p.add_argument("--dry-run", action="store_true", help=helps)
+    p.add_argument(
+        "--verbose", action="store_true", help="show Ray and MLflow output here (default: in final/final.log beside "
+        "the Train runs)")  # fmt: skip
     add_tracking_uri(p)
     add_address(p)
     return p
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace, configs: list[Configuration], experiment: str,
                     samples=args.samples,
                     address=args.address,
                     max_concurrent=args.max_concurrent,
-                    log=lambda line: print(line, flush=True),
+                    verbose=args.verbose,
                 )
             except KeyboardInterrupt:
                 print("interrupted: run the same command again to continue the final stage", file=sys.stderr)

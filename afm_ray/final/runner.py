@@ -15,6 +15,7 @@ sweep's rule; never unbounded); each finished stage prints one line.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from afm_ray.final.plan import Configuration
 from afm_ray.names import TRAIN_TEACHER
 from afm_ray.storage import is_uri
 from afm_ray.sweep.capacity import cluster_capacity, resolve_concurrency
+from afm_ray.sweep.console import QuietConsole, say
 from afm_ray.sweep.driver import prepare_teacher
 from afm_ray.sweep.local_ray import connect_or_start
 from afm_ray.sweep.retrain import retrain_task, state_bytes
@@ -120,18 +122,34 @@ def run_final_stage(
     samples: int,
     address: str | None,
     max_concurrent: int = 0,
-    log: Callable[[str], None] = print,
+    verbose: bool = False,
+    log: Callable[[str], None] = say,
 ) -> dict[tuple[str, int], dict[str, float]]:
     """Run ``todo`` (from `existing_results`) on Ray; the metrics of each job that finished. A job that
-    fails is tagged with why and left for the next call; a FinalStageError names them at the end."""
+    fails is tagged with why and left for the next call; a FinalStageError names them at the end.
+    What Ray and MLflow print meanwhile goes to `final_log` (afm_ray.sweep.console), unless ``verbose``."""
     started_ray = not ray.is_initialized()
-    if started_ray:
-        connect_or_start(address)
+    log_file = final_log(todo[0][0].config.storage)
     try:
-        return _run(todo, client, experiment_id, samples, max_concurrent, started_ray, log)
+        with QuietConsole(log_file, verbose=verbose):
+            if started_ray:
+                connect_or_start(address)
+            try:
+                return _run(todo, client, experiment_id, samples, max_concurrent, started_ray, log)
+            finally:
+                if started_ray:
+                    ray.shutdown()
     finally:
-        if started_ray:
-            ray.shutdown()
+        if not verbose and log_file.is_file():
+            log(f"log: {log_file}   (Ray and MLflow output; --verbose shows it here)")
+
+
+def final_log(storage: str) -> Path:
+    """Where the final stage's library output goes: beside its Train runs (``<storage>/final``) when that
+    is local, else a local temp file."""
+    if is_uri(storage):
+        return Path(tempfile.gettempdir()) / "afm-ray-final.log"
+    return Path(storage) / "final" / "final.log"
 
 
 def _run(
@@ -170,48 +188,57 @@ def _run(
         )
         pending[retrain_task().remote(job.train_config(samples), runtime, job.name)] = (job, "train", run_id)
 
-    while queue or pending:
-        while queue and running < limit:
-            launch(*queue.pop(0))
-            running += 1
-        [ref], _ = ray.wait(list(pending), num_returns=1)
-        job, stage, run_id = pending.pop(ref)
-        what = f"{job.config.label} seed {job.seed}"
-        try:
-            out = ray.get(ref)
-        except Exception as exc:  # the others go on; the next call retries this one
-            why = one_line(exc)[-500:]
-            client.set_tag(run_id, ERROR_TAG, why)
-            client.set_terminated(run_id, status="FAILED")
-            failed.append(f"{stage} of {what}")
+    try:
+        while queue or pending:
+            while queue and running < limit:
+                launch(*queue.pop(0))
+                running += 1
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # short waits: Ctrl-C is seen within 1 s
+            if not ready:
+                continue
+            job, stage, run_id = pending.pop(ready[0])
+            ref = ready[0]
+            what = f"{job.config.label} seed {job.seed}"
+            try:
+                out = ray.get(ref)
+            except Exception as exc:  # the others go on; the next call retries this one
+                why = one_line(exc)[-500:]
+                client.set_tag(run_id, ERROR_TAG, why)
+                client.set_terminated(run_id, status="FAILED")
+                failed.append(f"{stage} of {what}")
+                running -= 1
+                log(f"final: FAILED {stage} of {what}: {why[-200:]}")
+                continue
+            elapsed = (time.monotonic() - started) / 60
+            if stage == "train":
+                metrics, spec_bytes, weights = out
+                # the training run's own keys as a trial logs them; its end-of-run (clean) scores apart
+                kept = ("student/", "time/", "train/", "val/", "run/")
+                _log_metrics(
+                    client, run_id, {k if k.startswith(kept) else f"train_final/{k}": v for k, v in metrics.items()}
+                )
+                model, spec = _student(spec_bytes, weights)
+                log_student(client, run_id, model, input_shape=tuple(spec["input_shape"]))
+                client.set_tag(run_id, STAGE_TAG, "trained")
+                log(f"final: trained {what} ({metrics.get('epoch', 0):.0f} epochs, {elapsed:.1f} min)")
+                pending[_evaluate(job, spec["model"], weights, samples)] = (job, "evaluate", run_id)
+                continue
+            _log_metrics(client, run_id, out)
+            client.set_terminated(run_id, status="FINISHED")
+            results[(job.config.key, job.seed)] = out
             running -= 1
-            log(f"final: FAILED {stage} of {what}: {why[-200:]}")
-            continue
-        elapsed = (time.monotonic() - started) / 60
-        if stage == "train":
-            metrics, spec_bytes, weights = out
-            # the training run's own keys as a trial logs them; its end-of-run (clean) scores apart
-            kept = ("student/", "time/", "train/", "val/", "run/")
-            _log_metrics(
-                client, run_id, {k if k.startswith(kept) else f"train_final/{k}": v for k, v in metrics.items()}
+            finished += 1
+            resumed = f", AutoAttack resumed after {out['eval/aa_attacks_resumed']:.0f} attack(s)" if out.get(
+                "eval/aa_attacks_resumed") else ""  # fmt: skip
+            log(
+                f"final: done {what}: clean {100 * out['clean_acc']:.2f}%, AutoAttack {100 * out['aa_acc']:.2f}% on "
+                f"{out['eval/n_samples']:.0f} images{resumed} ({finished}/{len(todo)} jobs, {elapsed:.1f} min)"
             )
-            model, spec = _student(spec_bytes, weights)
-            log_student(client, run_id, model, input_shape=tuple(spec["input_shape"]))
-            client.set_tag(run_id, STAGE_TAG, "trained")
-            log(f"final: trained {what} ({metrics.get('epoch', 0):.0f} epochs, {elapsed:.1f} min)")
-            pending[_evaluate(job, spec["model"], weights, samples)] = (job, "evaluate", run_id)
-            continue
-        _log_metrics(client, run_id, out)
-        client.set_terminated(run_id, status="FINISHED")
-        results[(job.config.key, job.seed)] = out
-        running -= 1
-        finished += 1
-        resumed = f", AutoAttack resumed after {out['eval/aa_attacks_resumed']:.0f} attack(s)" if out.get(
-            "eval/aa_attacks_resumed") else ""  # fmt: skip
-        log(
-            f"final: done {what}: clean {100 * out['clean_acc']:.2f}%, AutoAttack {100 * out['aa_acc']:.2f}% on "
-            f"{out['eval/n_samples']:.0f} images{resumed} ({finished}/{len(todo)} jobs, {elapsed:.1f} min)"
-        )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the jobs on the cluster too; the next call continues
+        for ref, (_, _, run_id) in pending.items():
+            ray.cancel(ref, force=True, recursive=True)
+            client.set_terminated(run_id, status="KILLED")
+        raise
     if failed:
         raise FinalStageError(
             f"{len(failed)} job(s) failed ({'; '.join(failed)}); run the same command again to retry them"
