@@ -13,7 +13,7 @@ with tiny models.
   last checkpoint and the sweep finishes with one FINISHED MLflow run per trial;
 - bounded concurrency (issue 19), on its own cluster of aws.yaml's node types with lower maxima (1 spot +
   1 on-demand: ten trials at once, as the shipped maxima give, overload 2 cores): a space with
-  `max_concurrent_trials: 0` and three times more trials than the cluster holds, sent while no worker
+  `max_concurrent_trials: 0` and twice as many trials as the cluster holds, sent while no worker
   node runs. The driver reads the autoscaler's node types where `ray up` puts them and runs at most 2
   trials at once; the trial drivers are counted and their memory on the head sampled all along.
 
@@ -166,7 +166,7 @@ def test_cap_from_the_autoscalers_node_types_bounds_trial_drivers_and_head_memor
         **ddp_noise.worker_config(teacher, 0, 1),
         **{"optim.epochs": 1, "eval.samples": 64, "eval.attacks": "clean,pgd20", "eval.val_samples": 32},
     }
-    trials = 3 * CAP
+    trials = 2 * CAP
     space = _space(tmp_path / "space.yaml", fixed, num_samples=trials, max_concurrent_trials=0, search={
         "optim.lr": {"loguniform": [0.05, 0.2]}})  # fmt: skip
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # the store before the sweep

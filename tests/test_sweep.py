@@ -7,6 +7,7 @@ seconds on 2 CPU cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -107,45 +108,6 @@ def test_two_trial_sweep_end_to_end(tmp_path):
     assert clean["eval/n_samples"] == n and clean["clean_acc"] == pytest.approx(best.data.metrics["clean_acc"])
 
 
-def test_sweep_through_a_real_mlflow_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        uri = f"http://127.0.0.1:{port}"
-        wait_http(uri + "/health")
-        proc = run_sweep(tmp_path, write_space(tmp_path, num_samples=1), "--name", "srv", "--verbose", tracking=uri)
-        # --verbose: the libraries print here again (Optuna announces its study), and no log file is kept
-        assert "A new study created" in proc.stdout + proc.stderr
-        assert not (tmp_path / "ray_results" / "srv" / "sweep.log").exists()
-        runs = trial_runs(uri)
-        assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
-        assert "aa_acc" in runs[0].data.metrics
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
 def test_unreachable_tracking_fails_before_any_trial(tmp_path):
     port = free_port()  # nothing listens there
     proc = subprocess.run(
@@ -210,12 +172,12 @@ def test_unusable_storage_or_data_fails_in_seconds_before_ray(tmp_path, problem)
         assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["0"]) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path, sig):
-    """Ctrl-C, or the SIGTERM of `kill`, a preemption or `ray job stop`: Tune saves its state, the
-    parent run is marked KILLED (never left RUNNING), and --resume finishes the sweep."""
+def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path):
+    """The SIGTERM of `kill`, a preemption or `ray job stop`: Tune saves its state, the parent run is
+    marked KILLED (never left RUNNING), and --resume finishes the sweep. (Ctrl-C, SIGINT: the same path,
+    run by tests/test_sweep_postgres.py's interrupted sweep.)"""
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    space = write_space(tmp_path, num_samples=3, max_concurrent_trials=1, fixed={"optim.epochs": 3})
+    space = write_space(tmp_path, num_samples=2, max_concurrent_trials=1, fixed={"optim.epochs": 3})
     proc = subprocess.Popen(
         sweep_args(tmp_path, space, "--name", "res"),
         cwd=tmp_path,
@@ -235,7 +197,7 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path, sig):
         lines.append(line)
         if "epoch   1" in line:
             break
-    proc.send_signal(sig)  # Tune saves its state and stops (SIGTERM takes the same path as Ctrl-C)
+    proc.send_signal(signal.SIGTERM)  # Tune saves its state and stops (SIGTERM takes the same path as Ctrl-C)
     rest, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, "".join(lines) + rest
     assert "--resume --name res" in rest
@@ -247,13 +209,13 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path, sig):
     study = optuna.load_study(study_name="res", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 1
     before = trial_runs(tracking)
-    assert 1 <= sum(r.data.tags.get("afm_ray.trial_status") == "completed" for r in before) < 3
+    assert sum(r.data.tags.get("afm_ray.trial_status") == "completed" for r in before) == 1
 
     out = run_sweep(tmp_path, space, "--resume", "--name", "res").stdout
-    assert "3/3 trials completed" in out
+    assert "2/2 trials completed" in out
     after = trial_runs(tracking)
     trial_ids = [r.data.tags["afm_ray.trial_id"] for r in after]
-    assert len(after) == 3 and len(set(trial_ids)) == 3  # no MLflow run duplicated
+    assert len(after) == 2 and len(set(trial_ids)) == 2  # no MLflow run duplicated
     assert all(r.data.tags["afm_ray.trial_status"] == "completed" for r in after)
     assert {r.info.run_id for r in before} <= {r.info.run_id for r in after}
 
@@ -379,17 +341,36 @@ def test_killed_worker_resumes_from_its_checkpoint_under_ddp(tmp_path):
     assert runs[0].data.metrics["run/world_size"] == 2
 
 
+@contextlib.contextmanager
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts): its URI."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_http(uri + "/health")
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 def test_ray_job_submit_to_a_token_authenticated_head(tmp_path):
-    """The README's cluster path: `ray start --head` with token auth, then `ray job submit`."""
+    """The README's cluster path: `ray start --head` with token auth, then `ray job submit`, tracking
+    through a real MLflow server (students uploaded as served artifacts), with --verbose."""
     home = tmp_path / "home"  # Ray keeps the token in ~/.ray/auth_token
     home.mkdir()
     env = {**sweep_env(tmp_path), "HOME": str(home), "RAY_AUTH_MODE": "token"}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
-    with ray_head(env) as head:
+    with ray_head(env) as head, mlflow_server(tmp_path) as tracking:
         workdir = tmp_path / "job"
         workdir.mkdir()
         space = write_space(workdir, num_samples=1)
-        tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
         proc = subprocess.run(
             [
                 RAY,
@@ -413,6 +394,7 @@ def test_ray_job_submit_to_a_token_authenticated_head(tmp_path):
                 f"sqlite:///{tmp_path / 'optuna.db'}",
                 "--name",
                 "job",
+                "--verbose",
             ],
             env=env,
             capture_output=True,
@@ -423,8 +405,13 @@ def test_ray_job_submit_to_a_token_authenticated_head(tmp_path):
             proc.stdout[-3000:] + proc.stderr[-2000:]
         )
         assert "1/1 trials completed" in proc.stdout
+        # --verbose: the libraries print here again (Optuna announces its study), and no log file is kept
+        assert "A new study created" in proc.stdout + proc.stderr
+        assert not (tmp_path / "ray_results" / "job" / "sweep.log").exists()
         runs = trial_runs(tracking)
         assert len(runs) == 1 and runs[0].data.tags["afm_ray.trial_status"] == "completed"
+        assert "aa_acc" in runs[0].data.metrics
+        assert fetch_student(MlflowClient(tracking), f"runs:/{runs[0].info.run_id}")  # uploaded through the server
 
         # --dry-run --address: joins the cluster as a driver, reports what it has now, starts nothing. A GPU
         # space on a cluster with no GPU node and no autoscaler config to read: with a stated cap the trials
