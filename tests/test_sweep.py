@@ -177,7 +177,7 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path):
     marked KILLED (never left RUNNING), and --resume finishes the sweep. (Ctrl-C, SIGINT: the same path,
     run by tests/test_sweep_postgres.py's interrupted sweep.)"""
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    space = write_space(tmp_path, num_samples=2, max_concurrent_trials=1, fixed={"optim.epochs": 3})
+    space = write_space(tmp_path, num_samples=3, max_concurrent_trials=1, fixed={"optim.epochs": 3})
     proc = subprocess.Popen(
         sweep_args(tmp_path, space, "--name", "res"),
         cwd=tmp_path,
@@ -209,13 +209,13 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path):
     study = optuna.load_study(study_name="res", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 1
     before = trial_runs(tracking)
-    assert sum(r.data.tags.get("afm_ray.trial_status") == "completed" for r in before) == 1
+    assert 1 <= sum(r.data.tags.get("afm_ray.trial_status") == "completed" for r in before) < 3
 
     out = run_sweep(tmp_path, space, "--resume", "--name", "res").stdout
-    assert "2/2 trials completed" in out
+    assert "3/3 trials completed" in out
     after = trial_runs(tracking)
     trial_ids = [r.data.tags["afm_ray.trial_id"] for r in after]
-    assert len(after) == 2 and len(set(trial_ids)) == 2  # no MLflow run duplicated
+    assert len(after) == 3 and len(set(trial_ids)) == 3  # no MLflow run duplicated
     assert all(r.data.tags["afm_ray.trial_status"] == "completed" for r in after)
     assert {r.info.run_id for r in before} <= {r.info.run_id for r in after}
 
