@@ -26,7 +26,7 @@ from afm_ray.train.loop import train_fn_per_worker
 
 # What one running trial keeps beside its Train workers: this module's Tune function and the Train V2
 # controller Ray pins to its node (with its placement-group cleaner and report queue), which only wait
-# on the workers (no CPU). Measured together at 0.76 GB of PSS per trial on the simulated cluster
+# on the workers (no CPU). Measured together at 0.77 GB of PSS per trial on the simulated cluster
 # (tests/test_cluster_sim.py, two trials on the head; each of the two big processes ~0.42 GB RSS, as
 # both import torch); reserved as Ray `memory`, so Ray places no more drivers on a node (the head:
 # it holds them while the GPU nodes come up) than its memory holds.

@@ -10,10 +10,11 @@ the demand as infeasible). The node types are read as Ray reads them: a launcher
 detects none), a RayCluster through Ray's own translation of the CR (container limits, rayStartParams).
 
 Each running trial also keeps a Tune function and its Train controller on the head (they ask for no
-CPU; measured at 0.76 GB of PSS per trial on the simulated cluster, tests/test_cluster_sim.py): the head's memory must hold
-HEAD_BASE_GIB for Ray's own processes, the sweep driver and MLflow plus TRIAL_DRIVER_GIB per trial
-the cluster can run at once (bounded by the number of GPUs at the cluster's largest size, or by the
-space's num_samples). Both allowances are estimates, rounded up, not measurements of a cloud head.
+CPU; measured at 0.77 GB of PSS per trial on the simulated cluster, tests/test_cluster_sim.py): the
+head's memory must hold HEAD_BASE_GIB for Ray's own processes, the sweep driver and MLflow plus
+TRIAL_DRIVER_GIB per trial the cluster can run at once (bounded by the number of GPUs at the cluster's
+largest size, or by the space's num_samples). Both allowances are rounded up from local measurements,
+not measurements of a cloud head.
 """
 
 from __future__ import annotations
