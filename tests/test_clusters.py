@@ -339,7 +339,7 @@ BROKEN_LAUNCHER = [
      r"space cifar10_resnet18 asks for a Train worker of CPU 4, GPU 1, which no worker type of this cluster holds"),
     ("head-too-small-for-the-trials-drivers", "aws.yaml",
      _set("available_node_types/head/node_config/InstanceType", "m6i.large"),
-     r"the head has 8 GiB; space cifar10_resnet18 runs up to 10 trials at once here, .* needs about 9 GiB"),
+     r"the head has 8 GiB; space cifar10_resnet18 runs up to 10 trials at once here, .* needs about 14 GiB"),
     ("image-driver-too-old-for-torch", "gcp.yaml",
      _replace_in("available_node_types/gpu_spot/node_config/disks/0/initializeParams/sourceImage",
                  "common-cu129-ubuntu-2204-nvidia-580", "common-cu128-ubuntu-2204-nvidia-570"),
