@@ -15,7 +15,6 @@ sweep's rule; never unbounded); each finished stage prints one line.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,10 +33,10 @@ from afm_ray.final.plan import Configuration
 from afm_ray.names import TRAIN_TEACHER
 from afm_ray.storage import is_uri
 from afm_ray.sweep.capacity import cluster_capacity, resolve_concurrency
-from afm_ray.sweep.console import QuietConsole, say
+from afm_ray.sweep.console import QuietConsole, log_file_beside, say
 from afm_ray.sweep.driver import prepare_teacher
 from afm_ray.sweep.local_ray import connect_or_start
-from afm_ray.sweep.retrain import retrain_task, state_bytes
+from afm_ray.sweep.retrain import cancel_jobs, next_finished, retrain_task, state_bytes
 from afm_ray.sweep.trial import TrialRuntime
 from afm_ray.tracking.mlflow_runs import tags_match
 from afm_ray.tracking.student_model import fetch_student, log_student
@@ -127,9 +126,9 @@ def run_final_stage(
 ) -> dict[tuple[str, int], dict[str, float]]:
     """Run ``todo`` (from `existing_results`) on Ray; the metrics of each job that finished. A job that
     fails is tagged with why and left for the next call; a FinalStageError names them at the end.
-    What Ray and MLflow print meanwhile goes to `final_log` (afm_ray.sweep.console), unless ``verbose``."""
+    What Ray and MLflow print meanwhile goes to final.log beside its Train runs, unless ``verbose``."""
     started_ray = not ray.is_initialized()
-    log_file = final_log(todo[0][0].config.storage)
+    log_file = log_file_beside(f"{todo[0][0].config.storage}/final", "final.log")
     try:
         with QuietConsole(log_file, verbose=verbose):
             if started_ray:
@@ -142,14 +141,6 @@ def run_final_stage(
     finally:
         if not verbose and log_file.is_file():
             log(f"log: {log_file}   (Ray and MLflow output; --verbose shows it here)")
-
-
-def final_log(storage: str) -> Path:
-    """Where the final stage's library output goes: beside its Train runs (``<storage>/final``) when that
-    is local, else a local temp file."""
-    if is_uri(storage):
-        return Path(tempfile.gettempdir()) / "afm-ray-final.log"
-    return Path(storage) / "final" / "final.log"
 
 
 def _run(
@@ -193,11 +184,10 @@ def _run(
             while queue and running < limit:
                 launch(*queue.pop(0))
                 running += 1
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # short waits: Ctrl-C is seen within 1 s
-            if not ready:
+            ref = next_finished(pending)
+            if ref is None:
                 continue
-            job, stage, run_id = pending.pop(ready[0])
-            ref = ready[0]
+            job, stage, run_id = pending.pop(ref)
             what = f"{job.config.label} seed {job.seed}"
             try:
                 out = ray.get(ref)
@@ -234,10 +224,8 @@ def _run(
                 f"final: done {what}: clean {100 * out['clean_acc']:.2f}%, AutoAttack {100 * out['aa_acc']:.2f}% on "
                 f"{out['eval/n_samples']:.0f} images{resumed} ({finished}/{len(todo)} jobs, {elapsed:.1f} min)"
             )
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the jobs on the cluster too; the next call continues
-        for ref, (_, _, run_id) in pending.items():
-            ray.cancel(ref, force=True, recursive=True)
-            client.set_terminated(run_id, status="KILLED")
+    except KeyboardInterrupt:
+        cancel_jobs(client, {ref: run_id for ref, (_, _, run_id) in pending.items()})
         raise
     if failed:
         raise FinalStageError(

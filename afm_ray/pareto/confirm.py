@@ -46,10 +46,9 @@ from afm_ray.models import build_model
 from afm_ray.names import CI_HIGH, CI_LOW, Objective
 from afm_ray.pareto.estimate import describe, job_cost, ray_seconds, slots_for, wall_seconds
 from afm_ray.stats import MIN_CONFIRM_IMAGES, MIN_NEW_SEEDS_FOR_T, confirmed_interval, wilson_interval
-from afm_ray.storage import is_uri
-from afm_ray.sweep.console import QuietConsole, say
+from afm_ray.sweep.console import QuietConsole, log_file_beside, say
 from afm_ray.sweep.local_ray import connect_or_start
-from afm_ray.sweep.retrain import retrain_task, state_bytes, sweep_runtime
+from afm_ray.sweep.retrain import cancel_jobs, next_finished, retrain_task, state_bytes, sweep_runtime
 from afm_ray.sweep.trial import TrialRuntime
 from afm_ray.tracking.mlflow_runs import METHOD_COLUMN, client_for, column, tag_column, tags_match, trial_names
 from afm_ray.tracking.run_config import trial_config
@@ -146,7 +145,7 @@ def confirm_candidates(
     ready for `afm_ray.pareto.ranking.rank_trials` (``ranked`` keeps the sweep's own values). It prints its
     plan and estimate (afm_ray.pareto.estimate) before any job runs and a line per finished job.
     ``samples`` None: the sweep's image count; 0: the whole test split (``frame.attrs["samples"]`` says which).
-    While its jobs run, what Ray and MLflow print goes to `confirm_log` (afm_ray.sweep.console), unless ``verbose``."""
+    While its jobs run, what Ray and MLflow print goes to confirm.log beside its Train runs, unless ``verbose``."""
     if seeds < 0:
         raise ConfigError(f"--seeds {seeds}: expected >= 0")
     candidates = ranked[ranked["pareto"] | ranked["within_noise"]]
@@ -184,7 +183,7 @@ def confirm_candidates(
         parents = dict(zip(candidates["run_id"], column(candidates, tag_column(names.PARENT_TAG)), strict=True))
         runtimes = {p: sweep_runtime(client, p, "confirm") for p in set(parents.values())}
         started, clock = not ray.is_initialized(), time.monotonic()  # the wall time counts Ray's start-up
-        log_file = confirm_log(runtimes[parents[todo[0][0].trial_run]].storage_path)
+        log_file = log_file_beside(runtimes[parents[todo[0][0].trial_run]].storage_path, "confirm.log")
         with QuietConsole(log_file, verbose=verbose):
             if started and address:  # the cluster's size sets how many jobs run at once: join it first
                 connect_or_start(address)
@@ -214,14 +213,6 @@ def confirm_candidates(
     confirmed = _confirmed_frame(candidates, jobs, done)
     confirmed.attrs["samples"] = samples
     return confirmed
-
-
-def confirm_log(storage_path: str) -> Path:
-    """Where a confirmation's library output goes: beside its Train runs (``<sweep storage>/confirm``)
-    when that is local, else a local temp file."""
-    if is_uri(storage_path):
-        return Path(tempfile.gettempdir()) / "afm-ray-confirm.log"
-    return Path(storage_path) / "confirm.log"
 
 
 def _this_machine() -> dict[str, float]:
@@ -303,10 +294,8 @@ def _run_jobs(
         pending[ref] = (job, run_id)
     try:
         _collect(client, pending, done, progress)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the jobs on the cluster too; the next --confirm continues
-        for ref, (_, run_id) in pending.items():
-            ray.cancel(ref, force=True, recursive=True)
-            client.set_terminated(run_id, status="KILLED")
+    except KeyboardInterrupt:
+        cancel_jobs(client, {ref: run_id for ref, (_, run_id) in pending.items()})
         raise
 
 
@@ -319,10 +308,9 @@ def _collect(
     """Log each job as it finishes; raise ConfirmError at the end if any failed."""
     failed = []
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # short waits: Ctrl-C is seen within 1 s
-        if not ready:
+        ref = next_finished(pending)
+        if ref is None:
             continue
-        ref = ready[0]
         job, run_id = pending.pop(ref)
         try:
             out = ray.get(ref)

@@ -16,8 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import IO, Any
+
+from afm_ray.storage import is_uri
 
 _terminal: IO[str] | None = None  # the real stdout while a quiet sweep runs; None: print as usual
 _log: IO[str] | None = None
@@ -25,6 +28,14 @@ _log: IO[str] | None = None
 # Loggers with handlers of their own (so adding ours leaves Python's last-resort handler, which writes
 # handler-less WARNINGs to stderr and so to the log, in place for everything else).
 LIBRARY_LOGGERS = ("ray", "optuna", "mlflow")
+
+
+def log_file_beside(folder: str, name: str) -> Path:
+    """Where a command's library output goes: ``folder/name`` beside its results when ``folder`` is local,
+    else a local temp file (a file at a URI cannot be appended to as it runs)."""
+    if is_uri(folder):
+        return Path(tempfile.gettempdir()) / f"afm-ray-{name}"
+    return Path(folder) / name
 
 
 def say(line: str = "") -> None:

@@ -11,6 +11,7 @@ retrain continue.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,18 @@ def state_bytes(model: Any) -> bytes:
     from safetensors.torch import save
 
     return save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+
+def next_finished(refs: Iterable[Any]) -> Any | None:
+    """A finished one of ``refs``, or None after a second: short waits, so Ctrl-C is seen within a second
+    (one unbounded `ray.wait` held it off for as long as a job ran)."""
+    ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+    return ready[0] if ready else None
+
+
+def cancel_jobs(client: MlflowClient, run_ids: Mapping[Any, str]) -> None:
+    """Ctrl-C or SIGTERM: stop the jobs still running on the cluster (a retrain's Train run goes with its
+    task) and mark their MLflow runs KILLED; the next call continues them."""
+    for ref, run_id in run_ids.items():
+        ray.cancel(ref, force=True, recursive=True)
+        client.set_terminated(run_id, status="KILLED")
